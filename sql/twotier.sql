@@ -1,0 +1,272 @@
+-- twotier catalog and SQL surface. Everything a DBA can read or call lives in schema twotier.
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'twotier_admin') THEN
+        -- Roles are cluster-wide and outlive the extension; created once, never dropped by us.
+        CREATE ROLE twotier_admin NOLOGIN;
+    END IF;
+END
+$$;
+
+CREATE TABLE twotier.caches (
+    name text PRIMARY KEY
+        CHECK (name ~ '^[a-z_][a-z0-9_]*$' AND length(name) <= 48),
+    query text NOT NULL,
+    ttl interval NOT NULL CHECK (ttl >= interval '1 second'),
+    negative_ttl interval CHECK (negative_ttl >= interval '1 second'),
+    watch text[] NOT NULL DEFAULT '{}',
+    -- Part of every Redis key: bumping it is an O(1) flush, and because it is a clock reading
+    -- (strictly increasing) a dropped-and-recreated cache never meets its predecessor's keys.
+    version bigint NOT NULL,
+    owner regrole NOT NULL,
+    search_path text NOT NULL,
+    function regprocedure NOT NULL,
+    trigger_functions regprocedure[] NOT NULL DEFAULT '{}',
+    created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    updated_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+SELECT pg_catalog.pg_extension_config_dump('twotier.caches', '');
+COMMENT ON TABLE twotier.caches IS 'One row per cache created by twotier.define(); change it only through define, drop and flush.';
+GRANT SELECT ON twotier.caches TO PUBLIC;
+
+CREATE FUNCTION twotier._next_version(old bigint DEFAULT 0) RETURNS bigint
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT greatest(coalesce(old, 0) + 1,
+                    (extract(epoch FROM clock_timestamp()) * 1000)::bigint)
+$$;
+
+-- Whether the current (outer) user may administer a cache owned by `owner`.
+CREATE FUNCTION twotier._may_administer(caller oid, owner oid) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT pg_has_role(caller, owner, 'USAGE')
+        OR pg_has_role(caller, 'twotier_admin', 'USAGE')
+        OR (SELECT rolsuper FROM pg_roles WHERE oid = caller)
+$$;
+
+CREATE FUNCTION twotier._drop_objects(c twotier.caches) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    f regprocedure;
+BEGIN
+    FOREACH f IN ARRAY c.trigger_functions LOOP
+        -- CASCADE takes the triggers that call it; nothing else depends on these functions.
+        EXECUTE format('DROP FUNCTION IF EXISTS %s CASCADE', f);
+    END LOOP;
+    IF to_regprocedure(c.function::text) IS NOT NULL THEN
+        EXECUTE format('DROP FUNCTION %s', c.function);
+    END IF;
+END
+$$;
+
+CREATE FUNCTION twotier._define(
+    name text, query text, ttl interval, watch text[], negative_ttl interval, caller_search_path text
+) RETURNS regprocedure
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $define$
+DECLARE
+    caller oid := twotier._outer_user();
+    old twotier.caches;
+    entry text;
+    parts text[];
+    tbl regclass;
+    expr text;
+    fn regprocedure;
+    trig_fns regprocedure[] := '{}';
+    trig_fn text;
+    i int := 0;
+    parsed text[] := '{}';
+BEGIN
+    IF name IS NULL OR name !~ '^[a-z_][a-z0-9_]*$' OR length(name) > 48 THEN
+        RAISE EXCEPTION 'twotier: invalid cache name %', coalesce(quote_literal(name), 'NULL')
+            USING ERRCODE = 'invalid_name',
+                  HINT = 'Use 1 to 48 lowercase letters, digits and underscores, starting with a letter or underscore.';
+    END IF;
+    IF query IS NULL OR ttl IS NULL OR ttl < interval '1 second' THEN
+        RAISE EXCEPTION 'twotier: cache % needs a query and a ttl of at least 1 second', name
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'For example ttl => interval ''5 minutes''.';
+    END IF;
+    IF negative_ttl IS NOT NULL AND negative_ttl < interval '1 second' THEN
+        RAISE EXCEPTION 'twotier: negative_ttl of cache % must be at least 1 second', name
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT * INTO old FROM twotier.caches c WHERE c.name = _define.name FOR UPDATE;
+    IF FOUND AND NOT twotier._may_administer(caller, old.owner) THEN
+        RAISE EXCEPTION 'twotier: cache % belongs to %', name, old.owner
+            USING ERRCODE = 'insufficient_privilege', HINT = 'Only its owner or a member of twotier_admin can redefine it.';
+    END IF;
+
+    -- Parse as the caller, with the caller's search_path: the query must be one jsonb column.
+    PERFORM twotier._check_query(query, caller, caller_search_path);
+
+    FOREACH entry IN ARRAY coalesce(watch, '{}') LOOP
+        parts := regexp_match(entry, '^\s*([^(]+?)\s*\((.*)\)\s*$');
+        IF parts IS NULL OR btrim(parts[2]) = '' THEN
+            RAISE EXCEPTION 'twotier: malformed watch entry %', quote_literal(entry)
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'Write table(key_expression), e.g. ''widget_configs(domain_id)'' or ''public.domains(lower(domain))''.';
+        END IF;
+        -- Resolve the table as the caller would, then pin our own path again.
+        PERFORM set_config('search_path', caller_search_path, true);
+        tbl := parts[1]::regclass;
+        PERFORM set_config('search_path', 'pg_catalog, pg_temp', true);
+        IF (SELECT relkind FROM pg_class WHERE oid = tbl) NOT IN ('r', 'p') THEN
+            RAISE EXCEPTION 'twotier: % is not a table', tbl
+                USING ERRCODE = 'wrong_object_type', HINT = 'Only tables and partitioned tables can be watched.';
+        END IF;
+        IF NOT has_table_privilege(caller, tbl, 'TRIGGER') THEN
+            RAISE EXCEPTION 'twotier: permission denied to watch %', tbl
+                USING ERRCODE = 'insufficient_privilege', HINT = 'The table owner can GRANT TRIGGER on it.';
+        END IF;
+        expr := parts[2];
+        PERFORM twotier._check_watch_expression(tbl, expr, caller, caller_search_path);
+        parsed := parsed || ARRAY[tbl::text, expr];
+    END LOOP;
+
+    IF old.name IS NOT NULL THEN
+        PERFORM twotier._drop_objects(old);
+    END IF;
+    IF to_regprocedure(format('public.%I(text)', 'cached_' || name)) IS NOT NULL THEN
+        RAISE EXCEPTION 'twotier: function public.cached_%(text) already exists and is not a twotier cache', name
+            USING ERRCODE = 'duplicate_function', HINT = 'Drop or rename it, or choose another cache name.';
+    END IF;
+
+    -- An inlinable SQL wrapper: the planner replaces cached_x(k) by twotier.get('x', k), so the
+    -- wrapper costs nothing per call.
+    EXECUTE format($f$CREATE FUNCTION public.%I(key text) RETURNS jsonb
+        LANGUAGE sql STABLE STRICT PARALLEL UNSAFE
+        AS %L$f$, 'cached_' || name, format('SELECT twotier.get(%L, key)', name));
+    fn := format('public.%I(text)', 'cached_' || name)::regprocedure;
+    EXECUTE format('ALTER FUNCTION %s OWNER TO %I', fn, caller::regrole);
+    EXECUTE format('COMMENT ON FUNCTION %s IS %L', fn, format('twotier cache %s (ttl %s): %s', name, ttl, query));
+
+    FOR i IN 1 .. coalesce(array_length(parsed, 1), 0) / 2 LOOP
+        tbl := parsed[2 * i - 1]::regclass;
+        expr := parsed[2 * i];
+        trig_fn := format('twotier.%I', format('_inv_%s_%s', name, i));
+        -- SECURITY DEFINER owned by the cache's owner: the key expression runs with the rights
+        -- of whoever defined it, never with those of the session that wrote the table.
+        EXECUTE format($f$CREATE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER
+            SET search_path = %s AS $body$
+            BEGIN
+                IF TG_OP = 'TRUNCATE' THEN
+                    PERFORM twotier._collect_truncate(%L);
+                ELSIF TG_OP = 'INSERT' THEN
+                    PERFORM twotier._collect(%L, ARRAY(SELECT DISTINCT (%s)::text FROM new_rows));
+                ELSIF TG_OP = 'DELETE' THEN
+                    PERFORM twotier._collect(%L, ARRAY(SELECT DISTINCT (%s)::text FROM old_rows));
+                ELSE
+                    PERFORM twotier._collect(%L, ARRAY(SELECT (%s)::text FROM old_rows
+                                                       UNION SELECT (%s)::text FROM new_rows));
+                END IF;
+                RETURN NULL;
+            END
+            $body$$f$, trig_fn, caller_search_path, name, name, expr, name, expr, name, expr, expr);
+        EXECUTE format('ALTER FUNCTION %s() OWNER TO %I', trig_fn, caller::regrole);
+        trig_fns := trig_fns || format('%s()', trig_fn)::regprocedure;
+        EXECUTE format('CREATE TRIGGER %I AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows
+                        FOR EACH STATEMENT EXECUTE FUNCTION %s()', format('twotier_%s_%s_ins', name, i), tbl, trig_fn);
+        EXECUTE format('CREATE TRIGGER %I AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+                        FOR EACH STATEMENT EXECUTE FUNCTION %s()', format('twotier_%s_%s_upd', name, i), tbl, trig_fn);
+        EXECUTE format('CREATE TRIGGER %I AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows
+                        FOR EACH STATEMENT EXECUTE FUNCTION %s()', format('twotier_%s_%s_del', name, i), tbl, trig_fn);
+        EXECUTE format('CREATE TRIGGER %I AFTER TRUNCATE ON %s
+                        FOR EACH STATEMENT EXECUTE FUNCTION %s()', format('twotier_%s_%s_trunc', name, i), tbl, trig_fn);
+    END LOOP;
+
+    IF old.name IS NOT NULL THEN
+        UPDATE twotier.caches c SET query = _define.query, ttl = _define.ttl, negative_ttl = _define.negative_ttl,
+               watch = coalesce(_define.watch, '{}'), version = twotier._next_version(c.version),
+               search_path = caller_search_path, function = fn, trigger_functions = trig_fns,
+               updated_at = now()
+         WHERE c.name = _define.name;
+    ELSE
+        INSERT INTO twotier.caches (name, query, ttl, negative_ttl, watch, version, owner, search_path, function, trigger_functions)
+        VALUES (name, query, ttl, negative_ttl, coalesce(watch, '{}'), twotier._next_version(), caller,
+                caller_search_path, fn, trig_fns);
+    END IF;
+    EXECUTE format('GRANT EXECUTE ON FUNCTION twotier._collect_truncate(text) TO %I', caller::regrole);
+    PERFORM twotier._catalog_changed();
+    RETURN fn;
+END
+$define$;
+
+CREATE FUNCTION twotier.define(name text, query text, ttl interval, watch text[], negative_ttl interval DEFAULT NULL)
+RETURNS regprocedure LANGUAGE sql VOLATILE AS $$
+    -- Not SECURITY DEFINER, so that the caller's search_path is what gets pinned for the cache.
+    SELECT twotier._define(name, query, ttl, watch, negative_ttl, pg_catalog.current_setting('search_path'))
+$$;
+COMMENT ON FUNCTION twotier.define(text, text, interval, text[], interval) IS
+    'Create or replace cache NAME: public.cached_NAME(key text) runs QUERY ($1 = key) through the cache, entries live TTL, and changes to WATCH tables (''table(key_expression)'') invalidate them at commit.';
+
+CREATE FUNCTION twotier.drop(name text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c twotier.caches;
+BEGIN
+    SELECT * INTO c FROM twotier.caches WHERE caches.name = drop.name FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'twotier: cache "%" does not exist', name
+            USING ERRCODE = 'undefined_object', HINT = 'SELECT name FROM twotier.caches lists the caches.';
+    END IF;
+    IF NOT twotier._may_administer(twotier._outer_user(), c.owner) THEN
+        RAISE EXCEPTION 'twotier: cache % belongs to %', name, c.owner
+            USING ERRCODE = 'insufficient_privilege', HINT = 'Only its owner or a member of twotier_admin can drop it.';
+    END IF;
+    PERFORM twotier._drop_objects(c);
+    DELETE FROM twotier.caches WHERE caches.name = drop.name;
+    PERFORM twotier._catalog_changed();
+END
+$$;
+
+CREATE FUNCTION twotier.flush(cache text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c twotier.caches;
+BEGIN
+    SELECT * INTO c FROM twotier.caches WHERE name = cache FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'twotier: cache "%" does not exist', cache
+            USING ERRCODE = 'undefined_object', HINT = 'SELECT name FROM twotier.caches lists the caches.';
+    END IF;
+    IF NOT twotier._may_administer(twotier._outer_user(), c.owner) THEN
+        RAISE EXCEPTION 'twotier: cache % belongs to %', cache, c.owner
+            USING ERRCODE = 'insufficient_privilege', HINT = 'Only its owner or a member of twotier_admin can flush it.';
+    END IF;
+    -- O(1): readers move to new keys once this commits; the old ones expire on their TTL.
+    UPDATE twotier.caches SET version = twotier._next_version(version), updated_at = now() WHERE name = cache;
+    PERFORM twotier._catalog_changed();
+END
+$$;
+COMMENT ON FUNCTION twotier.flush(text) IS 'Empty a cache in O(1) by moving it to a new key version, effective at commit.';
+
+-- Called by the TRUNCATE trigger of a watched table.
+CREATE FUNCTION twotier._collect_truncate(cache text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    UPDATE twotier.caches SET version = twotier._next_version(version), updated_at = now() WHERE name = cache;
+    PERFORM twotier._mark_written(cache);
+    PERFORM twotier._catalog_changed();
+END
+$$;
+REVOKE ALL ON FUNCTION twotier._collect_truncate(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION twotier._define(text, text, interval, text[], interval, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION twotier._define(text, text, interval, text[], interval, text) TO twotier_admin;
+REVOKE ALL ON FUNCTION twotier.define(text, text, interval, text[], interval) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION twotier.define(text, text, interval, text[], interval) TO twotier_admin;
+REVOKE ALL ON FUNCTION twotier.flush(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION twotier.flush(text) TO twotier_admin;
+REVOKE ALL ON FUNCTION twotier.drop(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION twotier.drop(text) TO twotier_admin;
+
+CREATE VIEW twotier.stats AS
+    SELECT s.*,
+           CASE WHEN s.calls - s.bypasses > 0
+                THEN round((s.l1_hits + s.l2_hits + s.negative_hits)::numeric / (s.calls - s.bypasses), 4)
+           END AS hit_ratio
+      FROM twotier._stats() s;
+COMMENT ON VIEW twotier.stats IS 'Per-cache counters and latencies (microseconds) of every backend since the server started or twotier.reset_stats().';
+GRANT SELECT ON twotier.stats TO PUBLIC;
+
+CREATE FUNCTION twotier.get(cache text, key text) RETURNS jsonb
+    LANGUAGE c STABLE STRICT PARALLEL UNSAFE AS 'MODULE_PATHNAME', 'twotier_get';
+COMMENT ON FUNCTION twotier.get(text, text) IS 'Read KEY of cache CACHE through the tiers; what every cached_<name>(key) calls.';

@@ -1,0 +1,169 @@
+//! The SQL-callable surface that is not catalog DDL: the generic get/set/invalidate calls of
+//! the app-level API, and `twotier.status()`.
+
+use crate::catalog::{self, CacheDef};
+use crate::gucs;
+use crate::invalidation;
+use crate::keys::{self, KeyGlob};
+use crate::l2_redis;
+use crate::read_through;
+use crate::stats::Counter;
+use pgrx::pg_sys::{self, Datum, Oid};
+use pgrx::prelude::*;
+use pgrx::{JsonB, PgSqlErrorCode};
+use std::time::UNIX_EPOCH;
+
+/// Owner of the cache, a member of its owning role, a member of twotier_admin, or superuser.
+fn require_admin(def: &CacheDef, action: &str) {
+    let allowed = unsafe {
+        let me = pg_sys::GetUserId();
+        let admin = pg_sys::get_role_oid(c"twotier_admin".as_ptr(), true);
+        pg_sys::superuser()
+            || pg_sys::has_privs_of_role(me, def.owner)
+            || (admin != Oid::INVALID && pg_sys::has_privs_of_role(me, admin))
+    };
+    if !allowed {
+        pgrx::pg_sys::panic::ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!(
+                "twotier: permission denied to {action} cache \"{}\"",
+                def.name
+            ),
+            "twotier",
+        )
+        .set_hint("Only the cache's owner or a member of twotier_admin can do this.")
+        .report(PgLogLevel::ERROR);
+    }
+}
+
+/// `twotier.get(cache, key)` and, inlined, every `cached_<name>(key)`. A bare V1 C function
+/// rather than a `#[pg_extern]`, so that the jsonb datum goes back as it is, with no
+/// conversion through serde on the hot path.
+#[no_mangle]
+pub extern "C" fn pg_finfo_twotier_get() -> &'static pg_sys::Pg_finfo_record {
+    static V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// # Safety
+/// Called by the fmgr with a valid `fcinfo` of two non-null text arguments (STRICT).
+#[no_mangle]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn twotier_get(fcinfo: pg_sys::FunctionCallInfo) -> Datum {
+    unsafe {
+        let args = (*fcinfo).args.as_slice(2);
+        let name = <&str as FromDatum>::from_datum(args[0].value, args[0].isnull);
+        let key = <&str as FromDatum>::from_datum(args[1].value, args[1].isnull);
+        let (Some(name), Some(key)) = (name, key) else {
+            (*fcinfo).isnull = true;
+            return Datum::from(0);
+        };
+        match read_through::get(name, key) {
+            Some(d) => d,
+            None => {
+                (*fcinfo).isnull = true;
+                Datum::from(0)
+            }
+        }
+    }
+}
+
+#[pg_extern(name = "set", volatile, parallel_unsafe)]
+fn set_value(cache: &str, key: &str, value: JsonB) {
+    let def = catalog::lookup(cache);
+    require_admin(&def, "set entries of");
+    let json = serde_json::to_string(&value.0).unwrap_or_default();
+    let l2_key = keys::full_key(&def.key_prefix, key);
+    match l2_redis::set(&l2_key, &json, def.ttl_s) {
+        Ok(()) => {
+            if gucs::log_events() {
+                pgrx::log!("twotier SET: {}:{key} TTL: {}s", def.name, def.ttl_s);
+            }
+        }
+        Err(e) if e.is_fault() => def.stats.bump(Counter::RedisErrors),
+        Err(_) => {}
+    }
+}
+
+/// Invalidates now and again at commit: the second pass closes the window in which another
+/// session could refill the key from data this transaction has not committed yet.
+#[pg_extern(volatile, parallel_unsafe)]
+fn invalidate(cache: &str, key: &str) {
+    let def = catalog::lookup(cache);
+    let l2_key = keys::full_key(&def.key_prefix, key);
+    if let Err(e) = l2_redis::invalidate(&[(l2_key, def.ttl_s)]) {
+        if e.is_fault() {
+            def.stats.bump(Counter::RedisErrors);
+        }
+    }
+    invalidation::collect(cache, [key]);
+}
+
+#[pg_extern(volatile, parallel_unsafe)]
+fn invalidate_pattern(cache: &str, pattern: &str) -> i64 {
+    let def = catalog::lookup(cache);
+    require_admin(&def, "invalidate patterns of");
+    let glob = KeyGlob::parse(pattern);
+    let redis_pattern = glob.redis_pattern(&def.key_prefix);
+    let prefix_len = def.key_prefix.len();
+    let result = l2_redis::invalidate_matching(
+        &redis_pattern,
+        |k| {
+            k.starts_with(&def.key_prefix)
+                && keys::unescape(&k[prefix_len..]).is_some_and(|raw| glob.matches(&raw))
+        },
+        def.ttl_s,
+    );
+    match result {
+        Ok(n) => {
+            def.stats.add(Counter::Invalidations, n as u64);
+            if gucs::log_events() {
+                pgrx::log!("twotier INVALIDATE: {}:{pattern} ({n} keys)", def.name);
+            }
+            n
+        }
+        Err(e) => {
+            if e.is_fault() {
+                def.stats.bump(Counter::RedisErrors);
+            }
+            0
+        }
+    }
+}
+
+#[pg_extern(name = "exists", volatile, parallel_unsafe)]
+fn exists_entry(cache: &str, key: &str) -> bool {
+    let def = catalog::lookup(cache);
+    let l2_key = keys::full_key(&def.key_prefix, key);
+    matches!(
+        l2_redis::get(&l2_key),
+        Ok(l2_redis::Lookup::Value(_) | l2_redis::Lookup::Negative)
+    )
+}
+
+/// Health of the tiers as this backend sees them.
+#[pg_extern(volatile, parallel_unsafe)]
+fn status() -> JsonB {
+    let h = l2_redis::health();
+    let secs =
+        |t: std::time::SystemTime| t.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).ok();
+    let is_super = unsafe { pg_sys::superuser() };
+    JsonB(serde_json::json!({
+        "database": catalog::database_name(),
+        "preloaded": crate::shmem::preloaded(),
+        "stats_scope": if crate::shmem::preloaded() { "server" } else { "backend" },
+        "l2": {
+            "configured": h.configured,
+            "url": if is_super { serde_json::Value::from(h.url) } else { serde_json::Value::Null },
+            "reachable": h.reachable,
+            "down_since_epoch": h.down_since.and_then(secs),
+            "retry_in_ms": h.retry_in.map(|d| d.as_millis() as u64),
+            "last_error": h.last_error,
+            "undelivered_invalidations": h.undelivered,
+            "connect_timeout_ms": gucs::connect_timeout().as_millis() as u64,
+            "read_timeout_ms": gucs::read_timeout().as_millis() as u64,
+            "retry_interval_ms": gucs::retry_interval().as_millis() as u64,
+        },
+        "enabled": gucs::enabled(),
+    }))
+}

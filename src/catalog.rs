@@ -1,0 +1,193 @@
+//! Cache definitions: rows of `twotier.caches`, read once per backend and kept until a
+//! relcache invalidation of the catalog says they changed. `define`, `drop`, `flush` and a
+//! TRUNCATE of a watched table all send that invalidation in their own transaction, so every
+//! backend of the server switches to the new definition (and version) exactly at its commit.
+
+use crate::error::{CatalogError, Raise};
+use crate::keys;
+use crate::stats::{self, CacheStats};
+use pgrx::pg_sys::{self, Datum, Oid};
+use pgrx::prelude::*;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::ffi::{CStr, CString};
+use std::rc::Rc;
+
+pub struct CacheDef {
+    pub name: String,
+    pub query: String,
+    pub ttl_s: i64,
+    pub negative_ttl_s: i64,
+    pub owner: Oid,
+    pub search_path: CString,
+    /// `<prefix>:<db>:<name>:v<version>:`, the start of every L2 key of this definition.
+    pub key_prefix: String,
+    pub stats: &'static CacheStats,
+    /// The source query, prepared once per backend on first miss.
+    pub plan: Cell<Option<pg_sys::SPIPlanPtr>>,
+}
+
+impl Drop for CacheDef {
+    fn drop(&mut self) {
+        if let Some(plan) = self.plan.take() {
+            unsafe { pg_sys::SPI_freeplan(plan) };
+        }
+    }
+}
+
+thread_local! {
+    static DEFS: RefCell<HashMap<String, Rc<CacheDef>>> = RefCell::new(HashMap::new());
+    static DATABASE: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+static DEFS_STALE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static CATALOG_OID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+// utils/inval.h, which pgrx does not bind; every call goes through the FFI guard so that an
+// ERROR raised inside becomes a Rust unwind instead of a longjmp over Rust frames.
+extern "C-unwind" {
+    fn AcceptInvalidationMessages();
+    fn CacheInvalidateRelcacheByRelid(relid: Oid);
+    fn CacheRegisterRelcacheCallback(
+        func: Option<unsafe extern "C-unwind" fn(arg: Datum, relid: Oid)>,
+        arg: Datum,
+    );
+}
+
+fn guarded<T>(f: impl FnOnce() -> T) -> T {
+    unsafe { pg_sys::submodules::ffi::pg_guard_ffi_boundary(f) }
+}
+
+unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: Datum, relid: Oid) {
+    // Only a flag: an invalidation callback must not touch catalogs or free plans in use.
+    let catalog = CATALOG_OID.load(std::sync::atomic::Ordering::Relaxed);
+    if relid == Oid::INVALID || (catalog != 0 && relid.to_u32() == catalog) {
+        DEFS_STALE.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+pub fn init() {
+    guarded(|| unsafe {
+        CacheRegisterRelcacheCallback(Some(on_relcache_invalidation), Datum::from(0))
+    });
+}
+
+/// Applies pending shared invalidations now, so a definition changed by a transaction that
+/// committed a moment ago is seen even in the middle of this session's transaction. Cheap
+/// when there are none: one unlocked read of a flag in shared memory.
+pub fn accept_invalidations() {
+    guarded(|| unsafe { AcceptInvalidationMessages() });
+}
+
+pub fn database_name() -> String {
+    DATABASE.with(|d| {
+        d.borrow_mut()
+            .get_or_insert_with(|| unsafe {
+                let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+                if name.is_null() {
+                    String::from("?")
+                } else {
+                    CStr::from_ptr(name).to_string_lossy().into_owned()
+                }
+            })
+            .clone()
+    })
+}
+
+fn catalog_oid() -> Oid {
+    let known = CATALOG_OID.load(std::sync::atomic::Ordering::Relaxed);
+    if known != 0 {
+        return Oid::from(known);
+    }
+    let oid = unsafe {
+        let ns = pg_sys::get_namespace_oid(c"twotier".as_ptr(), true);
+        if ns == Oid::INVALID {
+            Oid::INVALID
+        } else {
+            pg_sys::get_relname_relid(c"caches".as_ptr(), ns)
+        }
+    };
+    CATALOG_OID.store(oid.to_u32(), std::sync::atomic::Ordering::Relaxed);
+    oid
+}
+
+/// The definition of cache `name`; raises an ERROR if there is none.
+pub fn lookup(name: &str) -> Rc<CacheDef> {
+    if DEFS_STALE.swap(false, std::sync::atomic::Ordering::Relaxed) {
+        DEFS.with(|d| d.borrow_mut().clear());
+    }
+    if let Some(def) = DEFS.with(|d| d.borrow().get(name).cloned()) {
+        return def;
+    }
+    let def =
+        Rc::new(load(name).unwrap_or_else(|| CatalogError::UnknownCache(name.to_string()).raise()));
+    DEFS.with(|d| d.borrow_mut().insert(name.to_string(), def.clone()));
+    def
+}
+
+fn load(name: &str) -> Option<CacheDef> {
+    catalog_oid();
+    let row = Spi::connect(|client| {
+        let table = client.select(
+            "SELECT query, extract(epoch FROM ttl)::bigint, extract(epoch FROM negative_ttl)::bigint,
+                    version, owner::oid, search_path
+               FROM twotier.caches WHERE name = $1",
+            Some(1),
+            &[name.into()],
+        )?;
+        if table.is_empty() {
+            return Ok::<_, pgrx::spi::Error>(None);
+        }
+        let row = table.first();
+        Ok(Some((
+            row.get::<String>(1)?.unwrap_or_default(),
+            row.get::<i64>(2)?.unwrap_or(1),
+            row.get::<i64>(3)?,
+            row.get::<i64>(4)?.unwrap_or(0),
+            row.get::<Oid>(5)?.unwrap_or(Oid::INVALID),
+            row.get::<String>(6)?.unwrap_or_default(),
+        )))
+    })
+    .unwrap_or_else(|e| pgrx::error!("twotier: reading twotier.caches failed: {e}"))?;
+    let (query, ttl_s, negative_ttl_s, version, owner, search_path) = row;
+    let key_prefix = keys::cache_prefix(crate::gucs::key_prefix(), &database_name(), name, version);
+    Some(CacheDef {
+        name: name.to_string(),
+        query,
+        ttl_s,
+        negative_ttl_s: negative_ttl_s.unwrap_or_else(crate::gucs::negative_ttl_s),
+        owner,
+        search_path: CString::new(search_path).unwrap_or_default(),
+        key_prefix,
+        stats: stats::for_cache(name),
+        plan: Cell::new(None),
+    })
+}
+
+/// The role that called into twotier, seen from inside a SECURITY DEFINER function.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _outer_user() -> Oid {
+    unsafe { pg_sys::GetOuterUserId() }
+}
+
+#[pg_extern(volatile, parallel_unsafe)]
+fn _check_query(query: &str, owner: Oid, search_path: &str) {
+    let path = CString::new(search_path).unwrap_or_default();
+    crate::source::check_query(query, owner, &path);
+}
+
+#[pg_extern(volatile, parallel_unsafe)]
+fn _check_watch_expression(table: Oid, expression: &str, owner: Oid, search_path: &str) {
+    let path = CString::new(search_path).unwrap_or_default();
+    crate::source::check_watch_expression(table, expression, owner, &path);
+}
+
+/// Queues a relcache invalidation of the catalog: every backend drops its definitions when
+/// (and only if) the calling transaction commits, this one immediately at its next command.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _catalog_changed() {
+    let oid = catalog_oid();
+    if oid != Oid::INVALID {
+        guarded(|| unsafe { CacheInvalidateRelcacheByRelid(oid) });
+    }
+    DEFS_STALE.store(true, std::sync::atomic::Ordering::Relaxed);
+}

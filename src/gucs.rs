@@ -1,0 +1,165 @@
+//! Every `twotier.*` setting lives here, each with a typed getter, so the rest of the
+//! code never touches a raw GUC.
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use std::ffi::{CStr, CString};
+use std::time::Duration;
+
+static REDIS_URL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+static CONNECT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(50);
+static READ_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(50);
+static RETRY_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(2000);
+static NEGATIVE_TTL_S: GucSetting<i32> = GucSetting::<i32>::new(30);
+static LOG_EVENTS: GucSetting<bool> = GucSetting::<bool>::new(false);
+static KEY_PREFIX: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"twotier"));
+static ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
+static MAX_KEY_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024);
+static MAX_VALUE_KB: GucSetting<i32> = GucSetting::<i32>::new(512);
+
+pub fn init() {
+    GucRegistry::define_string_guc(
+        c"twotier.redis_url",
+        c"Redis (L2) URL, e.g. redis://127.0.0.1:6379/0; empty means no L2.",
+        c"May carry a password, so only superusers can read or set it. rediss:// is not supported yet.",
+        &REDIS_URL,
+        GucContext::Suset,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_int_guc(
+        c"twotier.connect_timeout_ms",
+        c"Timeout for connecting to Redis.",
+        c"A cache call never waits longer than this for a connection; on timeout it answers from the source.",
+        &CONNECT_TIMEOUT_MS,
+        1,
+        60_000,
+        GucContext::Suset,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"twotier.read_timeout_ms",
+        c"Timeout for one Redis reply.",
+        c"A slow or paused Redis costs a call at most this long before it falls back to the source.",
+        &READ_TIMEOUT_MS,
+        1,
+        60_000,
+        GucContext::Suset,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"twotier.retry_interval_ms",
+        c"After a Redis failure, how long a backend skips Redis before trying again.",
+        c"Also the minimum interval between two WARNINGs about Redis from one backend.",
+        &RETRY_INTERVAL_MS,
+        0,
+        3_600_000,
+        GucContext::Suset,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"twotier.negative_ttl_s",
+        c"Default TTL of a negative entry (the query returned no row).",
+        c"A cache's own negative_ttl, given to twotier.define, takes precedence.",
+        &NEGATIVE_TTL_S,
+        1,
+        86_400,
+        GucContext::Userset,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_bool_guc(
+        c"twotier.log_events",
+        c"Log HIT, MISS, SET and INVALIDATE events with cache and key.",
+        c"Emitted at LOG level; set client_min_messages = log to see them in a session.",
+        &LOG_EVENTS,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"twotier.key_prefix",
+        c"First component of every Redis key written by this server.",
+        c"Servers that must share entries (a primary and its replicas) need the same prefix.",
+        &KEY_PREFIX,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"twotier.enabled",
+        c"When off, every cached function answers from the source and touches no tier.",
+        c"",
+        &ENABLED,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"twotier.max_key_bytes",
+        c"Longest key a cached function accepts.",
+        c"Longer keys are refused with an ERROR rather than silently truncated.",
+        &MAX_KEY_BYTES,
+        16,
+        65_536,
+        GucContext::Suset,
+        GucFlags::UNIT_BYTE,
+    );
+    GucRegistry::define_int_guc(
+        c"twotier.max_value_kb",
+        c"Values larger than this (as JSON text) are returned but not cached.",
+        c"",
+        &MAX_VALUE_KB,
+        1,
+        1_048_576,
+        GucContext::Suset,
+        GucFlags::UNIT_KB,
+    );
+}
+
+fn cstr_setting(setting: &GucSetting<Option<CString>>) -> &'static CStr {
+    // The GUC machinery owns the string and replaces (never mutates) it on change; we only
+    // read it within the current call, so borrowing avoids an allocation per cache call.
+    let raw = unsafe { *setting.as_ptr() };
+    if raw.is_null() {
+        c""
+    } else {
+        unsafe { CStr::from_ptr(raw) }
+    }
+}
+
+/// The Redis URL, borrowed; empty when L2 is off.
+pub fn redis_url() -> &'static CStr {
+    cstr_setting(&REDIS_URL)
+}
+
+pub fn key_prefix() -> &'static str {
+    cstr_setting(&KEY_PREFIX).to_str().unwrap_or("twotier")
+}
+
+pub fn connect_timeout() -> Duration {
+    Duration::from_millis(CONNECT_TIMEOUT_MS.get().max(1) as u64)
+}
+
+pub fn read_timeout() -> Duration {
+    Duration::from_millis(READ_TIMEOUT_MS.get().max(1) as u64)
+}
+
+pub fn retry_interval() -> Duration {
+    Duration::from_millis(RETRY_INTERVAL_MS.get().max(0) as u64)
+}
+
+pub fn negative_ttl_s() -> i64 {
+    NEGATIVE_TTL_S.get() as i64
+}
+
+pub fn log_events() -> bool {
+    LOG_EVENTS.get()
+}
+
+pub fn enabled() -> bool {
+    ENABLED.get()
+}
+
+pub fn max_key_bytes() -> usize {
+    MAX_KEY_BYTES.get() as usize
+}
+
+pub fn max_value_bytes() -> usize {
+    MAX_VALUE_KB.get() as usize * 1024
+}

@@ -1,0 +1,122 @@
+//! Invalidation at commit. Triggers only collect keys here; they reach the tiers from the
+//! COMMIT callback, after the new rows are visible to every new snapshot, and are dropped on
+//! ROLLBACK. A transaction that collected keys for a cache is a writer of that cache: it reads
+//! it from the source until it ends (read-your-writes without publishing uncommitted data).
+
+use crate::catalog;
+use crate::error::{CallError, Raise};
+use crate::keys;
+use crate::l2_redis;
+use crate::stats::{CacheStats, Counter};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
+
+struct PendingCache {
+    key_prefix: String,
+    ttl_s: i64,
+    keys: BTreeSet<String>,
+    stats: &'static CacheStats,
+}
+
+thread_local! {
+    static PENDING: RefCell<HashMap<String, PendingCache>> = RefCell::new(HashMap::new());
+}
+
+pub fn init() {
+    unsafe { pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut()) };
+}
+
+/// Whether the current transaction changed a table watched by `cache`.
+pub fn wrote(cache: &str) -> bool {
+    PENDING.with(|p| {
+        let p = p.borrow();
+        !p.is_empty() && p.contains_key(cache)
+    })
+}
+
+/// Records keys of `cache` to invalidate when this transaction commits.
+pub fn collect<'a>(cache: &str, raw_keys: impl IntoIterator<Item = &'a str>) {
+    let def = catalog::lookup(cache);
+    PENDING.with(|p| {
+        let mut p = p.borrow_mut();
+        let entry = p.entry(def.name.clone()).or_insert_with(|| PendingCache {
+            key_prefix: def.key_prefix.clone(),
+            ttl_s: def.ttl_s,
+            keys: BTreeSet::new(),
+            stats: def.stats,
+        });
+        // A TRUNCATE or flush in this transaction may have moved the cache to a new version;
+        // keys are addressed under the version current when they were collected.
+        for k in raw_keys {
+            entry.keys.insert(keys::full_key(&def.key_prefix, k));
+        }
+    });
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_xact_event(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::XactEvent::*;
+    match event {
+        XACT_EVENT_PRE_PREPARE => {
+            // The last moment an ERROR is allowed; a prepared transaction would commit later
+            // in another session that knows nothing of these keys.
+            if PENDING.with(|p| !p.borrow().is_empty()) {
+                CallError::PrepareWithInvalidations.raise();
+            }
+        }
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
+            let pending = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
+            if !pending.is_empty() {
+                // An ERROR here would be promoted to PANIC; nothing below raises one, and a
+                // Rust panic is contained rather than let out.
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| deliver(pending)));
+            }
+        }
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
+            PENDING.with(|p| p.borrow_mut().clear());
+        }
+        _ => {}
+    }
+}
+
+fn deliver(pending: HashMap<String, PendingCache>) {
+    let log = crate::gucs::log_events();
+    let mut batch: Vec<(String, i64)> = Vec::new();
+    for (name, cache) in &pending {
+        cache
+            .stats
+            .add(Counter::Invalidations, cache.keys.len() as u64);
+        for k in &cache.keys {
+            if log {
+                let raw = keys::unescape(&k[cache.key_prefix.len()..]).unwrap_or_default();
+                pgrx::log!("twotier INVALIDATE: {name}:{raw}");
+            }
+            batch.push((k.clone(), cache.ttl_s));
+        }
+    }
+    if let Err(e) = l2_redis::invalidate(&batch) {
+        if e.is_fault() {
+            for cache in pending.values() {
+                cache.stats.bump(Counter::RedisErrors);
+            }
+        }
+    }
+}
+
+/// Trigger entry point: keys of `cache` changed by the current statement.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _collect(cache: &str, keys: Vec<Option<String>>) {
+    let keys: Vec<String> = keys.into_iter().flatten().collect();
+    collect(cache, keys.iter().map(String::as_str));
+}
+
+/// Marks the transaction as a writer of `cache` (TRUNCATE, which also bumps its version).
+#[pg_extern(volatile, parallel_unsafe)]
+fn _mark_written(cache: &str) {
+    collect(cache, std::iter::empty());
+}

@@ -1,0 +1,218 @@
+//! Redis key layout: `<prefix>:<database>:<cache>:v<version>:<key>`, each free-form part
+//! percent-encoded so that no key can contain `:` or a glob metacharacter. That is what
+//! keeps one cache's keys (and one database's) out of reach of another's patterns.
+
+use std::fmt::Write;
+
+fn is_plain(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'@')
+}
+
+pub fn escape_into(out: &mut String, raw: &str) {
+    for &b in raw.as_bytes() {
+        if is_plain(b) {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+pub fn escape(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len() + 8);
+    escape_into(&mut out, raw);
+    out
+}
+
+/// Inverse of [`escape`]; `None` for anything `escape` cannot have produced.
+pub fn unescape(escaped: &str) -> Option<String> {
+    let bytes = escaped.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = escaped.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The part of every key of one cache version that precedes the app's key, ending in `:`.
+pub fn cache_prefix(prefix: &str, database: &str, cache: &str, version: i64) -> String {
+    let mut out = String::with_capacity(prefix.len() + database.len() + cache.len() + 16);
+    escape_into(&mut out, prefix);
+    out.push(':');
+    escape_into(&mut out, database);
+    out.push(':');
+    escape_into(&mut out, cache);
+    let _ = write!(out, ":v{version}:");
+    out
+}
+
+pub fn full_key(cache_prefix: &str, key: &str) -> String {
+    let mut out = String::with_capacity(cache_prefix.len() + key.len() + 8);
+    out.push_str(cache_prefix);
+    escape_into(&mut out, key);
+    out
+}
+
+/// An app-level glob (`*` any run, `?` one character, `\` quotes the next character)
+/// compiled to a Redis SCAN pattern that cannot match outside `cache_prefix`, plus an exact
+/// matcher: `?` has to become `*` in Redis because one character may be escaped to several
+/// bytes, so every SCAN result is re-checked against the original glob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyGlob {
+    tokens: Vec<GlobToken>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum GlobToken {
+    Literal(char),
+    AnyOne,
+    AnyRun,
+}
+
+impl KeyGlob {
+    pub fn parse(glob: &str) -> Self {
+        let mut tokens = Vec::new();
+        let mut chars = glob.chars();
+        while let Some(c) = chars.next() {
+            tokens.push(match c {
+                '*' => GlobToken::AnyRun,
+                '?' => GlobToken::AnyOne,
+                '\\' => GlobToken::Literal(chars.next().unwrap_or('\\')),
+                other => GlobToken::Literal(other),
+            });
+        }
+        KeyGlob { tokens }
+    }
+
+    pub fn redis_pattern(&self, cache_prefix: &str) -> String {
+        let mut out = String::from(cache_prefix);
+        let mut buf = [0u8; 4];
+        for t in &self.tokens {
+            match t {
+                GlobToken::Literal(c) => escape_into(&mut out, c.encode_utf8(&mut buf)),
+                GlobToken::AnyOne | GlobToken::AnyRun => {
+                    if !out.ends_with('*') {
+                        out.push('*')
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    pub fn matches(&self, key: &str) -> bool {
+        let chars: Vec<char> = key.chars().collect();
+        // Iterative glob match with single-star backtracking: linear in practice and never
+        // recursive, so a hostile pattern cannot blow the stack.
+        let (mut p, mut k) = (0usize, 0usize);
+        let mut star: Option<(usize, usize)> = None;
+        while k < chars.len() {
+            match self.tokens.get(p) {
+                Some(GlobToken::AnyRun) => {
+                    star = Some((p, k));
+                    p += 1;
+                }
+                Some(GlobToken::AnyOne) => {
+                    p += 1;
+                    k += 1;
+                }
+                Some(GlobToken::Literal(c)) if *c == chars[k] => {
+                    p += 1;
+                    k += 1;
+                }
+                _ => match star {
+                    Some((sp, sk)) => {
+                        p = sp + 1;
+                        k = sk + 1;
+                        star = Some((sp, sk + 1));
+                    }
+                    None => return false,
+                },
+            }
+        }
+        self.tokens[p..].iter().all(|t| *t == GlobToken::AnyRun)
+    }
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use super::*;
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn escape_round_trips_and_hides_separators() {
+        for raw in [
+            "abc",
+            "a:b",
+            "x*y?z",
+            "with space",
+            "100%",
+            "ünï",
+            "",
+            "a\\b[c]",
+        ] {
+            let e = escape(raw);
+            assert!(
+                !e.contains(':') && !e.contains('*') && !e.contains(' '),
+                "{e}"
+            );
+            assert!(
+                !e.contains('[') && !e.contains('?') && !e.contains('\\'),
+                "{e}"
+            );
+            assert_eq!(unescape(&e).as_deref(), Some(raw));
+        }
+        assert_eq!(escape("a:b c"), "a%3Ab%20c");
+    }
+
+    #[pg_test]
+    fn keys_of_different_caches_cannot_collide() {
+        let a = cache_prefix("twotier", "app", "users", 1);
+        let b = cache_prefix("twotier", "app", "users_x", 1);
+        assert_eq!(a, "twotier:app:users:v1:");
+        // a key of cache `users` that looks like the start of another cache's key
+        assert_ne!(full_key(&a, "x:v1:k"), full_key(&b, "k"));
+        assert!(!full_key(&a, "x:v1:k").starts_with(&b));
+        let db = cache_prefix("twotier", "my:db", "c", 3);
+        assert_eq!(db, "twotier:my%3Adb:c:v3:");
+    }
+
+    #[pg_test]
+    fn glob_stays_inside_its_cache() {
+        let p = cache_prefix("twotier", "app", "users", 2);
+        let g = KeyGlob::parse("user-*");
+        assert_eq!(g.redis_pattern(&p), "twotier:app:users:v2:user-*");
+        let g = KeyGlob::parse("*");
+        assert_eq!(g.redis_pattern(&p), "twotier:app:users:v2:*");
+        // glob metacharacters meant literally are escaped, never passed to Redis raw
+        let g = KeyGlob::parse("a:\\*[x]");
+        assert_eq!(g.redis_pattern(&p), "twotier:app:users:v2:a%3A%2A%5Bx%5D");
+    }
+
+    #[pg_test]
+    fn glob_matches_exactly() {
+        let g = KeyGlob::parse("user-?");
+        assert!(g.matches("user-1"));
+        assert!(g.matches("user-ü"));
+        assert!(!g.matches("user-12"));
+        let g = KeyGlob::parse("*a*b");
+        assert!(g.matches("xxaxxb"));
+        assert!(g.matches("ab"));
+        assert!(!g.matches("ba"));
+        let g = KeyGlob::parse("lit\\*");
+        assert!(g.matches("lit*"));
+        assert!(!g.matches("litx"));
+        assert!(KeyGlob::parse("").matches(""));
+        assert!(!KeyGlob::parse("").matches("a"));
+    }
+}

@@ -1,0 +1,370 @@
+//! L2: one lazily opened Redis connection per backend, with connect and read timeouts, and a
+//! circuit breaker: after a connection-level failure the backend leaves Redis alone for
+//! `twotier.retry_interval_ms` instead of paying a timeout on every call. Nothing in here
+//! raises an ERROR; every failure comes back as an `L2Error` for the caller to count.
+
+use crate::gucs;
+use std::cell::RefCell;
+use std::ffi::CString;
+use std::time::{Duration, Instant, SystemTime};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum L2Error {
+    #[error("no Redis configured")]
+    Off,
+    #[error("Redis skipped until the retry interval ends")]
+    Skipped,
+    #[error("bad twotier.redis_url: {0}")]
+    BadUrl(String),
+    #[error("{0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+impl L2Error {
+    /// Whether this is a fault worth counting (as opposed to L2 being off or resting).
+    pub fn is_fault(&self) -> bool {
+        !matches!(self, L2Error::Off | L2Error::Skipped)
+    }
+}
+
+/// What a GET found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// JSON text of a cached value.
+    Value(Vec<u8>),
+    /// A cached "no row".
+    Negative,
+    /// Nothing usable; `seen` is the exact raw content (absent or a tombstone) that a fill
+    /// must still find in place to be allowed.
+    Absent { seen: Option<Vec<u8>> },
+}
+
+const NEGATIVE: &[u8] = b"!none";
+const TOMBSTONE_PREFIX: &[u8] = b"!inval:";
+
+/// Compare-and-set fill: writes only if the key still holds exactly what the reader saw
+/// before querying the source. An invalidation in between replaced it with a fresh
+/// tombstone, so a reader holding pre-commit data can never put it back.
+const FILL_SCRIPT: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if (ARGV[1] == '0' and cur == false) or (ARGV[1] == '1' and cur == ARGV[2]) then
+  redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4])
+  return 1
+end
+return 0
+"#;
+
+struct State {
+    url: CString,
+    con: Option<redis::Connection>,
+    resting_until: Option<Instant>,
+    down_since: Option<SystemTime>,
+    last_error: Option<String>,
+    last_warning: Option<Instant>,
+    tombstone_seq: u64,
+    /// Invalidations that could not be delivered; sent before anything else once Redis answers.
+    undelivered: Vec<(String, i64)>,
+}
+
+thread_local! {
+    static STATE: RefCell<State> = RefCell::new(State {
+        url: CString::default(),
+        con: None,
+        resting_until: None,
+        down_since: None,
+        last_error: None,
+        last_warning: None,
+        tombstone_seq: 0,
+        undelivered: Vec::new(),
+    });
+    static FILL: redis::Script = redis::Script::new(FILL_SCRIPT);
+}
+
+/// The URL with any password replaced, fit for a log line.
+pub fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn connect(url: &str) -> Result<redis::Connection, L2Error> {
+    let client = redis::Client::open(url).map_err(|e| L2Error::BadUrl(e.to_string()))?;
+    let con = client.get_connection_with_timeout(gucs::connect_timeout())?;
+    con.set_read_timeout(Some(gucs::read_timeout()))?;
+    con.set_write_timeout(Some(gucs::read_timeout()))?;
+    Ok(con)
+}
+
+fn warn_rate_limited(state: &mut State, message: String) {
+    let interval = gucs::retry_interval().max(Duration::from_millis(1000));
+    let due = state.last_warning.is_none_or(|t| t.elapsed() >= interval);
+    if due {
+        state.last_warning = Some(Instant::now());
+        pgrx::warning!("{message}");
+    }
+}
+
+fn tombstone_value(state: &mut State) -> String {
+    state.tombstone_seq += 1;
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!(
+        "!inval:{}:{}:{}",
+        std::process::id(),
+        now.as_micros(),
+        state.tombstone_seq
+    )
+}
+
+fn deliver(
+    con: &mut redis::Connection,
+    tombstone: &str,
+    keys: &[(String, i64)],
+) -> redis::RedisResult<()> {
+    let mut pipe = redis::pipe();
+    for (key, ttl) in keys {
+        // A tombstone rather than DEL, so that fills racing with this invalidation fail
+        // their compare-and-set; it expires like the entry it replaces.
+        pipe.cmd("SET")
+            .arg(key)
+            .arg(tombstone)
+            .arg("EX")
+            .arg((*ttl).max(1))
+            .ignore();
+    }
+    pipe.query::<()>(con)
+}
+
+/// Runs `f` on this backend's connection, opening it if needed. Connection-level failures
+/// close it and rest L2 for the retry interval; a server-side error (OOM, WRONGTYPE...) only
+/// fails this operation.
+fn with_connection<T>(
+    f: impl FnOnce(&mut redis::Connection, &str) -> redis::RedisResult<T>,
+) -> Result<T, L2Error> {
+    STATE.with(|cell| {
+        let mut state = cell.borrow_mut();
+        let url = gucs::redis_url();
+        if url.is_empty() {
+            state.con = None;
+            return Err(L2Error::Off);
+        }
+        if state.url.as_c_str() != url {
+            state.url = url.to_owned();
+            state.con = None;
+            state.resting_until = None;
+        }
+        if state.resting_until.is_some_and(|t| Instant::now() < t) {
+            return Err(L2Error::Skipped);
+        }
+        let url_text = url.to_string_lossy().into_owned();
+        if state.con.is_none() {
+            match connect(&url_text) {
+                Ok(con) => state.con = Some(con),
+                Err(e) => return Err(fail(&mut state, &url_text, e, true)),
+            }
+        }
+        let tombstone = tombstone_value(&mut state);
+        let State {
+            con, undelivered, ..
+        } = &mut *state;
+        let con = con.as_mut().expect("connection was just opened");
+        let mut result = Ok(());
+        if !undelivered.is_empty() {
+            result = deliver(con, &tombstone, undelivered);
+            if result.is_ok() {
+                undelivered.clear();
+            }
+        }
+        match result.and_then(|_| f(con, &tombstone)) {
+            Ok(v) => {
+                if state.down_since.take().is_some() {
+                    pgrx::log!("twotier: Redis at {} answers again", redacted(&url_text));
+                }
+                state.resting_until = None;
+                Ok(v)
+            }
+            Err(e) => {
+                let connection_lost =
+                    e.is_io_error() || e.is_unrecoverable_error() || e.is_timeout();
+                Err(fail(
+                    &mut state,
+                    &url_text,
+                    L2Error::Redis(e),
+                    connection_lost,
+                ))
+            }
+        }
+    })
+}
+
+fn fail(state: &mut State, url: &str, e: L2Error, connection_lost: bool) -> L2Error {
+    state.last_error = Some(e.to_string());
+    if connection_lost {
+        // A timed-out request may still be answered later; the stream cannot be reused.
+        state.con = None;
+        state.resting_until = Some(Instant::now() + gucs::retry_interval());
+        state.down_since.get_or_insert_with(SystemTime::now);
+        let msg = format!(
+            "twotier: Redis at {} is unreachable ({e}); answering from the source, next try in {} ms",
+            redacted(url),
+            gucs::retry_interval().as_millis()
+        );
+        warn_rate_limited(state, msg);
+    } else {
+        warn_rate_limited(
+            state,
+            format!("twotier: Redis at {} failed a command: {e}", redacted(url)),
+        );
+    }
+    e
+}
+
+pub fn get(key: &str) -> Result<Lookup, L2Error> {
+    with_connection(|con, _| {
+        let raw: Option<Vec<u8>> = redis::cmd("GET").arg(key).query(con)?;
+        Ok(classify(raw))
+    })
+}
+
+pub fn classify(raw: Option<Vec<u8>>) -> Lookup {
+    match raw {
+        Some(v) if v == NEGATIVE => Lookup::Negative,
+        Some(v) if v.starts_with(TOMBSTONE_PREFIX) => Lookup::Absent { seen: Some(v) },
+        Some(v) if v.first() == Some(&b'!') => Lookup::Absent { seen: Some(v) },
+        Some(v) => Lookup::Value(v),
+        None => Lookup::Absent { seen: None },
+    }
+}
+
+/// Fills `key` with `value` (None = negative entry) unless it changed since `seen` was read.
+/// Returns whether the fill was applied.
+pub fn fill(
+    key: &str,
+    seen: &Option<Vec<u8>>,
+    value: Option<&str>,
+    ttl_s: i64,
+) -> Result<bool, L2Error> {
+    with_connection(|con, _| {
+        let script = FILL.with(|s| s.clone());
+        let mut inv = script.key(key);
+        match seen {
+            None => inv.arg("0").arg(""),
+            Some(v) => inv.arg("1").arg(v.as_slice()),
+        };
+        inv.arg(value.map(str::as_bytes).unwrap_or(NEGATIVE))
+            .arg(ttl_s.max(1));
+        let applied: i64 = inv.invoke(con)?;
+        Ok(applied == 1)
+    })
+}
+
+pub fn set(key: &str, value: &str, ttl_s: i64) -> Result<(), L2Error> {
+    with_connection(|con, _| {
+        redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .arg("EX")
+            .arg(ttl_s.max(1))
+            .query(con)
+    })
+}
+
+/// Replaces each key by a tombstone. Keys that cannot be delivered now are kept and sent
+/// before this backend's next use of Redis.
+pub fn invalidate(keys: &[(String, i64)]) -> Result<(), L2Error> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let result = with_connection(|con, tombstone| deliver(con, tombstone, keys));
+    if let Err(e) = &result {
+        if !matches!(e, L2Error::Off) {
+            STATE.with(|cell| cell.borrow_mut().undelivered.extend_from_slice(keys));
+        }
+    }
+    result
+}
+
+/// SCANs `pattern` (never KEYS, which blocks Redis), keeps the keys `keep` accepts, replaces
+/// them with tombstones batch by batch, and returns how many held a live entry.
+pub fn invalidate_matching(
+    pattern: &str,
+    keep: impl Fn(&str) -> bool,
+    ttl_s: i64,
+) -> Result<i64, L2Error> {
+    with_connection(|con, tombstone| {
+        let mut cursor: u64 = 0;
+        let mut live = 0i64;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query(con)?;
+            let matched: Vec<String> = batch.into_iter().filter(|k| keep(k)).collect();
+            if !matched.is_empty() {
+                let mut pipe = redis::pipe();
+                for k in &matched {
+                    pipe.cmd("GET").arg(k);
+                }
+                for k in &matched {
+                    pipe.cmd("SET")
+                        .arg(k)
+                        .arg(tombstone)
+                        .arg("EX")
+                        .arg(ttl_s.max(1))
+                        .ignore();
+                }
+                let before: Vec<Option<Vec<u8>>> = pipe.query(con)?;
+                live += before
+                    .into_iter()
+                    .filter(|v| matches!(classify(v.clone()), Lookup::Value(_) | Lookup::Negative))
+                    .count() as i64;
+            }
+            if next == 0 {
+                return Ok(live);
+            }
+            cursor = next;
+        }
+    })
+}
+
+/// Health of this backend's L2 connection, for `twotier.status()`.
+pub struct Health {
+    pub configured: bool,
+    pub reachable: Option<bool>,
+    pub down_since: Option<SystemTime>,
+    pub retry_in: Option<Duration>,
+    pub last_error: Option<String>,
+    pub undelivered: usize,
+    pub url: String,
+}
+
+/// Probes Redis with a PING (respecting the retry interval) and reports.
+pub fn health() -> Health {
+    let ping = with_connection(|con, _| redis::cmd("PING").query::<String>(con));
+    STATE.with(|cell| {
+        let state = cell.borrow();
+        Health {
+            configured: !gucs::redis_url().is_empty(),
+            reachable: match &ping {
+                Ok(_) => Some(true),
+                Err(L2Error::Off) => None,
+                Err(_) => Some(false),
+            },
+            down_since: state.down_since,
+            retry_in: state
+                .resting_until
+                .and_then(|t| t.checked_duration_since(Instant::now())),
+            last_error: state.last_error.clone(),
+            undelivered: state.undelivered.len(),
+            url: redacted(&gucs::redis_url().to_string_lossy()),
+        }
+    })
+}

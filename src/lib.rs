@@ -1,0 +1,37 @@
+//! twotier: cached SQL functions for PostgreSQL. See DESIGN.md for the contracts; each module
+//! below owns one concern.
+
+use pgrx::prelude::*;
+
+mod api;
+mod catalog;
+mod error;
+mod gucs;
+mod invalidation;
+mod keys;
+mod l2_redis;
+mod read_through;
+mod shmem;
+mod source;
+mod stats;
+
+::pgrx::pg_module_magic!();
+
+extension_sql_file!("../sql/twotier.sql", name = "twotier_catalog", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    gucs::init();
+    shmem::init();
+    catalog::init();
+    invalidation::init();
+}
+
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec!["shared_preload_libraries = 'twotier'"]
+    }
+}

@@ -1,0 +1,145 @@
+//! The read path of a cached function: L2 (Redis) then the source, filling L2 on the way
+//! back unless the contract forbids it.
+
+use crate::catalog::{self, CacheDef};
+use crate::error::{CallError, Raise};
+use crate::gucs;
+use crate::invalidation;
+use crate::keys;
+use crate::l2_redis::{self, Lookup};
+use crate::source;
+use crate::stats::{Counter, Path};
+use pgrx::pg_sys::{self, Datum, Oid};
+
+extern "C-unwind" {
+    // The fmgr entry point itself (pg_sys wraps it in a Rust fn), for DirectFunctionCall.
+    #[link_name = "jsonb_in"]
+    fn raw_jsonb_in(fcinfo: pg_sys::FunctionCallInfo) -> Datum;
+}
+use pgrx::PgTryBuilder;
+use std::time::Instant;
+
+fn log_event(event: &str, def: &CacheDef, key: &str, extra: &str) {
+    if gucs::log_events() {
+        pgrx::log!("twotier {event}: {}:{key}{extra}", def.name);
+    }
+}
+
+/// Why this call may not use the cache tiers at all, if it may not.
+fn bypass_reason(def: &CacheDef) -> Option<&'static str> {
+    if !gucs::enabled() {
+        Some("twotier.enabled is off")
+    } else if invalidation::wrote(&def.name) {
+        Some("this transaction wrote a watched table")
+    } else if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
+        // A cached value may be newer than this transaction's snapshot.
+        Some("REPEATABLE READ or SERIALIZABLE transaction")
+    } else {
+        None
+    }
+}
+
+/// JSON text from L2 to a jsonb datum. Garbage in Redis must not become an ERROR for the
+/// caller: a value that jsonb_in rejects is reported as None and treated as a miss.
+fn jsonb_from_text(text: &[u8]) -> Option<Datum> {
+    let mut owned = Vec::with_capacity(text.len() + 1);
+    owned.extend_from_slice(text);
+    if owned.contains(&0) {
+        return None;
+    }
+    owned.push(0);
+    PgTryBuilder::new(|| unsafe {
+        Some(pg_sys::DirectFunctionCall1Coll(
+            Some(raw_jsonb_in),
+            Oid::INVALID,
+            Datum::from(owned.as_ptr()),
+        ))
+    })
+    .catch_others(|_| None)
+    .execute()
+}
+
+/// Looks `key` up in cache `name`: returns the jsonb datum, or None for SQL NULL.
+pub fn get(name: &str, key: &str) -> Option<Datum> {
+    let started = Instant::now();
+    catalog::accept_invalidations();
+    let def = catalog::lookup(name);
+    if key.len() > gucs::max_key_bytes() {
+        CallError::KeyTooLong {
+            len: key.len(),
+            max: gucs::max_key_bytes(),
+        }
+        .raise();
+    }
+    def.stats.bump(Counter::Calls);
+
+    if let Some(reason) = bypass_reason(&def) {
+        def.stats.bump(Counter::Bypasses);
+        log_event("BYPASS", &def, key, &format!(" ({reason})"));
+        return source::fetch(&def, key).map(|v| v.datum);
+    }
+
+    let l2_key = keys::full_key(&def.key_prefix, key);
+    let (seen, l2_usable) = match l2_redis::get(&l2_key) {
+        Ok(Lookup::Value(text)) => {
+            match jsonb_from_text(&text) {
+                Some(datum) => {
+                    def.stats.bump(Counter::L2Hits);
+                    def.stats.record(Path::L2Hit, started.elapsed());
+                    log_event("HIT", &def, key, " (l2)");
+                    return Some(datum);
+                }
+                None => {
+                    def.stats.bump(Counter::RedisErrors);
+                    pgrx::warning!("twotier: unreadable value in Redis for {}:{key}; replacing it from the source", def.name);
+                    (Some(text), true)
+                }
+            }
+        }
+        Ok(Lookup::Negative) => {
+            def.stats.bump(Counter::NegativeHits);
+            def.stats.record(Path::L2Hit, started.elapsed());
+            log_event("HIT", &def, key, " (l2, no row)");
+            return None;
+        }
+        Ok(Lookup::Absent { seen }) => (seen, true),
+        Err(e) => {
+            if e.is_fault() {
+                def.stats.bump(Counter::RedisErrors);
+            }
+            (None, false)
+        }
+    };
+
+    def.stats.bump(Counter::Misses);
+    log_event("MISS", &def, key, "");
+    let value = source::fetch(&def, key);
+    if l2_usable {
+        let json = value.as_ref().map(|v| v.json.as_str());
+        let too_big = json.is_some_and(|j| j.len() > gucs::max_value_bytes());
+        let ttl = if value.is_some() {
+            def.ttl_s
+        } else {
+            def.negative_ttl_s
+        };
+        if !too_big {
+            match l2_redis::fill(&l2_key, &seen, json, ttl) {
+                Ok(true) => {
+                    def.stats.bump(Counter::Fills);
+                    log_event("SET", &def, key, &format!(" TTL: {ttl}s"));
+                }
+                Ok(false) => {
+                    def.stats.bump(Counter::FillsRejected);
+                    log_event("SET", &def, key, " rejected: invalidated while fetching");
+                }
+                Err(e) => {
+                    if e.is_fault() {
+                        def.stats.bump(Counter::RedisErrors);
+                    }
+                }
+            }
+        }
+    }
+    def.stats.record(Path::Miss, started.elapsed());
+    value.map(|v| v.datum)
+}

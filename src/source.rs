@@ -1,0 +1,200 @@
+//! The source tier: running a cache's query through SPI with the rights of the cache's owner
+//! and the search_path pinned at define time, so every caller gets the same answer and no
+//! caller can redirect the query with their own search_path.
+
+use crate::catalog::CacheDef;
+use crate::error::{CallError, CatalogError, Raise};
+use pgrx::pg_sys::{self, Datum, Oid};
+
+extern "C-unwind" {
+    // The fmgr entry point itself (pg_sys wraps it in a Rust fn), for DirectFunctionCall.
+    #[link_name = "jsonb_out"]
+    fn raw_jsonb_out(fcinfo: pg_sys::FunctionCallInfo) -> Datum;
+}
+use std::ffi::{CStr, CString};
+
+/// A row fetched from the source: the jsonb (flat, in the caller's memory context) and its
+/// JSON text, which is what L2 stores.
+pub struct SourceValue {
+    pub datum: Datum,
+    pub json: String,
+}
+
+/// Runs `f` as `owner` with `search_path`, the way a SECURITY DEFINER function with a SET
+/// clause would. On ERROR the (sub)transaction abort restores user and GUC state.
+pub fn as_owner<R>(owner: Oid, search_path: &CStr, f: impl FnOnce() -> R) -> R {
+    unsafe {
+        let mut saved_user = Oid::INVALID;
+        let mut saved_sec = 0;
+        pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_sec);
+        let nest = pg_sys::NewGUCNestLevel();
+        pg_sys::SetUserIdAndSecContext(
+            owner,
+            saved_sec | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
+        );
+        pg_sys::set_config_option(
+            c"search_path".as_ptr(),
+            search_path.as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+        let result = f();
+        pg_sys::AtEOXact_GUC(true, nest);
+        pg_sys::SetUserIdAndSecContext(saved_user, saved_sec);
+        result
+    }
+}
+
+struct SpiConnection;
+
+impl SpiConnection {
+    fn open() -> Self {
+        unsafe { pg_sys::SPI_connect() };
+        SpiConnection
+    }
+}
+
+impl Drop for SpiConnection {
+    fn drop(&mut self) {
+        // On the error path PostgreSQL's abort processing cleans up SPI itself; finishing here
+        // during an unwind would act on a stack that is being torn down.
+        if !std::thread::panicking() {
+            unsafe { pg_sys::SPI_finish() };
+        }
+    }
+}
+
+fn single_plan_source(plan: pg_sys::SPIPlanPtr) -> Option<*mut pg_sys::CachedPlanSource> {
+    unsafe {
+        let list = pg_sys::SPI_plan_get_plan_sources(plan);
+        if list.is_null() || (*list).length != 1 {
+            return None;
+        }
+        Some((*(*list).elements).ptr_value as *mut pg_sys::CachedPlanSource)
+    }
+}
+
+fn describe_result(desc: pg_sys::TupleDesc) -> Result<(), String> {
+    unsafe {
+        if desc.is_null() {
+            return Err("no rows (it is not a SELECT)".into());
+        }
+        let natts = (*desc).natts as usize;
+        let attrs = (*desc).attrs.as_slice(natts);
+        let types: Vec<String> = attrs
+            .iter()
+            .map(|a| {
+                let name = pg_sys::format_type_be(a.atttypid);
+                CStr::from_ptr(name).to_string_lossy().into_owned()
+            })
+            .collect();
+        if natts == 1 && attrs[0].atttypid == pg_sys::JSONBOID {
+            Ok(())
+        } else {
+            Err(format!("{} column(s): {}", natts, types.join(", ")))
+        }
+    }
+}
+
+fn prepare(query: &str, argtypes: &mut [Oid]) -> pg_sys::SPIPlanPtr {
+    let q = CString::new(query).unwrap_or_default();
+    unsafe {
+        let plan = pg_sys::SPI_prepare(q.as_ptr(), argtypes.len() as i32, argtypes.as_mut_ptr());
+        if plan.is_null() {
+            let code = pg_sys::SPI_result;
+            pgrx::error!("twotier: could not prepare query: SPI error {code}");
+        }
+        plan
+    }
+}
+
+/// Parses `query` as the cache owner would run it and checks that it yields one jsonb column.
+pub fn check_query(query: &str, owner: Oid, search_path: &CStr) {
+    let _spi = SpiConnection::open();
+    as_owner(owner, search_path, || {
+        let plan = prepare(query, &mut [pg_sys::TEXTOID]);
+        let shape = match single_plan_source(plan) {
+            None => Err("more than one statement".to_string()),
+            Some(src) => describe_result(unsafe { (*src).resultDesc }),
+        };
+        if let Err(found) = shape {
+            CatalogError::QueryShape(found).raise();
+        }
+    });
+}
+
+/// Parses a watch entry's key expression against its table, as the owner, without running it.
+pub fn check_watch_expression(table: Oid, expression: &str, owner: Oid, search_path: &CStr) {
+    let _spi = SpiConnection::open();
+    as_owner(owner, search_path, || {
+        let table_name = unsafe {
+            let qualified = pg_sys::quote_qualified_identifier(
+                pg_sys::get_namespace_name(pg_sys::get_rel_namespace(table)),
+                pg_sys::get_rel_name(table),
+            );
+            CStr::from_ptr(qualified).to_string_lossy().into_owned()
+        };
+        let plan = prepare(
+            &format!("SELECT ({expression})::text FROM ONLY {table_name}"),
+            &mut [],
+        );
+        if single_plan_source(plan).is_none() {
+            CatalogError::QueryShape("a watch expression with several statements".into()).raise();
+        }
+    });
+}
+
+/// Runs the cache's query for `key`. `None` when it returns no row or a NULL.
+pub fn fetch(def: &CacheDef, key: &str) -> Option<SourceValue> {
+    let _spi = SpiConnection::open();
+    as_owner(def.owner, &def.search_path, || unsafe {
+        let plan = match def.plan.get() {
+            Some(plan) => plan,
+            None => {
+                let plan = prepare(&def.query, &mut [pg_sys::TEXTOID]);
+                pg_sys::SPI_keepplan(plan);
+                def.plan.set(Some(plan));
+                plan
+            }
+        };
+        let key_text = pg_sys::cstring_to_text_with_len(key.as_ptr().cast(), key.len() as i32);
+        let mut values = [Datum::from(key_text)];
+        let nulls = [b' ' as std::ffi::c_char, 0];
+        // read_only = false: in READ COMMITTED that takes a fresh snapshot, which is what makes a
+        // fill reflect every commit that happened before the L2 read preceding it.
+        let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 2);
+        if rc != pg_sys::SPI_OK_SELECT as i32 {
+            CatalogError::QueryShape(format!("a statement that is not a SELECT (SPI code {rc})"))
+                .raise();
+        }
+        let processed = pg_sys::SPI_processed;
+        if processed > 1 {
+            CallError::TooManyRows(def.name.clone()).raise();
+        }
+        if processed == 0 {
+            return None;
+        }
+        let table = pg_sys::SPI_tuptable;
+        if let Err(found) = describe_result((*table).tupdesc) {
+            CatalogError::QueryShape(found).raise();
+        }
+        let tuple = *(*table).vals;
+        let mut isnull = false;
+        let raw = pg_sys::SPI_getbinval(tuple, (*table).tupdesc, 1, &mut isnull);
+        if isnull {
+            return None;
+        }
+        let flat = pg_sys::pg_detoast_datum(raw.cast_mut_ptr());
+        let out =
+            pg_sys::DirectFunctionCall1Coll(Some(raw_jsonb_out), Oid::INVALID, Datum::from(flat));
+        let json = CStr::from_ptr(out.cast_mut_ptr())
+            .to_string_lossy()
+            .into_owned();
+        let datum = pg_sys::SPI_datumTransfer(Datum::from(flat), false, -1);
+        Some(SourceValue { datum, json })
+    })
+}

@@ -1,0 +1,302 @@
+//! Per-cache counters and latency histograms. With the library preloaded they live in shared
+//! memory and every backend adds to the same atomics, so `twotier.stats` is exact across
+//! sessions; without it each backend counts for itself.
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::time::Duration;
+
+pub const MAX_CACHES: usize = 256;
+const NAME_LEN: usize = 64;
+/// Four buckets per power of two of microseconds, from 1 us to about 2^20 us: p99 is
+/// reported within 19 % of the truth, in a fixed 80 words per path.
+const BUCKETS: usize = 80;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    L1Hit = 0,
+    L2Hit = 1,
+    Miss = 2,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Counter {
+    Calls,
+    L1Hits,
+    L2Hits,
+    Misses,
+    NegativeHits,
+    Bypasses,
+    Fills,
+    FillsRejected,
+    Invalidations,
+    RedisErrors,
+}
+const COUNTERS: usize = 10;
+
+#[repr(C)]
+pub struct Latency {
+    count: AtomicU64,
+    sum_ns: AtomicU64,
+    hist: [AtomicU64; BUCKETS],
+}
+
+#[repr(C)]
+pub struct CacheStats {
+    /// 0 free, 1 being claimed, 2 in use.
+    state: AtomicU32,
+    database: AtomicU32,
+    name: [AtomicU8; NAME_LEN],
+    counters: [AtomicU64; COUNTERS],
+    latency: [Latency; 3],
+}
+
+impl CacheStats {
+    pub fn add(&self, c: Counter, n: u64) {
+        self.counters[c as usize].fetch_add(n, Relaxed);
+    }
+
+    pub fn bump(&self, c: Counter) {
+        self.add(c, 1)
+    }
+
+    pub fn record(&self, path: Path, elapsed: Duration) {
+        let l = &self.latency[path as usize];
+        let ns = elapsed.as_nanos().min(u64::MAX as u128) as u64;
+        l.count.fetch_add(1, Relaxed);
+        l.sum_ns.fetch_add(ns, Relaxed);
+        l.hist[bucket_of(ns)].fetch_add(1, Relaxed);
+    }
+
+    fn name_matches(&self, database: u32, name: &str) -> bool {
+        if self.state.load(Relaxed) != 2 || self.database.load(Relaxed) != database {
+            return false;
+        }
+        let bytes = name.as_bytes();
+        (0..NAME_LEN).all(|i| self.name[i].load(Relaxed) == bytes.get(i).copied().unwrap_or(0))
+    }
+
+    fn name(&self) -> String {
+        let bytes: Vec<u8> = self
+            .name
+            .iter()
+            .map(|b| b.load(Relaxed))
+            .take_while(|b| *b != 0)
+            .collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    fn reset(&self) {
+        for c in &self.counters {
+            c.store(0, Relaxed);
+        }
+        for l in &self.latency {
+            l.count.store(0, Relaxed);
+            l.sum_ns.store(0, Relaxed);
+            for h in &l.hist {
+                h.store(0, Relaxed);
+            }
+        }
+    }
+}
+
+fn bucket_of(ns: u64) -> usize {
+    let us = (ns / 1000).max(1) as f64;
+    ((us.log2() * 4.0) as usize).min(BUCKETS - 1)
+}
+
+/// Upper bound in microseconds of bucket `b`.
+fn bucket_upper_us(b: usize) -> f64 {
+    2f64.powf((b + 1) as f64 / 4.0)
+}
+
+static mut TABLE: *const CacheStats = std::ptr::null();
+
+pub fn shmem_size() -> usize {
+    std::mem::size_of::<CacheStats>() * MAX_CACHES
+}
+
+/// # Safety
+/// `ptr` must point at `shmem_size()` bytes that live as long as the process.
+pub unsafe fn attach(ptr: *mut u8, fresh: bool) {
+    unsafe {
+        if fresh {
+            std::ptr::write_bytes(ptr, 0, shmem_size());
+        }
+        TABLE = ptr as *const CacheStats;
+    }
+}
+
+fn table() -> &'static [CacheStats] {
+    unsafe {
+        if TABLE.is_null() {
+            // Not preloaded: counters for this backend only, in memory that lives as long as it.
+            let local: Vec<u8> = vec![0u8; shmem_size()];
+            TABLE = Box::leak(local.into_boxed_slice()).as_ptr() as *const CacheStats;
+        }
+        std::slice::from_raw_parts(TABLE, MAX_CACHES)
+    }
+}
+
+fn database() -> u32 {
+    unsafe { pg_sys::MyDatabaseId.to_u32() }
+}
+
+/// The slot of cache `name` in this database, claimed on first use.
+pub fn for_cache(name: &str) -> &'static CacheStats {
+    let db = database();
+    let slots = table();
+    if let Some(s) = slots.iter().find(|s| s.name_matches(db, name)) {
+        return s;
+    }
+    for s in slots {
+        if s.state.compare_exchange(0, 1, Relaxed, Relaxed).is_ok() {
+            s.reset();
+            s.database.store(db, Relaxed);
+            for (i, b) in s.name.iter().enumerate() {
+                b.store(name.as_bytes().get(i).copied().unwrap_or(0), Relaxed);
+            }
+            s.state.store(2, std::sync::atomic::Ordering::Release);
+            return s;
+        }
+    }
+    // All slots taken (more than MAX_CACHES caches ever used): share the last one rather than
+    // fail a cache call over bookkeeping.
+    &slots[MAX_CACHES - 1]
+}
+
+fn latency_summary(l: &Latency) -> (Option<f64>, Option<f64>) {
+    let count = l.count.load(Relaxed);
+    if count == 0 {
+        return (None, None);
+    }
+    let mean = l.sum_ns.load(Relaxed) as f64 / count as f64 / 1000.0;
+    let target = (count as f64 * 0.99).ceil() as u64;
+    let mut seen = 0;
+    let mut p99 = bucket_upper_us(BUCKETS - 1);
+    for (b, h) in l.hist.iter().enumerate() {
+        seen += h.load(Relaxed);
+        if seen >= target {
+            p99 = bucket_upper_us(b);
+            break;
+        }
+    }
+    // A bucket bound can exceed the true maximum for tiny samples; the mean cannot.
+    (
+        Some((mean * 10.0).round() / 10.0),
+        Some((p99.max(mean) * 10.0).round() / 10.0),
+    )
+}
+
+#[pg_extern(volatile, parallel_safe)]
+#[allow(clippy::type_complexity)]
+fn _stats() -> TableIterator<
+    'static,
+    (
+        name!(cache, String),
+        name!(calls, i64),
+        name!(l1_hits, i64),
+        name!(l2_hits, i64),
+        name!(misses, i64),
+        name!(negative_hits, i64),
+        name!(bypasses, i64),
+        name!(fills, i64),
+        name!(fills_rejected, i64),
+        name!(invalidations, i64),
+        name!(redis_errors, i64),
+        name!(l1_hit_mean_us, Option<f64>),
+        name!(l1_hit_p99_us, Option<f64>),
+        name!(l2_hit_mean_us, Option<f64>),
+        name!(l2_hit_p99_us, Option<f64>),
+        name!(miss_mean_us, Option<f64>),
+        name!(miss_p99_us, Option<f64>),
+    ),
+> {
+    let db = database();
+    let mut rows = Vec::new();
+    for s in table()
+        .iter()
+        .filter(|s| s.state.load(Relaxed) == 2 && s.database.load(Relaxed) == db)
+    {
+        let c = |k: Counter| s.counters[k as usize].load(Relaxed) as i64;
+        let (l1m, l1p) = latency_summary(&s.latency[Path::L1Hit as usize]);
+        let (l2m, l2p) = latency_summary(&s.latency[Path::L2Hit as usize]);
+        let (mm, mp) = latency_summary(&s.latency[Path::Miss as usize]);
+        rows.push((
+            s.name(),
+            c(Counter::Calls),
+            c(Counter::L1Hits),
+            c(Counter::L2Hits),
+            c(Counter::Misses),
+            c(Counter::NegativeHits),
+            c(Counter::Bypasses),
+            c(Counter::Fills),
+            c(Counter::FillsRejected),
+            c(Counter::Invalidations),
+            c(Counter::RedisErrors),
+            l1m,
+            l1p,
+            l2m,
+            l2p,
+            mm,
+            mp,
+        ));
+    }
+    TableIterator::new(rows)
+}
+
+/// Zeroes the counters of every cache of this database (all backends, when preloaded).
+#[pg_extern(volatile, parallel_unsafe)]
+fn reset_stats() {
+    let db = database();
+    for s in table()
+        .iter()
+        .filter(|s| s.state.load(Relaxed) == 2 && s.database.load(Relaxed) == db)
+    {
+        s.reset();
+    }
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use super::*;
+
+    #[pg_test]
+    fn buckets_are_monotonic_and_bounded() {
+        let mut last = 0;
+        for us in [
+            1u64,
+            2,
+            3,
+            10,
+            50,
+            100,
+            1000,
+            10_000,
+            1_000_000,
+            100_000_000,
+        ] {
+            let b = bucket_of(us * 1000);
+            assert!(b >= last && b < BUCKETS);
+            assert!(bucket_upper_us(b) >= us as f64, "{us} us in bucket {b}");
+            last = b;
+        }
+    }
+
+    #[pg_test]
+    fn slots_are_per_cache_and_counted() {
+        let a = for_cache("stats_test_a");
+        let b = for_cache("stats_test_b");
+        assert!(!std::ptr::eq(a, b));
+        assert!(std::ptr::eq(a, for_cache("stats_test_a")));
+        a.bump(Counter::Calls);
+        a.bump(Counter::Calls);
+        a.record(Path::L2Hit, Duration::from_micros(100));
+        assert_eq!(a.counters[Counter::Calls as usize].load(Relaxed), 2);
+        let (mean, p99) = latency_summary(&a.latency[Path::L2Hit as usize]);
+        assert_eq!(mean, Some(100.0));
+        assert!(p99.unwrap() >= 100.0 && p99.unwrap() < 120.0);
+    }
+}

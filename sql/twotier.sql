@@ -136,6 +136,8 @@ BEGIN
         LANGUAGE sql STABLE STRICT PARALLEL UNSAFE
         AS %L$f$, 'cached_' || name, format('SELECT twotier.get(%L, key)', name));
     fn := format('public.%I(text)', 'cached_' || name)::regprocedure;
+    -- Not an extension member (pg_dump must keep it), but gone with DROP EXTENSION ... CASCADE.
+    EXECUTE format('ALTER FUNCTION %s DEPENDS ON EXTENSION twotier', fn);
     EXECUTE format('ALTER FUNCTION %s OWNER TO %I', fn, caller::regrole);
     EXECUTE format('COMMENT ON FUNCTION %s IS %L', fn, format('twotier cache %s (ttl %s): %s', name, ttl, query));
 
@@ -161,6 +163,7 @@ BEGIN
                 RETURN NULL;
             END
             $body$$f$, trig_fn, caller_search_path, name, name, expr, name, expr, name, expr, expr);
+        EXECUTE format('ALTER FUNCTION %s() DEPENDS ON EXTENSION twotier', trig_fn);
         EXECUTE format('ALTER FUNCTION %s() OWNER TO %I', trig_fn, caller::regrole);
         trig_fns := trig_fns || format('%s()', trig_fn)::regprocedure;
         EXECUTE format('CREATE TRIGGER %I AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows

@@ -5,6 +5,7 @@ use crate::catalog::{self, CacheDef};
 use crate::gucs;
 use crate::invalidation;
 use crate::keys::{self, KeyGlob};
+use crate::l1;
 use crate::l2_redis;
 use crate::read_through;
 use crate::stats::Counter;
@@ -91,11 +92,12 @@ fn set_value(cache: &str, key: &str, value: JsonB) {
 fn invalidate(cache: &str, key: &str) {
     let def = catalog::lookup(cache);
     let l2_key = keys::full_key(&def.key_prefix, key);
-    if let Err(e) = l2_redis::invalidate(&[(l2_key, def.ttl_s)]) {
+    if let Err(e) = l2_redis::invalidate(&[(l2_key.clone(), def.ttl_s)], 0) {
         if e.is_fault() {
             def.stats.bump(Counter::RedisErrors);
         }
     }
+    l1::invalidate(&l2_key);
     invalidation::collect(cache, [key]);
 }
 
@@ -106,14 +108,14 @@ fn invalidate_pattern(cache: &str, pattern: &str) -> i64 {
     let glob = KeyGlob::parse(pattern);
     let redis_pattern = glob.redis_pattern(&def.key_prefix);
     let prefix_len = def.key_prefix.len();
-    let result = l2_redis::invalidate_matching(
-        &redis_pattern,
-        |k| {
-            k.starts_with(&def.key_prefix)
-                && keys::unescape(&k[prefix_len..]).is_some_and(|raw| glob.matches(&raw))
-        },
-        def.ttl_s,
-    );
+    let matches = |k: &str| {
+        k.starts_with(&def.key_prefix)
+            && keys::unescape(&k[prefix_len..]).is_some_and(|raw| glob.matches(&raw))
+    };
+    // L1 too: an entry can outlive its L2 copy (Redis flushed or restarted).
+    let in_l1 = l1::invalidate_matching(&def.key_prefix, matches);
+    let result =
+        l2_redis::invalidate_matching(&redis_pattern, matches, def.ttl_s).map(|n| n.max(in_l1));
     match result {
         Ok(n) => {
             def.stats.add(Counter::Invalidations, n as u64);
@@ -126,7 +128,7 @@ fn invalidate_pattern(cache: &str, pattern: &str) -> i64 {
             if e.is_fault() {
                 def.stats.bump(Counter::RedisErrors);
             }
-            0
+            in_l1
         }
     }
 }
@@ -164,6 +166,75 @@ fn status() -> JsonB {
             "read_timeout_ms": gucs::read_timeout().as_millis() as u64,
             "retry_interval_ms": gucs::retry_interval().as_millis() as u64,
         },
+        "l1": l1_status(),
         "enabled": gucs::enabled(),
     }))
+}
+
+fn l1_status() -> serde_json::Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let Some(l1) = l1::shared() else {
+        let why = if crate::shmem::preloaded() {
+            "off: twotier.l1_size_mb = 0"
+        } else {
+            "off: twotier is not in shared_preload_libraries"
+        };
+        return serde_json::json!({ "available": false, "reason": why });
+    };
+    let pid = l1.worker_pid.load(Relaxed);
+    let worker_alive = pid != 0 && unsafe { libc_kill0(pid) };
+    serde_json::json!({
+        "available": true,
+        "enabled_in_session": gucs::l1_enabled(),
+        "size_bytes": crate::l1::shmem_size(),
+        "ring_bytes": l1.ring_bytes * crate::l1::PARTITIONS as u64,
+        "used_bytes": l1.used_bytes.load(Relaxed).max(0),
+        "entries": l1.live_entries.load(Relaxed).max(0),
+        "inserts": l1.inserts.load(Relaxed),
+        "evictions": l1.evictions.load(Relaxed),
+        "invalidations": l1.invalidations.load(Relaxed),
+        "flushes": l1.flushes.load(Relaxed),
+        "worker": {
+            "pid": if pid == 0 { serde_json::Value::Null } else { pid.into() },
+            "alive": worker_alive,
+            "subscribed": l1.subscribed.load(Relaxed),
+            "subscription_state_since_epoch_ms": l1.subscribed_since_ms.load(Relaxed),
+            "subscription_losses": l1.subscription_losses.load(Relaxed),
+            "messages": l1.messages.load(Relaxed),
+            "channel": crate::worker::channel(),
+        },
+    })
+}
+
+/// Whether process `pid` exists (signal 0 probes without delivering anything).
+unsafe fn libc_kill0(pid: i32) -> bool {
+    extern "C" {
+        fn kill(pid: i32, sig: i32) -> i32;
+    }
+    unsafe { kill(pid, 0) == 0 }
+}
+
+/// Loads every key returned by `keys_query` into the cache (through the tiers, so keys
+/// already cached cost a hit); returns how many keys now have an entry.
+#[pg_extern(volatile, parallel_unsafe)]
+fn warm(cache: &str, keys_query: &str) -> i64 {
+    let def = catalog::lookup(cache);
+    require_admin(&def, "warm");
+    let keys: Vec<String> = Spi::connect(|client| {
+        let table = client.select(keys_query, None, &[])?;
+        let mut out = Vec::new();
+        for row in table {
+            if let Some(k) = row.get::<String>(1)? {
+                out.push(k);
+            }
+        }
+        Ok::<_, pgrx::spi::Error>(out)
+    })
+    .unwrap_or_else(|e| pgrx::error!("twotier: warm: the keys query failed: {e}"));
+    let mut loaded = 0;
+    for k in &keys {
+        read_through::get(cache, k);
+        loaded += 1;
+    }
+    loaded
 }

@@ -16,8 +16,13 @@ static KEY_PREFIX: GucSetting<Option<CString>> =
 static ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
 static MAX_KEY_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024);
 static MAX_VALUE_KB: GucSetting<i32> = GucSetting::<i32>::new(512);
+static L1_SIZE_MB: GucSetting<i32> = GucSetting::<i32>::new(64);
+static L1_MAX_VALUE_KB: GucSetting<i32> = GucSetting::<i32>::new(64);
+static L1_MAX_AGE_S: GucSetting<i32> = GucSetting::<i32>::new(300);
+static L1_ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
 
 pub fn init() {
+    init_l1();
     GucRegistry::define_string_guc(
         c"twotier.redis_url",
         c"Redis (L2) URL, e.g. redis://127.0.0.1:6379/0; empty means no L2.",
@@ -112,6 +117,47 @@ pub fn init() {
     );
 }
 
+pub fn init_l1() {
+    GucRegistry::define_int_guc(
+        c"twotier.l1_size_mb",
+        c"Size of the shared-memory L1, in megabytes; 0 disables L1.",
+        c"Allocated at server start; needs shared_preload_libraries = 'twotier'.",
+        &L1_SIZE_MB,
+        0,
+        1_048_576,
+        GucContext::Postmaster,
+        GucFlags::UNIT_MB,
+    );
+    GucRegistry::define_int_guc(
+        c"twotier.l1_max_value_kb",
+        c"Values larger than this (as jsonb) skip L1 and are served from L2 or the source.",
+        c"",
+        &L1_MAX_VALUE_KB,
+        1,
+        1_048_576,
+        GucContext::Suset,
+        GucFlags::UNIT_KB,
+    );
+    GucRegistry::define_int_guc(
+        c"twotier.l1_max_age_s",
+        c"Longest time an entry stays in L1, whatever its cache TTL.",
+        c"A safety net for invalidations from other servers that never arrived.",
+        &L1_MAX_AGE_S,
+        1,
+        86_400,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_bool_guc(
+        c"twotier.l1_enabled",
+        c"When off, this session neither reads nor fills L1 (L2 and the source only).",
+        c"For comparisons and benchmarks; invalidations still reach L1.",
+        &L1_ENABLED,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+}
+
 fn cstr_setting(setting: &GucSetting<Option<CString>>) -> &'static CStr {
     // The GUC machinery owns the string and replaces (never mutates) it on change; we only
     // read it within the current call, so borrowing avoids an allocation per cache call.
@@ -162,4 +208,20 @@ pub fn max_key_bytes() -> usize {
 
 pub fn max_value_bytes() -> usize {
     MAX_VALUE_KB.get() as usize * 1024
+}
+
+pub fn l1_size_mb() -> usize {
+    L1_SIZE_MB.get().max(0) as usize
+}
+
+pub fn l1_max_value_bytes() -> usize {
+    L1_MAX_VALUE_KB.get() as usize * 1024
+}
+
+pub fn l1_max_age_s() -> i64 {
+    L1_MAX_AGE_S.get() as i64
+}
+
+pub fn l1_enabled() -> bool {
+    L1_ENABLED.get()
 }

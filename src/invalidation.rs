@@ -6,6 +6,7 @@
 use crate::catalog;
 use crate::error::{CallError, Raise};
 use crate::keys;
+use crate::l1;
 use crate::l2_redis;
 use crate::stats::{CacheStats, Counter};
 use pgrx::pg_sys;
@@ -62,12 +63,10 @@ unsafe extern "C-unwind" fn on_xact_event(
 ) {
     use pg_sys::XactEvent::*;
     match event {
-        XACT_EVENT_PRE_PREPARE => {
-            // The last moment an ERROR is allowed; a prepared transaction would commit later
-            // in another session that knows nothing of these keys.
-            if PENDING.with(|p| !p.borrow().is_empty()) {
-                CallError::PrepareWithInvalidations.raise();
-            }
+        // The last moment an ERROR is allowed; a prepared transaction would commit later in
+        // another session that knows nothing of these keys.
+        XACT_EVENT_PRE_PREPARE if PENDING.with(|p| !p.borrow().is_empty()) => {
+            CallError::PrepareWithInvalidations.raise();
         }
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
             let pending = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
@@ -99,12 +98,18 @@ fn deliver(pending: HashMap<String, PendingCache>) {
             batch.push((k.clone(), cache.ttl_s));
         }
     }
-    if let Err(e) = l2_redis::invalidate(&batch) {
+    // L2 first, then L1: a reader that sees the L1 generation move has to find the L2
+    // tombstone too, or it could refill L1 from the old L2 value.
+    let commit_lsn = unsafe { pg_sys::XactLastCommitEnd };
+    if let Err(e) = l2_redis::invalidate(&batch, commit_lsn) {
         if e.is_fault() {
             for cache in pending.values() {
                 cache.stats.bump(Counter::RedisErrors);
             }
         }
+    }
+    for (key, _) in &batch {
+        l1::invalidate(key);
     }
 }
 

@@ -18,7 +18,6 @@ pub fn escape_into(out: &mut String, raw: &str) {
     }
 }
 
-#[cfg(any(test, feature = "pg_test"))]
 pub fn escape(raw: &str) -> String {
     let mut out = String::with_capacity(raw.len() + 8);
     escape_into(&mut out, raw);

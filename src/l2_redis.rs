@@ -125,19 +125,30 @@ fn deliver(
     con: &mut redis::Connection,
     tombstone: &str,
     keys: &[(String, i64)],
+    commit_lsn: u64,
 ) -> redis::RedisResult<()> {
-    let mut pipe = redis::pipe();
-    for (key, ttl) in keys {
-        // A tombstone rather than DEL, so that fills racing with this invalidation fail
-        // their compare-and-set; it expires like the entry it replaces.
-        pipe.cmd("SET")
-            .arg(key)
-            .arg(tombstone)
-            .arg("EX")
-            .arg((*ttl).max(1))
+    let channel = crate::worker::channel();
+    for chunk in keys.chunks(1000) {
+        let mut pipe = redis::pipe();
+        for (key, ttl) in chunk {
+            // A tombstone rather than DEL, so that fills racing with this invalidation fail
+            // their compare-and-set; it expires like the entry it replaces.
+            pipe.cmd("SET")
+                .arg(key)
+                .arg(tombstone)
+                .arg("EX")
+                .arg((*ttl).max(1))
+                .ignore();
+        }
+        // Every server sharing this Redis drops the keys from its L1.
+        let names: Vec<&str> = chunk.iter().map(|(k, _)| k.as_str()).collect();
+        pipe.cmd("PUBLISH")
+            .arg(&channel)
+            .arg(crate::worker::message(commit_lsn, &names))
             .ignore();
+        pipe.query::<()>(con)?;
     }
-    pipe.query::<()>(con)
+    Ok(())
 }
 
 /// Runs `f` on this backend's connection, opening it if needed. Connection-level failures
@@ -175,7 +186,7 @@ fn with_connection<T>(
         let con = con.as_mut().expect("connection was just opened");
         let mut result = Ok(());
         if !undelivered.is_empty() {
-            result = deliver(con, &tombstone, undelivered);
+            result = deliver(con, &tombstone, undelivered, 0);
             if result.is_ok() {
                 undelivered.clear();
             }
@@ -276,11 +287,11 @@ pub fn set(key: &str, value: &str, ttl_s: i64) -> Result<(), L2Error> {
 
 /// Replaces each key by a tombstone. Keys that cannot be delivered now are kept and sent
 /// before this backend's next use of Redis.
-pub fn invalidate(keys: &[(String, i64)]) -> Result<(), L2Error> {
+pub fn invalidate(keys: &[(String, i64)], commit_lsn: u64) -> Result<(), L2Error> {
     if keys.is_empty() {
         return Ok(());
     }
-    let result = with_connection(|con, tombstone| deliver(con, tombstone, keys));
+    let result = with_connection(|con, tombstone| deliver(con, tombstone, keys, commit_lsn));
     if let Err(e) = &result {
         if !matches!(e, L2Error::Off) {
             STATE.with(|cell| cell.borrow_mut().undelivered.extend_from_slice(keys));
@@ -321,6 +332,11 @@ pub fn invalidate_matching(
                         .arg(ttl_s.max(1))
                         .ignore();
                 }
+                let names: Vec<&str> = matched.iter().map(String::as_str).collect();
+                pipe.cmd("PUBLISH")
+                    .arg(crate::worker::channel())
+                    .arg(crate::worker::message(0, &names))
+                    .ignore();
                 let before: Vec<Option<Vec<u8>>> = pipe.query(con)?;
                 live += before
                     .into_iter()

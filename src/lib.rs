@@ -9,11 +9,13 @@ mod error;
 mod gucs;
 mod invalidation;
 mod keys;
+mod l1;
 mod l2_redis;
 mod read_through;
 mod shmem;
 mod source;
 mod stats;
+mod worker;
 
 ::pgrx::pg_module_magic!();
 
@@ -23,6 +25,9 @@ extension_sql_file!("../sql/twotier.sql", name = "twotier_catalog", finalize);
 pub extern "C-unwind" fn _PG_init() {
     gucs::init();
     shmem::init();
+    if shmem::preloaded() && gucs::l1_size_mb() > 0 {
+        worker::register();
+    }
     catalog::init();
     invalidation::init();
 }

@@ -6,6 +6,7 @@ use crate::error::{CallError, Raise};
 use crate::gucs;
 use crate::invalidation;
 use crate::keys;
+use crate::l1::{self, L1Value};
 use crate::l2_redis::{self, Lookup};
 use crate::source;
 use crate::stats::{Counter, Path};
@@ -59,6 +60,14 @@ fn jsonb_from_text(text: &[u8]) -> Option<Datum> {
     .execute()
 }
 
+/// The flat bytes of a jsonb datum (4-byte varlena header, not toasted), as L1 stores them.
+fn varlena_bytes<'a>(datum: Datum) -> &'a [u8] {
+    unsafe {
+        let ptr = datum.cast_mut_ptr::<pg_sys::varlena>();
+        std::slice::from_raw_parts(ptr as *const u8, pgrx::varsize_any(ptr))
+    }
+}
+
 /// Looks `key` up in cache `name`: returns the jsonb datum, or None for SQL NULL.
 pub fn get(name: &str, key: &str) -> Option<Datum> {
     let started = Instant::now();
@@ -79,12 +88,40 @@ pub fn get(name: &str, key: &str) -> Option<Datum> {
         return source::fetch(&def, key).map(|v| v.datum);
     }
 
-    let l2_key = keys::full_key(&def.key_prefix, key);
-    let (seen, l2_usable) = match l2_redis::get(&l2_key) {
+    let tier_key = keys::full_key(&def.key_prefix, key);
+    let use_l1 = gucs::l1_enabled() && l1::available();
+    let hash = l1::hash_key(&tier_key);
+    // Read before any fetch: a fill is refused if an invalidation moved it meanwhile.
+    let generation = if use_l1 { l1::generation(hash) } else { 0 };
+    if use_l1 {
+        match l1::get(&tier_key, hash) {
+            Some(L1Value::Value(datum)) => {
+                def.stats.bump(Counter::L1Hits);
+                def.stats.record(Path::L1Hit, started.elapsed());
+                log_event("HIT", &def, key, " (l1)");
+                return Some(datum);
+            }
+            Some(L1Value::Negative) => {
+                def.stats.bump(Counter::NegativeHits);
+                def.stats.record(Path::L1Hit, started.elapsed());
+                log_event("HIT", &def, key, " (l1, no row)");
+                return None;
+            }
+            None => {}
+        }
+    }
+    let fill_l1 = |value: Option<Datum>, ttl: i64| {
+        if use_l1 && !l1::fill(&tier_key, hash, generation, value.map(varlena_bytes), ttl) {
+            def.stats.bump(Counter::FillsRejected);
+        }
+    };
+
+    let (seen, l2_usable) = match l2_redis::get(&tier_key) {
         Ok(Lookup::Value(text)) => {
             match jsonb_from_text(&text) {
                 Some(datum) => {
                     def.stats.bump(Counter::L2Hits);
+                    fill_l1(Some(datum), def.ttl_s);
                     def.stats.record(Path::L2Hit, started.elapsed());
                     log_event("HIT", &def, key, " (l2)");
                     return Some(datum);
@@ -98,6 +135,7 @@ pub fn get(name: &str, key: &str) -> Option<Datum> {
         }
         Ok(Lookup::Negative) => {
             def.stats.bump(Counter::NegativeHits);
+            fill_l1(None, def.negative_ttl_s);
             def.stats.record(Path::L2Hit, started.elapsed());
             log_event("HIT", &def, key, " (l2, no row)");
             return None;
@@ -114,31 +152,37 @@ pub fn get(name: &str, key: &str) -> Option<Datum> {
     def.stats.bump(Counter::Misses);
     log_event("MISS", &def, key, "");
     let value = source::fetch(&def, key);
-    if l2_usable {
-        let json = value.as_ref().map(|v| v.json.as_str());
-        let too_big = json.is_some_and(|j| j.len() > gucs::max_value_bytes());
-        let ttl = if value.is_some() {
-            def.ttl_s
-        } else {
-            def.negative_ttl_s
-        };
-        if !too_big {
-            match l2_redis::fill(&l2_key, &seen, json, ttl) {
-                Ok(true) => {
-                    def.stats.bump(Counter::Fills);
-                    log_event("SET", &def, key, &format!(" TTL: {ttl}s"));
-                }
-                Ok(false) => {
-                    def.stats.bump(Counter::FillsRejected);
-                    log_event("SET", &def, key, " rejected: invalidated while fetching");
-                }
-                Err(e) => {
-                    if e.is_fault() {
-                        def.stats.bump(Counter::RedisErrors);
-                    }
+    let ttl = if value.is_some() {
+        def.ttl_s
+    } else {
+        def.negative_ttl_s
+    };
+    let json = value.as_ref().map(|v| v.json.as_str());
+    let mut invalidated_meanwhile = false;
+    // A standby may lag its primary: what it reads must not become everyone's L2 entry.
+    let l2_fill = l2_usable
+        && json.is_none_or(|j| j.len() <= gucs::max_value_bytes())
+        && !unsafe { pg_sys::RecoveryInProgress() };
+    if l2_fill {
+        match l2_redis::fill(&tier_key, &seen, json, ttl) {
+            Ok(true) => {
+                def.stats.bump(Counter::Fills);
+                log_event("SET", &def, key, &format!(" TTL: {ttl}s"));
+            }
+            Ok(false) => {
+                invalidated_meanwhile = true;
+                def.stats.bump(Counter::FillsRejected);
+                log_event("SET", &def, key, " rejected: invalidated while fetching");
+            }
+            Err(e) => {
+                if e.is_fault() {
+                    def.stats.bump(Counter::RedisErrors);
                 }
             }
         }
+    }
+    if !invalidated_meanwhile {
+        fill_l1(value.as_ref().map(|v| v.datum), ttl);
     }
     def.stats.record(Path::Miss, started.elapsed());
     value.map(|v| v.datum)

@@ -283,6 +283,8 @@ mod tests {
             assert!(bucket_upper_us(b) >= us as f64, "{us} us in bucket {b}");
             last = b;
         }
+        // Beyond the range everything lands in the last bucket rather than out of bounds.
+        assert_eq!(bucket_of(100_000_000_000_000), BUCKETS - 1);
     }
 
     #[pg_test]

@@ -1,0 +1,549 @@
+//! L1: a cache in PostgreSQL shared memory, shared by every backend of the server.
+//!
+//! Keys hash to one of `PARTITIONS` partitions, each under its own LWLock, so backends only
+//! queue when they touch the same partition. A partition is a log-structured ring: entries
+//! (header, key, jsonb varlena) are appended at `head`; when the ring is full the oldest
+//! entries at `tail` are evicted, FIFO. An open-addressing index maps key hashes to entries.
+//! A hit copies the flat jsonb out under a shared lock: no JSON parsing, no network.
+//!
+//! Invalidation bumps a generation counter of the key's hash slot; a reader notes the
+//! generation before it goes to L2 or the source and its fill is refused if it moved, so an
+//! L1 fill can never put back a value older than an invalidation it raced with.
+
+use crate::gucs;
+use pgrx::pg_sys;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, Ordering};
+
+pub const PARTITIONS: usize = 64;
+const GEN_SLOTS: usize = 1 << 16;
+const ALIGN: usize = 8;
+const HDR: usize = std::mem::size_of::<EntryHeader>();
+const FLAG_DEAD: u32 = 1;
+const FLAG_NEGATIVE: u32 = 2;
+const FLAG_SKIP: u32 = 4;
+const SLOT_EMPTY: u64 = 0;
+const SLOT_TOMB: u64 = 1;
+/// Index slots per byte of ring: sized for entries of 64 bytes and up.
+const BYTES_PER_SLOT: usize = 64;
+pub const LWLOCK_TRANCHE: &std::ffi::CStr = c"twotier_l1";
+
+#[repr(C)]
+struct EntryHeader {
+    total: u32,
+    key_len: u32,
+    val_len: u32,
+    flags: u32,
+    hash: u64,
+    expires_ms: i64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Slot {
+    hash: u64,
+    /// SLOT_EMPTY, SLOT_TOMB, or the entry's logical offset + 2.
+    off: u64,
+}
+
+#[repr(C)]
+struct PartitionHeader {
+    head: u64,
+    tail: u64,
+    live: u64,
+    tombs: u64,
+}
+
+/// Server-wide L1 state and counters, at the start of the region.
+#[repr(C)]
+pub struct L1Shared {
+    pub ring_bytes: u64,
+    pub index_slots: u64,
+    pub evictions: AtomicU64,
+    pub inserts: AtomicU64,
+    pub invalidations: AtomicU64,
+    pub flushes: AtomicU64,
+    pub live_entries: AtomicI64,
+    pub used_bytes: AtomicI64,
+    pub worker_pid: AtomicI32,
+    pub subscribed: AtomicBool,
+    pub subscribed_since_ms: AtomicI64,
+    pub subscription_losses: AtomicU64,
+    pub messages: AtomicU64,
+    gens: [AtomicU64; GEN_SLOTS],
+}
+
+struct Layout {
+    partition_bytes: usize,
+    ring_bytes: usize,
+    index_slots: usize,
+}
+
+fn layout(total_bytes: usize) -> Layout {
+    let per_part = (total_bytes / PARTITIONS).max(64 * 1024);
+    // ring + index: ring_bytes + ring_bytes / BYTES_PER_SLOT * size_of::<Slot>() = per_part
+    let slot = std::mem::size_of::<Slot>();
+    let ring_bytes = ((per_part - std::mem::size_of::<PartitionHeader>()) * BYTES_PER_SLOT
+        / (BYTES_PER_SLOT + slot))
+        / ALIGN
+        * ALIGN;
+    let index_slots = ring_bytes / BYTES_PER_SLOT;
+    let partition_bytes = std::mem::size_of::<PartitionHeader>() + index_slots * slot + ring_bytes;
+    Layout {
+        partition_bytes: partition_bytes.next_multiple_of(ALIGN),
+        ring_bytes,
+        index_slots,
+    }
+}
+
+pub fn shmem_size() -> usize {
+    if gucs::l1_size_mb() == 0 {
+        return 0;
+    }
+    std::mem::size_of::<L1Shared>()
+        + layout(gucs::l1_size_mb() * 1024 * 1024).partition_bytes * PARTITIONS
+}
+
+static mut SHARED: *mut L1Shared = std::ptr::null_mut();
+static mut PARTS: *mut u8 = std::ptr::null_mut();
+static mut LOCKS: *mut pg_sys::LWLockPadded = std::ptr::null_mut();
+static mut PART_BYTES: usize = 0;
+
+pub fn request_locks() {
+    if shmem_size() > 0 {
+        unsafe { pg_sys::RequestNamedLWLockTranche(LWLOCK_TRANCHE.as_ptr(), PARTITIONS as i32) };
+    }
+}
+
+/// # Safety
+/// `ptr` must point at `shmem_size()` bytes of shared memory that outlive the process.
+pub unsafe fn attach(ptr: *mut u8, fresh: bool) {
+    if ptr.is_null() || shmem_size() == 0 {
+        return;
+    }
+    let l = layout(gucs::l1_size_mb() * 1024 * 1024);
+    unsafe {
+        if fresh {
+            std::ptr::write_bytes(ptr, 0, shmem_size());
+            let shared = &mut *(ptr as *mut L1Shared);
+            shared.ring_bytes = l.ring_bytes as u64;
+            shared.index_slots = l.index_slots as u64;
+        }
+        SHARED = ptr as *mut L1Shared;
+        PARTS = ptr.add(std::mem::size_of::<L1Shared>());
+        PART_BYTES = l.partition_bytes;
+        LOCKS = pg_sys::GetNamedLWLockTranche(LWLOCK_TRANCHE.as_ptr());
+    }
+}
+
+pub fn shared() -> Option<&'static L1Shared> {
+    unsafe { (SHARED as *const L1Shared).as_ref() }
+}
+
+pub fn available() -> bool {
+    shared().is_some()
+}
+
+pub fn hash_key(key: &str) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish()
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The generation of `hash`'s slot; read it before fetching a value that will be filled.
+pub fn generation(hash: u64) -> u64 {
+    shared()
+        .map(|s| s.gens[(hash as usize) % GEN_SLOTS].load(Ordering::Acquire))
+        .unwrap_or(0)
+}
+
+struct Partition {
+    header: *mut PartitionHeader,
+    index: *mut Slot,
+    ring: *mut u8,
+    slots: usize,
+    ring_bytes: usize,
+    lock: *mut pg_sys::LWLock,
+}
+
+struct Guard(*mut pg_sys::LWLock);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        unsafe { pg_sys::LWLockRelease(self.0) };
+    }
+}
+
+fn partition(hash: u64) -> Option<Partition> {
+    let shared = shared()?;
+    let i = (hash >> 58) as usize % PARTITIONS;
+    unsafe {
+        let base = PARTS.add(i * PART_BYTES);
+        let header = base as *mut PartitionHeader;
+        let index = base.add(std::mem::size_of::<PartitionHeader>()) as *mut Slot;
+        let slots = shared.index_slots as usize;
+        let ring = (index as *mut u8).add(slots * std::mem::size_of::<Slot>());
+        Some(Partition {
+            header,
+            index,
+            ring,
+            slots,
+            ring_bytes: shared.ring_bytes as usize,
+            lock: &raw mut (*LOCKS.add(i)).lock,
+        })
+    }
+}
+
+impl Partition {
+    fn lock(&self, exclusive: bool) -> Guard {
+        let mode = if exclusive {
+            pg_sys::LWLockMode::LW_EXCLUSIVE
+        } else {
+            pg_sys::LWLockMode::LW_SHARED
+        };
+        unsafe { pg_sys::LWLockAcquire(self.lock, mode) };
+        Guard(self.lock)
+    }
+
+    // Shared memory, not Rust-owned: exclusivity comes from the partition's LWLock, which
+    // every mutating caller holds in exclusive mode.
+    #[allow(clippy::mut_from_ref)]
+    fn hdr(&self) -> &mut PartitionHeader {
+        unsafe { &mut *self.header }
+    }
+
+    #[allow(clippy::mut_from_ref)]
+    fn slot(&self, i: usize) -> &mut Slot {
+        unsafe { &mut *self.index.add(i) }
+    }
+
+    fn entry(&self, logical: u64) -> *mut EntryHeader {
+        unsafe { self.ring.add((logical % self.ring_bytes as u64) as usize) as *mut EntryHeader }
+    }
+
+    fn entry_key(&self, e: *mut EntryHeader) -> &[u8] {
+        unsafe { std::slice::from_raw_parts((e as *mut u8).add(HDR), (*e).key_len as usize) }
+    }
+
+    fn is_live_offset(&self, off: u64) -> bool {
+        off > SLOT_TOMB && off - 2 >= self.hdr().tail && off - 2 < self.hdr().head
+    }
+
+    /// Index position of `key`, if present and not dead.
+    fn find(&self, key: &[u8], hash: u64) -> Option<usize> {
+        let mut i = (hash as usize) % self.slots;
+        for _ in 0..self.slots {
+            let s = *self.slot(i);
+            if s.off == SLOT_EMPTY {
+                return None;
+            }
+            if s.off != SLOT_TOMB && s.hash == hash && self.is_live_offset(s.off) {
+                let e = self.entry(s.off - 2);
+                if unsafe { (*e).flags } & FLAG_DEAD == 0 && self.entry_key(e) == key {
+                    return Some(i);
+                }
+            }
+            i = (i + 1) % self.slots;
+        }
+        None
+    }
+
+    fn kill_slot(&self, i: usize) {
+        let s = self.slot(i);
+        unsafe { (*self.entry(s.off - 2)).flags |= FLAG_DEAD };
+        s.off = SLOT_TOMB;
+        let h = self.hdr();
+        h.live -= 1;
+        h.tombs += 1;
+    }
+
+    /// Evicts the oldest entries until `need` bytes fit contiguously at `head`.
+    fn make_room(&self, need: usize, shared: &L1Shared) {
+        let h = self.hdr();
+        let rb = self.ring_bytes as u64;
+        let phys = (h.head % rb) as usize;
+        if phys + need > self.ring_bytes {
+            // Not enough room before the end of the ring: waste the remainder.
+            let skip = (self.ring_bytes - phys) as u64;
+            self.evict_until(h.head + skip, shared);
+            if skip as usize >= HDR {
+                let e = self.entry(h.head);
+                unsafe {
+                    (*e).total = skip as u32;
+                    (*e).flags = FLAG_SKIP | FLAG_DEAD;
+                }
+            }
+            h.head += skip;
+        }
+        self.evict_until(h.head + need as u64, shared);
+    }
+
+    /// Advances `tail` until the window [tail, limit) is at most one ring long.
+    fn evict_until(&self, limit: u64, shared: &L1Shared) {
+        let h = self.hdr();
+        let rb = self.ring_bytes as u64;
+        while limit - h.tail > rb {
+            if h.tail >= h.head {
+                // Unreachable while entries are at most a quarter of the ring; never spin.
+                h.tail = h.head;
+                break;
+            }
+            let phys = (h.tail % rb) as usize;
+            if phys + HDR > self.ring_bytes {
+                h.tail += (self.ring_bytes - phys) as u64;
+                continue;
+            }
+            let e = self.entry(h.tail);
+            let (total, flags, hash) = unsafe { ((*e).total as u64, (*e).flags, (*e).hash) };
+            if flags & FLAG_DEAD == 0 {
+                if let Some(i) = self.slot_of(hash, h.tail) {
+                    self.kill_slot(i);
+                    shared.evictions.fetch_add(1, Ordering::Relaxed);
+                    shared.live_entries.fetch_sub(1, Ordering::Relaxed);
+                    shared.used_bytes.fetch_sub(total as i64, Ordering::Relaxed);
+                }
+            }
+            h.tail += total.max(ALIGN as u64);
+        }
+    }
+
+    fn slot_of(&self, hash: u64, logical: u64) -> Option<usize> {
+        let mut i = (hash as usize) % self.slots;
+        for _ in 0..self.slots {
+            let s = *self.slot(i);
+            if s.off == SLOT_EMPTY {
+                return None;
+            }
+            if s.off == logical + 2 {
+                return Some(i);
+            }
+            i = (i + 1) % self.slots;
+        }
+        None
+    }
+
+    /// Rebuilds the index from the live entries when tombstones make probes long.
+    fn compact_index(&self) {
+        let h = self.hdr();
+        for i in 0..self.slots {
+            *self.slot(i) = Slot {
+                hash: 0,
+                off: SLOT_EMPTY,
+            };
+        }
+        h.tombs = 0;
+        h.live = 0;
+        let rb = self.ring_bytes as u64;
+        let mut at = h.tail;
+        while at < h.head {
+            let phys = (at % rb) as usize;
+            if phys + HDR > self.ring_bytes {
+                at += (self.ring_bytes - phys) as u64;
+                continue;
+            }
+            let e = self.entry(at);
+            let (total, flags, hash) = unsafe { ((*e).total as u64, (*e).flags, (*e).hash) };
+            if flags & FLAG_DEAD == 0 {
+                self.place(hash, at);
+            }
+            at += total.max(ALIGN as u64);
+        }
+    }
+
+    fn place(&self, hash: u64, logical: u64) {
+        let mut i = (hash as usize) % self.slots;
+        loop {
+            let s = self.slot(i);
+            if s.off == SLOT_EMPTY || s.off == SLOT_TOMB {
+                if s.off == SLOT_TOMB {
+                    self.hdr().tombs -= 1;
+                }
+                *s = Slot {
+                    hash,
+                    off: logical + 2,
+                };
+                self.hdr().live += 1;
+                return;
+            }
+            i = (i + 1) % self.slots;
+        }
+    }
+}
+
+pub enum L1Value {
+    /// A palloc'd copy of the flat jsonb, in the current memory context.
+    Value(pg_sys::Datum),
+    Negative,
+}
+
+/// Looks `key` up; copies the value out under a shared lock.
+pub fn get(key: &str, hash: u64) -> Option<L1Value> {
+    let p = partition(hash)?;
+    let _g = p.lock(false);
+    let i = p.find(key.as_bytes(), hash)?;
+    let e = p.entry(p.slot(i).off - 2);
+    unsafe {
+        if (*e).expires_ms <= now_ms() {
+            return None;
+        }
+        if (*e).flags & FLAG_NEGATIVE != 0 {
+            return Some(L1Value::Negative);
+        }
+        let len = (*e).val_len as usize;
+        let copy = pg_sys::palloc(len) as *mut u8;
+        std::ptr::copy_nonoverlapping((e as *const u8).add(HDR + (*e).key_len as usize), copy, len);
+        Some(L1Value::Value(pg_sys::Datum::from(copy)))
+    }
+}
+
+/// Stores `value` (a flat jsonb varlena, or None for "no row") unless `key`'s generation
+/// moved since `seen_generation` was read. Returns whether it was stored.
+pub fn fill(key: &str, hash: u64, seen_generation: u64, value: Option<&[u8]>, ttl_s: i64) -> bool {
+    let Some(shared) = shared() else { return false };
+    let Some(p) = partition(hash) else {
+        return false;
+    };
+    let val = value.unwrap_or(&[]);
+    let total = (HDR + key.len() + val.len()).next_multiple_of(ALIGN);
+    if val.len() > gucs::l1_max_value_bytes()
+        || total > p.ring_bytes / 4
+        || total > u32::MAX as usize
+    {
+        return false;
+    }
+    let ttl_ms = ttl_s.min(gucs::l1_max_age_s()).max(1) * 1000;
+    let _g = p.lock(true);
+    if shared.gens[(hash as usize) % GEN_SLOTS].load(Ordering::Acquire) != seen_generation {
+        return false;
+    }
+    if let Some(i) = p.find(key.as_bytes(), hash) {
+        let old_total = unsafe { (*p.entry(p.slot(i).off - 2)).total };
+        p.kill_slot(i);
+        shared.live_entries.fetch_sub(1, Ordering::Relaxed);
+        shared
+            .used_bytes
+            .fetch_sub(old_total as i64, Ordering::Relaxed);
+    }
+    p.make_room(total, shared);
+    let h = p.hdr();
+    if (h.live + h.tombs + 1) * 4 > p.slots as u64 * 3 {
+        p.compact_index();
+        // Still crowded with live entries: evict the oldest quarter of the ring.
+        if (h.live + 1) * 4 > p.slots as u64 * 3 {
+            p.evict_until(
+                h.head + (p.ring_bytes as u64) * 3 / 4 + total as u64,
+                shared,
+            );
+            p.compact_index();
+        }
+    }
+    let at = h.head;
+    let e = p.entry(at);
+    unsafe {
+        e.write(EntryHeader {
+            total: total as u32,
+            key_len: key.len() as u32,
+            val_len: val.len() as u32,
+            flags: if value.is_none() { FLAG_NEGATIVE } else { 0 },
+            hash,
+            expires_ms: now_ms() + ttl_ms,
+        });
+        let body = (e as *mut u8).add(HDR);
+        std::ptr::copy_nonoverlapping(key.as_ptr(), body, key.len());
+        std::ptr::copy_nonoverlapping(val.as_ptr(), body.add(key.len()), val.len());
+    }
+    h.head += total as u64;
+    p.place(hash, at);
+    shared.inserts.fetch_add(1, Ordering::Relaxed);
+    shared.live_entries.fetch_add(1, Ordering::Relaxed);
+    shared.used_bytes.fetch_add(total as i64, Ordering::Relaxed);
+    true
+}
+
+/// Drops `key` and moves its generation, so that fills already in flight are refused.
+pub fn invalidate(key: &str) -> bool {
+    let hash = hash_key(key);
+    let (Some(shared), Some(p)) = (shared(), partition(hash)) else {
+        return false;
+    };
+    let _g = p.lock(true);
+    shared.gens[(hash as usize) % GEN_SLOTS].fetch_add(1, Ordering::AcqRel);
+    shared.invalidations.fetch_add(1, Ordering::Relaxed);
+    match p.find(key.as_bytes(), hash) {
+        Some(i) => {
+            let old_total = unsafe { (*p.entry(p.slot(i).off - 2)).total };
+            p.kill_slot(i);
+            shared.live_entries.fetch_sub(1, Ordering::Relaxed);
+            shared
+                .used_bytes
+                .fetch_sub(old_total as i64, Ordering::Relaxed);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Empties L1 entirely and moves every generation: used when invalidations from other
+/// servers may have been missed.
+pub fn flush_all() {
+    let Some(shared) = shared() else { return };
+    for part in 0..PARTITIONS {
+        let hash = (part as u64) << 58;
+        let Some(p) = partition(hash) else { return };
+        let _g = p.lock(true);
+        let h = p.hdr();
+        h.tail = h.head;
+        h.live = 0;
+        h.tombs = 0;
+        for i in 0..p.slots {
+            *p.slot(i) = Slot {
+                hash: 0,
+                off: SLOT_EMPTY,
+            };
+        }
+    }
+    for g in shared.gens.iter() {
+        g.fetch_add(1, Ordering::AcqRel);
+    }
+    shared.live_entries.store(0, Ordering::Relaxed);
+    shared.used_bytes.store(0, Ordering::Relaxed);
+    shared.flushes.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Drops every entry whose key starts with `prefix` and satisfies `keep`; returns how many.
+pub fn invalidate_matching(prefix: &str, keep: impl Fn(&str) -> bool) -> i64 {
+    let Some(shared) = shared() else { return 0 };
+    let mut dropped = 0;
+    for part in 0..PARTITIONS {
+        let Some(p) = partition((part as u64) << 58) else {
+            return dropped;
+        };
+        let _g = p.lock(true);
+        for i in 0..p.slots {
+            let s = *p.slot(i);
+            if s.off < 2 || !p.is_live_offset(s.off) {
+                continue;
+            }
+            let e = p.entry(s.off - 2);
+            if unsafe { (*e).flags } & FLAG_DEAD != 0 {
+                continue;
+            }
+            let key = std::str::from_utf8(p.entry_key(e)).unwrap_or("");
+            if key.starts_with(prefix) && keep(key) {
+                let total = unsafe { (*e).total };
+                shared.gens[(s.hash as usize) % GEN_SLOTS].fetch_add(1, Ordering::AcqRel);
+                p.kill_slot(i);
+                shared.live_entries.fetch_sub(1, Ordering::Relaxed);
+                shared.used_bytes.fetch_sub(total as i64, Ordering::Relaxed);
+                dropped += 1;
+            }
+        }
+    }
+    dropped
+}

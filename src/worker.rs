@@ -1,0 +1,163 @@
+//! The L1 listener: one background worker per server, subscribed to the Redis channel on
+//! which every server sharing the Redis publishes the keys its commits invalidated. It drops
+//! them from this server's L1. It needs no database connection: L1 keys carry the database.
+//!
+//! A server whose subscription breaks cannot know what it missed, so the worker flushes L1
+//! when the channel is lost and again when it is back. On a standby an invalidation is
+//! applied only once WAL replay has passed the writer's commit, so that a reader on the
+//! standby cannot refill L1 from a snapshot that does not contain the change yet.
+
+use crate::gucs;
+use crate::keys;
+use crate::l1;
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
+};
+use pgrx::pg_sys;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+pub fn channel() -> String {
+    format!("{}:invalidations", keys::escape(gucs::key_prefix()))
+}
+
+/// Message: first line `lsn <commit LSN>`, then one L1 key per line.
+pub fn message(commit_lsn: u64, keys: &[&str]) -> String {
+    let mut out = format!("lsn {commit_lsn}");
+    for k in keys {
+        out.push('\n');
+        out.push_str(k);
+    }
+    out
+}
+
+pub fn register() {
+    BackgroundWorkerBuilder::new("twotier L1 listener")
+        .set_type("twotier listener")
+        .set_library("twotier")
+        .set_function("twotier_l1_listener_main")
+        .enable_shmem_access(None)
+        .set_start_time(BgWorkerStartTime::PostmasterStart)
+        .set_restart_time(Some(Duration::from_secs(1)))
+        .load();
+}
+
+fn wait_for_replay(lsn: u64) {
+    if !unsafe { pg_sys::RecoveryInProgress() } {
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while unsafe { pg_sys::GetXLogReplayRecPtr(std::ptr::null_mut()) } < lsn
+        && Instant::now() < deadline
+    {
+        if !BackgroundWorker::wait_latch(Some(Duration::from_millis(1)))
+            || BackgroundWorker::sigterm_received()
+        {
+            return;
+        }
+    }
+}
+
+fn apply(payload: &str) {
+    let mut lines = payload.split('\n');
+    let lsn = lines
+        .next()
+        .and_then(|l| l.strip_prefix("lsn "))
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0);
+    wait_for_replay(lsn);
+    for key in lines.filter(|k| !k.is_empty()) {
+        l1::invalidate(key);
+    }
+}
+
+fn set_subscribed(shared: &l1::L1Shared, on: bool) {
+    let was = shared.subscribed.swap(on, Ordering::AcqRel);
+    if was != on {
+        // Either way L1 may hold entries whose invalidation went by unseen.
+        l1::flush_all();
+        if on {
+            shared
+                .subscribed_since_ms
+                .store(l1::now_ms(), Ordering::Relaxed);
+            pgrx::log!("twotier listener: subscribed to {}; L1 flushed", channel());
+        } else {
+            shared.subscription_losses.fetch_add(1, Ordering::Relaxed);
+            shared
+                .subscribed_since_ms
+                .store(l1::now_ms(), Ordering::Relaxed);
+            pgrx::log!("twotier listener: lost the invalidation channel; L1 flushed");
+        }
+    }
+}
+
+/// Listens until the subscription fails or the worker is told to stop. `Ok` means stop.
+fn listen(shared: &l1::L1Shared, url: &str) -> Result<(), String> {
+    let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+    let mut con = client
+        .get_connection_with_timeout(gucs::connect_timeout())
+        .map_err(|e| e.to_string())?;
+    let mut pubsub = con.as_pubsub();
+    pubsub.subscribe(channel()).map_err(|e| e.to_string())?;
+    pubsub
+        .set_read_timeout(Some(Duration::from_millis(250)))
+        .map_err(|e| e.to_string())?;
+    set_subscribed(shared, true);
+    loop {
+        if BackgroundWorker::sigterm_received() {
+            return Ok(());
+        }
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            if gucs::redis_url().to_string_lossy() != url {
+                return Err("twotier.redis_url changed".into());
+            }
+        }
+        match pubsub.get_message() {
+            Ok(msg) => {
+                shared.messages.fetch_add(1, Ordering::Relaxed);
+                apply(&String::from_utf8_lossy(msg.get_payload_bytes()));
+            }
+            Err(e) if e.is_timeout() => continue,
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// # Safety
+/// Entry point called by the postmaster for the registered background worker.
+#[no_mangle]
+#[pgrx::pg_guard]
+pub unsafe extern "C-unwind" fn twotier_l1_listener_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let Some(shared) = l1::shared() else { return };
+    shared
+        .worker_pid
+        .store(unsafe { pg_sys::MyProcPid }, Ordering::Relaxed);
+    let mut last_error: Option<String> = None;
+    while !BackgroundWorker::sigterm_received() {
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        let url = gucs::redis_url().to_string_lossy().into_owned();
+        if !url.is_empty() {
+            match listen(shared, &url) {
+                Ok(()) => break,
+                Err(e) => {
+                    set_subscribed(shared, false);
+                    if last_error.as_deref() != Some(e.as_str()) {
+                        pgrx::log!("twotier listener: {}: {e}", crate::l2_redis::redacted(&url));
+                        last_error = Some(e);
+                    }
+                }
+            }
+        }
+        let pause =
+            gucs::retry_interval().clamp(Duration::from_millis(100), Duration::from_secs(5));
+        if !BackgroundWorker::wait_latch(Some(pause)) {
+            break;
+        }
+    }
+    shared.subscribed.store(false, Ordering::Relaxed);
+    shared.worker_pid.store(0, Ordering::Relaxed);
+}

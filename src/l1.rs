@@ -547,3 +547,103 @@ pub fn invalidate_matching(prefix: &str, keep: impl Fn(&str) -> bool) -> i64 {
     }
     dropped
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use super::*;
+    use pgrx::prelude::*;
+
+    fn value_bytes(v: L1Value) -> Option<Vec<u8>> {
+        match v {
+            L1Value::Value(d) => unsafe {
+                let p = d.cast_mut_ptr::<pg_sys::varlena>();
+                Some(std::slice::from_raw_parts(p as *const u8, pgrx::varsize_any(p)).to_vec())
+            },
+            L1Value::Negative => None,
+        }
+    }
+
+    /// A flat 4-byte-header varlena holding `body`.
+    fn varlena(body: &[u8]) -> Vec<u8> {
+        let total = 4 + body.len();
+        let mut v = ((total as u32) << 2).to_le_bytes().to_vec();
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[pg_test]
+    fn fill_then_hit_returns_the_same_bytes() {
+        assert!(available(), "the test cluster preloads twotier");
+        let key = "test:db:c:v1:hit";
+        let h = hash_key(key);
+        let v = varlena(b"{\"a\": 1}");
+        assert!(get(key, h).is_none());
+        assert!(fill(key, h, generation(h), Some(&v), 60));
+        assert_eq!(get(key, h).and_then(value_bytes), Some(v));
+        let neg = "test:db:c:v1:none";
+        assert!(fill(
+            neg,
+            hash_key(neg),
+            generation(hash_key(neg)),
+            None,
+            60
+        ));
+        assert!(matches!(get(neg, hash_key(neg)), Some(L1Value::Negative)));
+    }
+
+    #[pg_test]
+    fn a_fill_that_raced_an_invalidation_is_refused() {
+        let key = "test:db:c:v1:race";
+        let h = hash_key(key);
+        let seen = generation(h);
+        // The writer commits while the reader is fetching.
+        invalidate(key);
+        assert!(!fill(key, h, seen, Some(&varlena(b"old")), 60));
+        assert!(get(key, h).is_none());
+        // A reader that started after the invalidation may fill.
+        assert!(fill(key, h, generation(h), Some(&varlena(b"new")), 60));
+        assert_eq!(get(key, h).and_then(value_bytes), Some(varlena(b"new")));
+        assert!(invalidate(key));
+        assert!(get(key, h).is_none());
+    }
+
+    #[pg_test]
+    fn a_working_set_larger_than_l1_stays_bounded() {
+        let s = shared().expect("L1 is available");
+        let ring_total = s.ring_bytes * PARTITIONS as u64;
+        let body = vec![b'x'; 900];
+        let v = varlena(&body);
+        let n = (ring_total / 900) as usize * 3;
+        let evictions_before = s.evictions.load(Ordering::Relaxed);
+        for i in 0..n {
+            let key = format!("test:db:big:v1:{i}");
+            let h = hash_key(&key);
+            fill(&key, h, generation(h), Some(&v), 60);
+        }
+        assert!(s.evictions.load(Ordering::Relaxed) > evictions_before);
+        assert!(s.used_bytes.load(Ordering::Relaxed) as u64 <= ring_total);
+        // The newest entries are the ones kept.
+        let last = format!("test:db:big:v1:{}", n - 1);
+        assert!(get(&last, hash_key(&last)).is_some());
+        let first = "test:db:big:v1:0";
+        assert!(get(first, hash_key(first)).is_none());
+    }
+
+    #[pg_test]
+    fn pattern_invalidation_only_touches_its_prefix() {
+        for k in [
+            "test:db:p:v1:user-1",
+            "test:db:p:v1:user-2",
+            "test:db:q:v1:user-1",
+        ] {
+            let h = hash_key(k);
+            assert!(fill(k, h, generation(h), Some(&varlena(b"1")), 60));
+        }
+        let n = invalidate_matching("test:db:p:v1:", |k| k.ends_with("user-1"));
+        assert_eq!(n, 1);
+        assert!(get("test:db:p:v1:user-1", hash_key("test:db:p:v1:user-1")).is_none());
+        assert!(get("test:db:p:v1:user-2", hash_key("test:db:p:v1:user-2")).is_some());
+        assert!(get("test:db:q:v1:user-1", hash_key("test:db:q:v1:user-1")).is_some());
+    }
+}

@@ -187,3 +187,80 @@ pub fn get(name: &str, key: &str) -> Option<Datum> {
     def.stats.record(Path::Miss, started.elapsed());
     value.map(|v| v.datum)
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    /// Each test gets its own table, sequence and cache: tests share one database.
+    fn setup(name: &str) {
+        Spi::run(&format!(
+            "CREATE TABLE {name}(k int PRIMARY KEY, v text);
+             INSERT INTO {name} VALUES (1, 'one'), (2, 'two');
+             CREATE SEQUENCE {name}_fetches;
+             SELECT twotier.define('{name}', $q$SELECT jsonb_build_object('v', v, 'n', nextval('{name}_fetches'))
+                                            FROM {name} WHERE k = $1::int$q$, '5 min', ARRAY['{name}(k)'])"
+        ))
+        .expect("define");
+    }
+
+    fn fetches(name: &str) -> i64 {
+        Spi::get_one::<i64>(&format!("SELECT last_value FROM {name}_fetches"))
+            .unwrap()
+            .unwrap()
+    }
+
+    #[pg_test]
+    fn second_call_is_served_without_the_source() {
+        setup("rt_hit");
+        let first = Spi::get_one::<pgrx::JsonB>("SELECT cached_rt_hit('1')")
+            .unwrap()
+            .unwrap();
+        let second = Spi::get_one::<pgrx::JsonB>("SELECT cached_rt_hit('1')")
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.0, second.0);
+        assert_eq!(fetches("rt_hit"), 1);
+        let none = Spi::get_one::<pgrx::JsonB>("SELECT cached_rt_hit('42')").unwrap();
+        assert!(none.is_none());
+        let none = Spi::get_one::<pgrx::JsonB>("SELECT cached_rt_hit('42')").unwrap();
+        assert!(none.is_none());
+        // An unknown key runs no nextval; the stats tell the source runs apart instead.
+        let (misses, negative_hits) = Spi::get_two::<i64, i64>(
+            "SELECT misses, negative_hits FROM twotier.stats WHERE cache = 'rt_hit'",
+        )
+        .unwrap();
+        assert_eq!(misses, Some(2), "key 1 once, key 42 once");
+        assert_eq!(
+            negative_hits,
+            Some(1),
+            "the negative entry answers the second call for 42"
+        );
+    }
+
+    #[pg_test]
+    fn a_writing_transaction_reads_its_own_writes() {
+        setup("rt_ryw");
+        Spi::get_one::<pgrx::JsonB>("SELECT cached_rt_ryw('2')").unwrap();
+        // #[pg_test] runs inside one transaction: after this UPDATE it is a writer of `rt`.
+        Spi::run("UPDATE rt_ryw SET v = 'changed' WHERE k = 2").unwrap();
+        let v = Spi::get_one::<String>("SELECT cached_rt_ryw('2')->>'v'")
+            .unwrap()
+            .unwrap();
+        assert_eq!(v, "changed");
+        let bypasses =
+            Spi::get_one::<i64>("SELECT bypasses FROM twotier.stats WHERE cache = 'rt_ryw'")
+                .unwrap()
+                .unwrap();
+        assert_eq!(bypasses, 1);
+    }
+
+    #[pg_test(
+        error = "twotier: the cache query must return exactly one column of type jsonb, it returns 1 column(s): text"
+    )]
+    fn define_refuses_a_query_of_the_wrong_shape() {
+        Spi::run("CREATE TABLE bad(k int); SELECT twotier.define('bad', 'SELECT k::text FROM bad WHERE k = $1::int', '1 min', '{}')")
+            .unwrap();
+    }
+}

@@ -266,18 +266,7 @@ mod tests {
     #[pg_test]
     fn buckets_are_monotonic_and_bounded() {
         let mut last = 0;
-        for us in [
-            1u64,
-            2,
-            3,
-            10,
-            50,
-            100,
-            1000,
-            10_000,
-            1_000_000,
-            100_000_000,
-        ] {
+        for us in [1u64, 2, 3, 10, 50, 100, 1000, 10_000, 500_000] {
             let b = bucket_of(us * 1000);
             assert!(b >= last && b < BUCKETS);
             assert!(bucket_upper_us(b) >= us as f64, "{us} us in bucket {b}");

@@ -126,6 +126,7 @@ pub fn lookup(name: &str) -> Rc<CacheDef> {
 
 fn load(name: &str) -> Option<CacheDef> {
     catalog_oid();
+    warn_once_if_not_preloaded();
     let row = Spi::connect(|client| {
         let table = client.select(
             "SELECT query, extract(epoch FROM ttl)::bigint, extract(epoch FROM negative_ttl)::bigint,
@@ -161,6 +162,19 @@ fn load(name: &str) -> Option<CacheDef> {
         stats: stats::for_cache(name),
         plan: Cell::new(None),
     })
+}
+
+fn warn_once_if_not_preloaded() {
+    static TOLD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !crate::shmem::preloaded() && !TOLD.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        pg_sys::panic::ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_WARNING,
+            "twotier is not in shared_preload_libraries: L1 is off and twotier.stats counts this session only",
+            "twotier",
+        )
+        .set_hint("Add twotier to shared_preload_libraries and restart; twotier.status() shows the state.")
+        .report(PgLogLevel::NOTICE);
+    }
 }
 
 /// The role that called into twotier, seen from inside a SECURITY DEFINER function.

@@ -155,7 +155,7 @@ fn deliver(
 /// close it and rest L2 for the retry interval; a server-side error (OOM, WRONGTYPE...) only
 /// fails this operation.
 fn with_connection<T>(
-    f: impl FnOnce(&mut redis::Connection, &str) -> redis::RedisResult<T>,
+    mut f: impl FnMut(&mut redis::Connection, &str) -> redis::RedisResult<T>,
 ) -> Result<T, L2Error> {
     STATE.with(|cell| {
         let mut state = cell.borrow_mut();
@@ -173,41 +173,57 @@ fn with_connection<T>(
             return Err(L2Error::Skipped);
         }
         let url_text = url.to_string_lossy().into_owned();
-        if state.con.is_none() {
-            match connect(&url_text) {
-                Ok(con) => state.con = Some(con),
-                Err(e) => return Err(fail(&mut state, &url_text, e, true)),
-            }
-        }
-        let tombstone = tombstone_value(&mut state);
-        let State {
-            con, undelivered, ..
-        } = &mut *state;
-        let con = con.as_mut().expect("connection was just opened");
-        let mut result = Ok(());
-        if !undelivered.is_empty() {
-            result = deliver(con, &tombstone, undelivered, 0);
-            if result.is_ok() {
-                undelivered.clear();
-            }
-        }
-        match result.and_then(|_| f(con, &tombstone)) {
-            Ok(v) => {
-                if state.down_since.take().is_some() {
-                    pgrx::log!("twotier: Redis at {} answers again", redacted(&url_text));
+        let mut retried = false;
+        loop {
+            let reused = state.con.is_some();
+            if !reused {
+                match connect(&url_text) {
+                    Ok(con) => state.con = Some(con),
+                    Err(e) => return Err(fail(&mut state, &url_text, e, true)),
                 }
-                state.resting_until = None;
-                Ok(v)
             }
-            Err(e) => {
-                let connection_lost =
-                    e.is_io_error() || e.is_unrecoverable_error() || e.is_timeout();
-                Err(fail(
-                    &mut state,
-                    &url_text,
-                    L2Error::Redis(e),
-                    connection_lost,
-                ))
+            let tombstone = tombstone_value(&mut state);
+            let State {
+                con, undelivered, ..
+            } = &mut *state;
+            let Some(con) = con.as_mut() else {
+                return Err(L2Error::Skipped);
+            };
+            let mut result = Ok(());
+            if !undelivered.is_empty() {
+                result = deliver(con, &tombstone, undelivered, 0);
+                if result.is_ok() {
+                    undelivered.clear();
+                }
+            }
+            match result.and_then(|_| f(con, &tombstone)) {
+                Ok(v) => {
+                    if state.down_since.take().is_some() {
+                        pgrx::log!("twotier: Redis at {} answers again", redacted(&url_text));
+                    }
+                    state.resting_until = None;
+                    return Ok(v);
+                }
+                // A connection kept since an earlier call may have been closed by a Redis
+                // restart; one fresh connection decides whether Redis is really gone.
+                Err(e)
+                    if reused
+                        && !retried
+                        && (e.is_connection_dropped() || e.is_connection_refusal()) =>
+                {
+                    state.con = None;
+                    retried = true;
+                }
+                Err(e) => {
+                    let connection_lost =
+                        e.is_io_error() || e.is_unrecoverable_error() || e.is_timeout();
+                    return Err(fail(
+                        &mut state,
+                        &url_text,
+                        L2Error::Redis(e),
+                        connection_lost,
+                    ));
+                }
             }
         }
     })

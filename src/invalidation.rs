@@ -56,6 +56,11 @@ pub fn collect<'a>(cache: &str, raw_keys: impl IntoIterator<Item = &'a str>) {
     });
 }
 
+thread_local! {
+    /// Keys announced at PRE_COMMIT; they must be completed at COMMIT or ABORT.
+    static ANNOUNCED: RefCell<Vec<(String, i64)>> = const { RefCell::new(Vec::new()) };
+}
+
 #[pg_guard]
 unsafe extern "C-unwind" fn on_xact_event(
     event: pg_sys::XactEvent::Type,
@@ -68,6 +73,7 @@ unsafe extern "C-unwind" fn on_xact_event(
         XACT_EVENT_PRE_PREPARE if PENDING.with(|p| !p.borrow().is_empty()) => {
             CallError::PrepareWithInvalidations.raise();
         }
+        XACT_EVENT_PRE_COMMIT => announce(),
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
             let pending = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
             if !pending.is_empty() {
@@ -75,12 +81,45 @@ unsafe extern "C-unwind" fn on_xact_event(
                 // Rust panic is contained rather than let out.
                 let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| deliver(pending)));
             }
+            ANNOUNCED.with(|a| a.borrow_mut().clear());
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
             PENDING.with(|p| p.borrow_mut().clear());
+            // Aborted after PRE_COMMIT: release the keys (invalidating them is harmless).
+            let announced = ANNOUNCED.with(|a| std::mem::take(&mut *a.borrow_mut()));
+            if !announced.is_empty() {
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let _ = l2_redis::invalidate(&announced, 0);
+                    for (key, _) in &announced {
+                        l1::end_invalidation(key);
+                    }
+                }));
+            }
         }
         _ => {}
     }
+}
+
+/// PRE_COMMIT: before the new rows become visible, take the keys out of play in both tiers
+/// (L1 in-flight counters, L2 in-flight markers). Readers meanwhile go to the source and fill
+/// nothing, so none of them can serve or store the old value once the commit is visible.
+fn announce() {
+    let batch: Vec<(String, i64)> = PENDING.with(|p| {
+        p.borrow()
+            .values()
+            .flat_map(|c| c.keys.iter().map(move |k| (k.clone(), c.ttl_s)))
+            .collect()
+    });
+    if batch.is_empty() {
+        return;
+    }
+    for (key, _) in &batch {
+        l1::begin_invalidation(key);
+    }
+    // Redis trouble must not fail the user's commit: it is counted at COMMIT, where the
+    // tombstones are written (or kept for later delivery).
+    let _ = l2_redis::mark_in_flight(&batch);
+    ANNOUNCED.with(|a| *a.borrow_mut() = batch);
 }
 
 fn deliver(pending: HashMap<String, PendingCache>) {
@@ -108,8 +147,13 @@ fn deliver(pending: HashMap<String, PendingCache>) {
             }
         }
     }
+    let announced = ANNOUNCED.with(|a| a.borrow().len());
     for (key, _) in &batch {
-        l1::invalidate(key);
+        if announced > 0 {
+            l1::end_invalidation(key);
+        } else {
+            l1::invalidate(key);
+        }
     }
 }
 

@@ -71,6 +71,10 @@ pub struct L1Shared {
     pub subscription_losses: AtomicU64,
     pub messages: AtomicU64,
     gens: [AtomicU64; GEN_SLOTS],
+    /// Commits in flight per generation slot: between a writer's PRE_COMMIT and the end of
+    /// its COMMIT no backend reads or fills L1 for the slot's keys, so there is no moment at
+    /// which the new rows are visible while L1 still serves the old value.
+    inflight: [std::sync::atomic::AtomicU32; GEN_SLOTS],
 }
 
 struct Layout {
@@ -384,6 +388,9 @@ pub enum L1Value {
 
 /// Looks `key` up; copies the value out under a shared lock.
 pub fn get(key: &str, hash: u64) -> Option<L1Value> {
+    if in_flight(hash) {
+        return None;
+    }
     let p = partition(hash)?;
     let _g = p.lock(false);
     let i = p.find(key.as_bytes(), hash)?;
@@ -419,7 +426,10 @@ pub fn fill(key: &str, hash: u64, seen_generation: u64, value: Option<&[u8]>, tt
     }
     let ttl_ms = ttl_s.min(gucs::l1_max_age_s()).max(1) * 1000;
     let _g = p.lock(true);
-    if shared.gens[(hash as usize) % GEN_SLOTS].load(Ordering::Acquire) != seen_generation {
+    let slot = (hash as usize) % GEN_SLOTS;
+    if shared.gens[slot].load(Ordering::Acquire) != seen_generation
+        || shared.inflight[slot].load(Ordering::Acquire) > 0
+    {
         return false;
     }
     if let Some(i) = p.find(key.as_bytes(), hash) {
@@ -464,6 +474,26 @@ pub fn fill(key: &str, hash: u64, seen_generation: u64, value: Option<&[u8]>, tt
     shared.live_entries.fetch_add(1, Ordering::Relaxed);
     shared.used_bytes.fetch_add(total as i64, Ordering::Relaxed);
     true
+}
+
+fn in_flight(hash: u64) -> bool {
+    shared().is_some_and(|s| s.inflight[(hash as usize) % GEN_SLOTS].load(Ordering::Acquire) > 0)
+}
+
+/// First half of a commit-time invalidation, at PRE_COMMIT: drops `key` and keeps L1 out of
+/// play for it until [`end_invalidation`].
+pub fn begin_invalidation(key: &str) {
+    let Some(shared) = shared() else { return };
+    shared.inflight[(hash_key(key) as usize) % GEN_SLOTS].fetch_add(1, Ordering::AcqRel);
+    invalidate(key);
+}
+
+/// Second half, after the commit is visible (or the transaction aborted).
+pub fn end_invalidation(key: &str) {
+    let Some(shared) = shared() else { return };
+    invalidate(key);
+    let slot = &shared.inflight[(hash_key(key) as usize) % GEN_SLOTS];
+    let _ = slot.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
 }
 
 /// Drops `key` and moves its generation, so that fills already in flight are refused.

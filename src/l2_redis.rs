@@ -35,6 +35,8 @@ pub enum Lookup {
     Value(Vec<u8>),
     /// A cached "no row".
     Negative,
+    /// A writer is committing a change to this key: read the source, fill nothing.
+    InFlight,
     /// Nothing usable; `seen` is the exact raw content (absent or a tombstone) that a fill
     /// must still find in place to be allowed.
     Absent { seen: Option<Vec<u8>> },
@@ -42,6 +44,7 @@ pub enum Lookup {
 
 const NEGATIVE: &[u8] = b"!none";
 const TOMBSTONE_PREFIX: &[u8] = b"!inval:";
+const INFLIGHT_PREFIX: &[u8] = b"!inflight:";
 
 /// Compare-and-set fill: writes only if the key still holds exactly what the reader saw
 /// before querying the source. An invalidation in between replaced it with a fresh
@@ -173,7 +176,7 @@ fn with_connection<T>(
             return Err(L2Error::Skipped);
         }
         let url_text = url.to_string_lossy().into_owned();
-        let mut retried = false;
+        let mut retries = 0;
         loop {
             let reused = state.con.is_some();
             if !reused {
@@ -206,13 +209,15 @@ fn with_connection<T>(
                 }
                 // A connection kept since an earlier call may have been closed by a Redis
                 // restart; one fresh connection decides whether Redis is really gone.
+                // An interrupted read (EINTR) is retried the same way.
                 Err(e)
-                    if reused
-                        && !retried
-                        && (e.is_connection_dropped() || e.is_connection_refusal()) =>
+                    if retries < 2
+                        && (interrupted(&e)
+                            || (reused
+                                && (e.is_connection_dropped() || e.is_connection_refusal()))) =>
                 {
                     state.con = None;
-                    retried = true;
+                    retries += 1;
                 }
                 Err(e) => {
                     let connection_lost =
@@ -227,6 +232,15 @@ fn with_connection<T>(
             }
         }
     })
+}
+
+/// A read with a timeout is not restarted after a signal handler runs (PostgreSQL signals
+/// backends for cache invalidation and latches all the time): EINTR is not a Redis fault. The
+/// reply may be half read, so the operation is retried on a fresh connection.
+pub fn interrupted(e: &redis::RedisError) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::Interrupted)
 }
 
 fn fail(state: &mut State, url: &str, e: L2Error, connection_lost: bool) -> L2Error {
@@ -262,6 +276,7 @@ pub fn classify(raw: Option<Vec<u8>>) -> Lookup {
     match raw {
         Some(v) if v == NEGATIVE => Lookup::Negative,
         Some(v) if v.starts_with(TOMBSTONE_PREFIX) => Lookup::Absent { seen: Some(v) },
+        Some(v) if v.starts_with(INFLIGHT_PREFIX) => Lookup::InFlight,
         Some(v) if v.first() == Some(&b'!') => Lookup::Absent { seen: Some(v) },
         Some(v) => Lookup::Value(v),
         None => Lookup::Absent { seen: None },
@@ -314,6 +329,30 @@ pub fn invalidate(keys: &[(String, i64)], commit_lsn: u64) -> Result<(), L2Error
         }
     }
     result
+}
+
+/// PRE_COMMIT half of an invalidation: marks each key as being changed by a commit in
+/// flight, so that no reader fills it from a snapshot taken before that commit.
+pub fn mark_in_flight(keys: &[(String, i64)]) -> Result<(), L2Error> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    with_connection(|con, tombstone| {
+        let marker = tombstone.replacen("!inval:", "!inflight:", 1);
+        for chunk in keys.chunks(1000) {
+            let mut pipe = redis::pipe();
+            for (key, ttl) in chunk {
+                pipe.cmd("SET")
+                    .arg(key)
+                    .arg(&marker)
+                    .arg("EX")
+                    .arg((*ttl).max(1))
+                    .ignore();
+            }
+            pipe.query::<()>(con)?;
+        }
+        Ok(())
+    })
 }
 
 /// SCANs `pattern` (never KEYS, which blocks Redis), keeps the keys `keep` accepts, replaces

@@ -141,6 +141,15 @@ pub fn get(name: &str, key: &str) -> Option<Datum> {
             return None;
         }
         Ok(Lookup::Absent { seen }) => (seen, true),
+        // A commit is changing this key right now: what the source shows this snapshot may
+        // be about to become old, so it is returned but stored nowhere.
+        Ok(Lookup::InFlight) => {
+            log_event("MISS", &def, key, " (commit in flight: no fill)");
+            def.stats.bump(Counter::Misses);
+            let value = source::fetch(&def, key);
+            def.stats.record(Path::Miss, started.elapsed());
+            return value.map(|v| v.datum);
+        }
         Err(e) => {
             if e.is_fault() {
                 def.stats.bump(Counter::RedisErrors);

@@ -118,7 +118,7 @@ fn listen(shared: &l1::L1Shared, url: &str) -> Result<(), String> {
                 shared.messages.fetch_add(1, Ordering::Relaxed);
                 apply(&String::from_utf8_lossy(msg.get_payload_bytes()));
             }
-            Err(e) if e.is_timeout() => continue,
+            Err(e) if e.is_timeout() || crate::l2_redis::interrupted(&e) => continue,
             Err(e) => return Err(e.to_string()),
         }
     }

@@ -75,6 +75,9 @@ DECLARE
     trig_fn text;
     i int := 0;
     parsed text[] := '{}';
+    reads oid[];
+    rls_tables text;
+    unwatched text;
 BEGIN
     IF name IS NULL OR name !~ '^[a-z_][a-z0-9_]*$' OR length(name) > 48 THEN
         RAISE EXCEPTION 'twotier: invalid cache name %', coalesce(quote_literal(name), 'NULL')
@@ -96,7 +99,15 @@ BEGIN
     END IF;
 
     -- Parse as the caller, with the caller's search_path: the query must be one jsonb column.
-    PERFORM twotier._check_query(query, caller, caller_search_path);
+    reads := twotier._check_query(query, caller, caller_search_path);
+    -- Every caller would get the definer's rows: with row-level security that is a leak.
+    SELECT string_agg(c.oid::regclass::text, ', ') INTO rls_tables
+      FROM pg_class c WHERE c.oid = ANY (reads) AND c.relrowsecurity;
+    IF rls_tables IS NOT NULL THEN
+        RAISE EXCEPTION 'twotier: cache % reads %, which has row-level security', name, rls_tables
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'A cache answers every role with the same rows; cache a query over tables without RLS.';
+    END IF;
 
     FOREACH entry IN ARRAY coalesce(watch, '{}') LOOP
         parts := regexp_match(entry, '^\s*([^(]+?)\s*\((.*)\)\s*$');
@@ -118,9 +129,26 @@ BEGIN
                 USING ERRCODE = 'insufficient_privilege', HINT = 'The table owner can GRANT TRIGGER on it.';
         END IF;
         expr := parts[2];
+        -- The expression is spliced into the generated trigger function: nothing that could
+        -- end a quote, a statement or the line early is accepted.
+        IF expr ~ '(\$|;|--|/\*)' THEN
+            RAISE EXCEPTION 'twotier: watch expression % may not contain $, ;, -- or /*', quote_literal(expr)
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'Use a plain expression over the table''s columns, e.g. lower(domain).';
+        END IF;
         PERFORM twotier._check_watch_expression(tbl, expr, caller, caller_search_path);
         parsed := parsed || ARRAY[tbl::text, expr];
     END LOOP;
+
+    SELECT string_agg(c.oid::regclass::text, ', ') INTO unwatched
+      FROM pg_class c
+     WHERE c.oid = ANY (reads) AND c.relkind IN ('r', 'p')
+       AND c.relnamespace <> 'pg_catalog'::regnamespace
+       AND c.oid::regclass::text <> ALL (parsed);
+    IF unwatched IS NOT NULL THEN
+        RAISE NOTICE 'twotier: cache % reads % without watching it', name, unwatched
+            USING HINT = 'Changes there reach the cache only when entries expire (ttl); add them to watch to invalidate at commit.';
+    END IF;
 
     IF old.name IS NOT NULL THEN
         PERFORM twotier._drop_objects(old);
@@ -148,7 +176,7 @@ BEGIN
         -- SECURITY DEFINER owned by the cache's owner: the key expression runs with the rights
         -- of whoever defined it, never with those of the session that wrote the table.
         EXECUTE format($f$CREATE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER
-            SET search_path = %s AS $body$
+            SET search_path = %L AS $body$
             BEGIN
                 IF TG_OP = 'TRUNCATE' THEN
                     PERFORM twotier._collect_truncate(%L);

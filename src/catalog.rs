@@ -183,10 +183,11 @@ fn _outer_user() -> Oid {
     unsafe { pg_sys::GetOuterUserId() }
 }
 
+/// Checks a cache query's shape; returns the relations it reads.
 #[pg_extern(volatile, parallel_unsafe)]
-fn _check_query(query: &str, owner: Oid, search_path: &str) {
+fn _check_query(query: &str, owner: Oid, search_path: &str) -> Vec<Oid> {
     let path = CString::new(search_path).unwrap_or_default();
-    crate::source::check_query(query, owner, &path);
+    crate::source::check_query(query, owner, &path)
 }
 
 #[pg_extern(volatile, parallel_unsafe)]

@@ -112,19 +112,28 @@ fn prepare(query: &str, argtypes: &mut [Oid]) -> pg_sys::SPIPlanPtr {
     }
 }
 
-/// Parses `query` as the cache owner would run it and checks that it yields one jsonb column.
-pub fn check_query(query: &str, owner: Oid, search_path: &CStr) {
+/// Parses `query` as the cache owner would run it, checks that it yields one jsonb column,
+/// and returns the relations it reads (through views too), for `define` to check.
+pub fn check_query(query: &str, owner: Oid, search_path: &CStr) -> Vec<Oid> {
     let _spi = SpiConnection::open();
     as_owner(owner, search_path, || {
         let plan = prepare(query, &mut [pg_sys::TEXTOID]);
-        let shape = match single_plan_source(plan) {
-            None => Err("more than one statement".to_string()),
-            Some(src) => describe_result(unsafe { (*src).resultDesc }),
+        let Some(src) = single_plan_source(plan) else {
+            CatalogError::QueryShape("more than one statement".into()).raise();
         };
-        if let Err(found) = shape {
+        if let Err(found) = describe_result(unsafe { (*src).resultDesc }) {
             CatalogError::QueryShape(found).raise();
         }
-    });
+        unsafe {
+            let list = (*src).relationOids;
+            if list.is_null() {
+                return Vec::new();
+            }
+            (0..(*list).length as usize)
+                .map(|i| (*(*list).elements.add(i)).oid_value)
+                .collect()
+        }
+    })
 }
 
 /// Parses a watch entry's key expression against its table, as the owner, without running it.

@@ -1,0 +1,146 @@
+"""The shared-memory L1, the listener worker and the stats (issue 3), against real servers."""
+import threading
+import time
+
+import pytest
+
+from servers import PgCluster, RedisServer
+
+
+def call(conn, cache, key):
+    return conn.execute(f"SELECT cached_{cache.name}(%s)", (key,)).fetchone()[0]
+
+
+def l1_status(conn):
+    return conn.execute("SELECT twotier.status()->'l1'").fetchone()[0]
+
+
+def wait_for(predicate, timeout=5.0, step=0.05):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
+def test_l1_answers_with_redis_stopped(cluster, redis_server, cache):
+    c = cluster.connect()
+    assert call(c, cache, "1")["n"] == 1
+    redis_server.stop()
+    try:
+        # Losing the invalidation channel flushes L1 (it may have missed invalidations)...
+        assert wait_for(lambda: not l1_status(c)["worker"]["subscribed"])
+        hits = cache.stats()["l1_hits"]
+        # ...so one call goes to the source and fills L1 again, and then L1 answers alone.
+        value = call(c, cache, "1")
+        assert value["n"] == 2
+        for _ in range(20):
+            assert call(c, cache, "1") == value
+        assert cache.fetches() == 2
+        assert cache.stats()["l1_hits"] == hits + 20
+    finally:
+        redis_server.start()
+
+
+def test_stats_match_concurrent_calls_exactly(cluster, make_cache):
+    cache = make_cache()
+    cluster.sql("SELECT twotier.reset_stats()")
+    per_session, sessions = 150, 4
+
+    def run():
+        conn = cluster.connect()
+        for i in range(per_session):
+            call(conn, cache, str(i % 7 + 1))  # keys 6 and 7 do not exist: negative entries
+        conn.close()
+
+    threads = [threading.Thread(target=run) for _ in range(sessions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    s = cache.stats()
+    assert s["calls"] == per_session * sessions
+    assert s["l1_hits"] + s["l2_hits"] + s["negative_hits"] + s["misses"] == s["calls"]
+    assert cache.fetches() <= s["misses"] <= 7 * sessions
+    assert s["l1_hit_mean_us"] is not None and s["l1_hit_p99_us"] >= s["l1_hit_mean_us"] * 0.5
+
+
+def test_status_reports_the_tiers(db):
+    st = db.execute("SELECT twotier.status()").fetchone()[0]
+    assert st["preloaded"] is True
+    assert st["l2"]["reachable"] is True
+    assert st["l1"]["available"] is True and st["l1"]["worker"]["alive"] is True
+    assert st["l1"]["worker"]["subscribed"] is True
+
+
+def test_subscription_loss_flushes_l1(cluster, redis_server, cache):
+    c = cluster.connect()
+    call(c, cache, "1")
+    before = l1_status(c)
+    assert before["entries"] >= 1
+    redis_server.kill()
+    try:
+        assert wait_for(lambda: l1_status(c)["worker"]["subscription_losses"] > before["worker"]["subscription_losses"])
+        after = l1_status(c)
+        assert after["flushes"] > before["flushes"]
+        assert after["worker"]["subscribed"] is False
+    finally:
+        redis_server.start()
+    assert wait_for(lambda: l1_status(c)["worker"]["subscribed"], timeout=10)
+
+
+def test_l1_stays_bounded_under_ten_times_its_size():
+    redis = RedisServer().start()
+    pg = PgCluster(name="small", settings={"twotier.redis_url": redis.url, "twotier.l1_size_mb": 4}).start()
+    try:
+        pg.sql("CREATE EXTENSION twotier")
+        pg.sql("CREATE TABLE big(k int PRIMARY KEY, pad text)")
+        # 20 000 values of about 2 kB: about ten times the 4 MB L1.
+        pg.sql("INSERT INTO big SELECT g, repeat(md5(g::text), 64) FROM generate_series(1, 20000) g")
+        pg.sql("""SELECT twotier.define('big', $q$SELECT jsonb_build_object('k', k, 'pad', pad)
+                                                   FROM big WHERE k = $1::int$q$, '5 min', ARRAY['big(k)'])""")
+        (loaded,), = pg.sql("SELECT twotier.warm('big', 'SELECT k::text FROM big')")
+        assert loaded == 20000
+        with pg.connect() as c:
+            st = l1_status(c)
+            assert st["evictions"] > 0
+            assert 0 < st["used_bytes"] <= st["ring_bytes"] <= 4 * 1024 * 1024
+            # Entries that were evicted are read again correctly, from L2.
+            for k in (1, 2, 3, 19999, 20000):
+                v = c.execute("SELECT cached_big(%s)", (str(k),)).fetchone()[0]
+                assert v["k"] == k and len(v["pad"]) == 2048
+    finally:
+        pg.destroy()
+        redis.stop()
+
+
+def test_invalidation_reaches_the_l1_of_a_replica():
+    redis = RedisServer().start()
+    settings = {"twotier.redis_url": redis.url, "wal_level": "replica"}
+    primary = PgCluster(name="primary", settings=settings).start()
+    try:
+        primary.sql("CREATE EXTENSION twotier")
+        # No sequence in this query: a standby cannot run nextval().
+        primary.sql("CREATE TABLE rep(k int PRIMARY KEY, v text)")
+        primary.sql("INSERT INTO rep VALUES (1, 'v1')")
+        primary.sql("""SELECT twotier.define('rep', $q$SELECT jsonb_build_object('v', v) FROM rep
+                                                   WHERE k = $1::int$q$, '5 min', ARRAY['rep(k)'])""")
+        cache = type("C", (), {"name": "rep"})
+        replica = primary.replica()
+        replica.start()
+        p, r = primary.connect(), replica.connect()
+        assert wait_for(lambda: r.execute(f"SELECT to_regprocedure('cached_{cache.name}(text)')").fetchone()[0] is not None)
+        assert call(r, cache, "1")["v"] == "v1"
+        assert call(r, cache, "1")["v"] == "v1"
+        hits = r.execute("SELECT l1_hits FROM twotier.stats WHERE cache = %s", (cache.name,)).fetchone()[0]
+        assert hits >= 1, "the replica answers from its own L1"
+        p.execute(f"UPDATE {cache.name} SET v = 'changed on the primary' WHERE k = 1")
+        t0 = time.time()
+        assert wait_for(lambda: call(r, cache, "1")["v"] == "changed on the primary", timeout=1.0, step=0.01), \
+            "the replica's L1 still serves the old value a second after the commit"
+        print(f"replica saw the change after {time.time() - t0:.3f}s")
+        replica.destroy()
+    finally:
+        primary.destroy()
+        redis.stop()

@@ -112,9 +112,13 @@ fn bucket_upper_us(b: usize) -> f64 {
 }
 
 static mut TABLE: *const CacheStats = std::ptr::null();
+/// Serialises slot claims, so that two backends meeting a cache for the first time at the
+/// same moment cannot give it two slots (and split its counters).
+static mut CLAIM_LOCK: *const AtomicU32 = std::ptr::null();
+const HEADER: usize = 64;
 
 pub fn shmem_size() -> usize {
-    std::mem::size_of::<CacheStats>() * MAX_CACHES
+    HEADER + std::mem::size_of::<CacheStats>() * MAX_CACHES
 }
 
 /// # Safety
@@ -124,7 +128,8 @@ pub unsafe fn attach(ptr: *mut u8, fresh: bool) {
         if fresh {
             std::ptr::write_bytes(ptr, 0, shmem_size());
         }
-        TABLE = ptr as *const CacheStats;
+        CLAIM_LOCK = ptr as *const AtomicU32;
+        TABLE = ptr.add(HEADER) as *const CacheStats;
     }
 }
 
@@ -132,10 +137,33 @@ fn table() -> &'static [CacheStats] {
     unsafe {
         if TABLE.is_null() {
             // Not preloaded: counters for this backend only, in memory that lives as long as it.
-            let local: Vec<u8> = vec![0u8; shmem_size()];
-            TABLE = Box::leak(local.into_boxed_slice()).as_ptr() as *const CacheStats;
+            let local = Box::leak(vec![0u64; shmem_size() / 8 + 1].into_boxed_slice()).as_mut_ptr();
+            attach(local as *mut u8, false);
         }
         std::slice::from_raw_parts(TABLE, MAX_CACHES)
+    }
+}
+
+struct ClaimGuard(&'static AtomicU32);
+
+impl ClaimGuard {
+    fn acquire() -> Self {
+        table();
+        let lock = unsafe { &*CLAIM_LOCK };
+        // Held for a few hundred instructions, once per cache per backend.
+        while lock
+            .compare_exchange_weak(0, 1, std::sync::atomic::Ordering::Acquire, Relaxed)
+            .is_err()
+        {
+            std::hint::spin_loop();
+        }
+        ClaimGuard(lock)
+    }
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        self.0.store(0, std::sync::atomic::Ordering::Release);
     }
 }
 
@@ -147,6 +175,10 @@ fn database() -> u32 {
 pub fn for_cache(name: &str) -> &'static CacheStats {
     let db = database();
     let slots = table();
+    if let Some(s) = slots.iter().find(|s| s.name_matches(db, name)) {
+        return s;
+    }
+    let _claim = ClaimGuard::acquire();
     if let Some(s) = slots.iter().find(|s| s.name_matches(db, name)) {
         return s;
     }

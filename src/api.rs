@@ -128,6 +128,7 @@ fn invalidate_pattern(cache: &str, pattern: &str) -> i64 {
             if e.is_fault() {
                 def.stats.bump(Counter::RedisErrors);
             }
+            def.stats.add(Counter::Invalidations, in_l1 as u64);
             in_l1
         }
     }

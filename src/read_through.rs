@@ -111,8 +111,12 @@ pub fn get(name: &str, key: &str) -> Option<Datum> {
         }
     }
     let fill_l1 = |value: Option<Datum>, ttl: i64| {
-        if use_l1 && !l1::fill(&tier_key, hash, generation, value.map(varlena_bytes), ttl) {
-            def.stats.bump(Counter::FillsRejected);
+        if use_l1 {
+            if l1::fill(&tier_key, hash, generation, value.map(varlena_bytes), ttl) {
+                def.stats.bump(Counter::Fills);
+            } else {
+                def.stats.bump(Counter::FillsRejected);
+            }
         }
     };
 

@@ -54,14 +54,16 @@ CREATE TABLE IF NOT EXISTS widget_events (
 CREATE INDEX IF NOT EXISTS widget_events_domain ON widget_events(domain_id, created_at);
 
 -- Adds n tenants (domains shop-00001.example.com, ...) with their configs, FAQ and events.
--- Deterministic names, so demo and benchmark scripts can address them.
+-- Deterministic names and ids, so demo and benchmark scripts can address them.
 CREATE OR REPLACE FUNCTION example_generate(n int) RETURNS int
 LANGUAGE plpgsql AS $$
 DECLARE
     first int := coalesce((SELECT max(substring(domain FROM 'shop-(\d+)')::int) FROM domains), 0) + 1;
 BEGIN
-    INSERT INTO domains (domain, customer_id, status, plan, created_at)
-    SELECT format('shop-%s.example.com', lpad(g::text, 5, '0')), gen_random_uuid(),
+    -- Ids derive from the name (md5(domain)::uuid) so that scripts can compute them.
+    INSERT INTO domains (id, domain, customer_id, status, plan, created_at)
+    SELECT md5(format('shop-%s.example.com', lpad(g::text, greatest(5, length(g::text)), '0')))::uuid,
+           format('shop-%s.example.com', lpad(g::text, greatest(5, length(g::text)), '0')), gen_random_uuid(),
            (ARRAY['active', 'active', 'active', 'trial', 'suspended'])[1 + g % 5],
            (ARRAY['starter', 'growth', 'enterprise'])[1 + g % 3],
            now() - (g % 900) * interval '1 day'

@@ -430,14 +430,14 @@ class Bench:
         labels = [f"{r['group']}: {r['path']}" for r in rows]
         fig, ax = plt.subplots(figsize=(11, 0.38 * len(rows) + 1.5))
         colors = ["#9ca3af" if r["group"] == "floor" else "#ef4444" if "raw" in r["path"] else
-                  "#10b981" if "L1" in r["path"] else "#3b82f6" if "L2" in r["path"] else
+                  "#3b82f6" if "L2" in r["path"] else "#10b981" if "L1" in r["path"] else
                   "#f59e0b" if "miss" in r["path"] else "#6b7280" for r in rows]
         ax.barh(labels, [r["mean_us"] for r in rows], color=colors)
         for i, r in enumerate(rows):
             ax.text(r["mean_us"], i, f" {r['mean_us']:.0f} µs", va="center", fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel("mean latency per call, 1 client, pgbench -M prepared (µs, lower is better)")
-        ax.set_title("twotier: latency per path (grey floor, red raw query, green L1, blue L2, amber miss)")
+        ax.set_title("twotier latency per path: grey floor, red raw query, green L1, blue L2, amber miss", fontsize=10)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
 
@@ -498,7 +498,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small and short: checks the runner, not the numbers")
     ap.add_argument("--no-write", action="store_true", help="print only; leave bench/results and BENCHMARKS.md alone")
+    ap.add_argument("--chart-only", action="store_true", help="redraw bench/results/latency.png from latest.csv")
     args = ap.parse_args()
+    if args.chart_only:
+        b = Bench(quick=False)
+        with open(RESULTS / "latest.csv") as f:
+            b.rows = [dict(r, clients=int(r["clients"]), mean_us=float(r["mean_us"])) for r in csv.DictReader(f)]
+        b.chart(RESULTS / "latency.png")
+        shutil.rmtree(b.work, ignore_errors=True)
+        return
     b = Bench(args.quick)
     t0 = time.time()
     try:

@@ -267,6 +267,14 @@ impl Partition {
         h.tombs += 1;
     }
 
+    /// Removes the entry of index slot `i` and keeps the server-wide counters in step.
+    fn remove(&self, i: usize, shared: &L1Shared) {
+        let total = unsafe { (*self.entry(self.slot(i).off - 2)).total };
+        self.kill_slot(i);
+        shared.live_entries.fetch_sub(1, Ordering::Relaxed);
+        shared.used_bytes.fetch_sub(total as i64, Ordering::Relaxed);
+    }
+
     /// Evicts the oldest entries until `need` bytes fit contiguously at `head`.
     fn make_room(&self, need: usize, shared: &L1Shared) {
         let h = self.hdr();
@@ -307,10 +315,8 @@ impl Partition {
             let (total, flags, hash) = unsafe { ((*e).total as u64, (*e).flags, (*e).hash) };
             if flags & FLAG_DEAD == 0 {
                 if let Some(i) = self.slot_of(hash, h.tail) {
-                    self.kill_slot(i);
+                    self.remove(i, shared);
                     shared.evictions.fetch_add(1, Ordering::Relaxed);
-                    shared.live_entries.fetch_sub(1, Ordering::Relaxed);
-                    shared.used_bytes.fetch_sub(total as i64, Ordering::Relaxed);
                 }
             }
             h.tail += total.max(ALIGN as u64);
@@ -433,12 +439,7 @@ pub fn fill(key: &str, hash: u64, seen_generation: u64, value: Option<&[u8]>, tt
         return false;
     }
     if let Some(i) = p.find(key.as_bytes(), hash) {
-        let old_total = unsafe { (*p.entry(p.slot(i).off - 2)).total };
-        p.kill_slot(i);
-        shared.live_entries.fetch_sub(1, Ordering::Relaxed);
-        shared
-            .used_bytes
-            .fetch_sub(old_total as i64, Ordering::Relaxed);
+        p.remove(i, shared);
     }
     p.make_room(total, shared);
     let h = p.hdr();
@@ -507,12 +508,7 @@ pub fn invalidate(key: &str) -> bool {
     shared.invalidations.fetch_add(1, Ordering::Relaxed);
     match p.find(key.as_bytes(), hash) {
         Some(i) => {
-            let old_total = unsafe { (*p.entry(p.slot(i).off - 2)).total };
-            p.kill_slot(i);
-            shared.live_entries.fetch_sub(1, Ordering::Relaxed);
-            shared
-                .used_bytes
-                .fetch_sub(old_total as i64, Ordering::Relaxed);
+            p.remove(i, shared);
             true
         }
         None => false,
@@ -566,11 +562,8 @@ pub fn invalidate_matching(prefix: &str, keep: impl Fn(&str) -> bool) -> i64 {
             }
             let key = std::str::from_utf8(p.entry_key(e)).unwrap_or("");
             if key.starts_with(prefix) && keep(key) {
-                let total = unsafe { (*e).total };
                 shared.gens[(s.hash as usize) % GEN_SLOTS].fetch_add(1, Ordering::AcqRel);
-                p.kill_slot(i);
-                shared.live_entries.fetch_sub(1, Ordering::Relaxed);
-                shared.used_bytes.fetch_sub(total as i64, Ordering::Relaxed);
+                p.remove(i, shared);
                 dropped += 1;
             }
         }

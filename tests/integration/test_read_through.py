@@ -251,3 +251,33 @@ def test_no_stale_read_after_commit_under_concurrency(cluster, cache):
     assert not stale, stale[:5]
     s = cache.stats()
     assert s["l1_hits"] + s["l2_hits"] > 0, "the readers did use the cache"
+
+
+def test_garbage_in_redis_is_replaced_from_the_source(cluster, redis_server, cache):
+    c = cluster.connect()
+    c.execute("SET twotier.l1_enabled = off")
+    warnings = []
+    c.add_notice_handler(lambda d: warnings.append(d.message_primary))
+    good = call(c, cache, "1")
+    redis_server.client().set(cache.redis_key("1"), b'{"broken": ')
+    assert call(c, cache, "1")["v"] == good["v"], "garbage is not an ERROR: the source answers"
+    assert any("unreadable value" in w for w in warnings)
+    assert json.loads(cache.redis_value("1"))["v"] == good["v"], "and the garbage was replaced"
+    assert cache.stats()["redis_errors"] >= 1
+
+
+def test_full_redis_still_answers(cluster, redis_server, cache):
+    r = redis_server.client()
+    used = int(r.info("memory")["used_memory"])
+    r.config_set("maxmemory-policy", "noeviction")
+    r.config_set("maxmemory", used + 1024)
+    try:
+        c = cluster.connect()
+        c.execute("SET twotier.l1_enabled = off")
+        for k in ("1", "2", "3", "4", "5"):
+            assert call(c, cache, k)["v"] == f"v{k}"
+        s = cache.stats()
+        assert s["misses"] == 5 and s["fills"] == 0, "nothing could be stored, everything answered"
+        assert s["redis_errors"] >= 1
+    finally:
+        r.config_set("maxmemory", 0)

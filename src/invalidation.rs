@@ -147,11 +147,14 @@ fn deliver(pending: HashMap<String, PendingCache>) {
             }
         }
     }
-    let announced = ANNOUNCED.with(|a| a.borrow().len());
-    for (key, _) in &batch {
-        if announced > 0 {
-            l1::end_invalidation(key);
-        } else {
+    // Release exactly what PRE_COMMIT took: the in-flight counters are shared, so releasing a
+    // key this transaction did not announce would release another writer's.
+    let announced = ANNOUNCED.with(|a| std::mem::take(&mut *a.borrow_mut()));
+    for (key, _) in &announced {
+        l1::end_invalidation(key);
+    }
+    if announced.is_empty() {
+        for (key, _) in &batch {
             l1::invalidate(key);
         }
     }

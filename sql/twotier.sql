@@ -9,6 +9,10 @@ BEGIN
 END
 $$;
 
+-- Every role may call what it has been granted in here (cached functions inline to
+-- twotier.get, and the view); the functions themselves carry the real privileges.
+GRANT USAGE ON SCHEMA twotier TO PUBLIC;
+
 CREATE TABLE twotier.caches (
     name text PRIMARY KEY
         CHECK (name ~ '^[a-z_][a-z0-9_]*$' AND length(name) <= 48),
@@ -167,6 +171,8 @@ BEGIN
     -- Not an extension member (pg_dump must keep it), but gone with DROP EXTENSION ... CASCADE.
     EXECUTE format('ALTER FUNCTION %s DEPENDS ON EXTENSION twotier', fn);
     EXECUTE format('ALTER FUNCTION %s OWNER TO %I', fn, caller::regrole);
+    -- The query runs with the owner's rights: reading the cache is granted explicitly.
+    EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', fn);
     EXECUTE format('COMMENT ON FUNCTION %s IS %L', fn, format('twotier cache %s (ttl %s): %s', name, ttl, query));
 
     FOR i IN 1 .. coalesce(array_length(parsed, 1), 0) / 2 LOOP

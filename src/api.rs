@@ -91,6 +91,7 @@ fn set_value(cache: &str, key: &str, value: JsonB) {
 #[pg_extern(volatile, parallel_unsafe)]
 fn invalidate(cache: &str, key: &str) {
     let def = catalog::lookup(cache);
+    catalog::require_read(&def);
     let l2_key = keys::full_key(&def.key_prefix, key);
     if let Err(e) = l2_redis::invalidate(&[(l2_key.clone(), def.ttl_s)], 0) {
         if e.is_fault() {
@@ -137,6 +138,7 @@ fn invalidate_pattern(cache: &str, pattern: &str) -> i64 {
 #[pg_extern(name = "exists", volatile, parallel_unsafe)]
 fn exists_entry(cache: &str, key: &str) -> bool {
     let def = catalog::lookup(cache);
+    catalog::require_read(&def);
     let l2_key = keys::full_key(&def.key_prefix, key);
     matches!(
         l2_redis::get(&l2_key),

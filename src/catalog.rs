@@ -23,6 +23,10 @@ pub struct CacheDef {
     /// `<prefix>:<db>:<name>:v<version>:`, the start of every L2 key of this definition.
     pub key_prefix: String,
     pub stats: &'static CacheStats,
+    /// `cached_<name>(text)`: its EXECUTE privilege is the right to read the cache.
+    pub function: Oid,
+    /// The last role checked against `function`'s ACL, and the answer.
+    pub allowed: Cell<Option<(Oid, bool)>>,
     /// The source query, prepared once per backend on first miss.
     pub plan: Cell<Option<pg_sys::SPIPlanPtr>>,
 }
@@ -51,6 +55,16 @@ extern "C-unwind" {
         func: Option<unsafe extern "C-unwind" fn(arg: Datum, relid: Oid)>,
         arg: Datum,
     );
+    fn CacheRegisterSyscacheCallback(
+        cacheid: i32,
+        func: Option<unsafe extern "C-unwind" fn(arg: Datum, cacheid: i32, hashvalue: u32)>,
+        arg: Datum,
+    );
+}
+
+unsafe extern "C-unwind" fn on_proc_invalidation(_arg: Datum, _cacheid: i32, _hash: u32) {
+    // A GRANT or REVOKE on a cached function changes who may read the cache.
+    DEFS_STALE.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
 fn guarded<T>(f: impl FnOnce() -> T) -> T {
@@ -68,6 +82,13 @@ unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: Datum, relid: Oid) {
 pub fn init() {
     guarded(|| unsafe {
         CacheRegisterRelcacheCallback(Some(on_relcache_invalidation), Datum::from(0))
+    });
+    guarded(|| unsafe {
+        CacheRegisterSyscacheCallback(
+            pg_sys::SysCacheIdentifier::PROCOID as i32,
+            Some(on_proc_invalidation),
+            Datum::from(0),
+        )
     });
 }
 
@@ -130,7 +151,7 @@ fn load(name: &str) -> Option<CacheDef> {
     let row = Spi::connect(|client| {
         let table = client.select(
             "SELECT query, extract(epoch FROM ttl)::bigint, extract(epoch FROM negative_ttl)::bigint,
-                    version, owner::oid, search_path
+                    version, owner::oid, search_path, function::oid
                FROM twotier.caches WHERE name = $1",
             Some(1),
             &[name.into()],
@@ -146,10 +167,11 @@ fn load(name: &str) -> Option<CacheDef> {
             row.get::<i64>(4)?.unwrap_or(0),
             row.get::<Oid>(5)?.unwrap_or(Oid::INVALID),
             row.get::<String>(6)?.unwrap_or_default(),
+            row.get::<Oid>(7)?.unwrap_or(Oid::INVALID),
         )))
     })
     .unwrap_or_else(|e| pgrx::error!("twotier: reading twotier.caches failed: {e}"))?;
-    let (query, ttl_s, negative_ttl_s, version, owner, search_path) = row;
+    let (query, ttl_s, negative_ttl_s, version, owner, search_path, function) = row;
     let key_prefix = keys::cache_prefix(crate::gucs::key_prefix(), &database_name(), name, version);
     Some(CacheDef {
         name: name.to_string(),
@@ -160,8 +182,38 @@ fn load(name: &str) -> Option<CacheDef> {
         search_path: CString::new(search_path).unwrap_or_default(),
         key_prefix,
         stats: stats::for_cache(name),
+        function,
+        allowed: Cell::new(None),
         plan: Cell::new(None),
     })
+}
+
+/// Raises an ERROR unless the current role may execute the cache's function: reading a
+/// cache, through `cached_<name>` or the generic calls, needs an explicit GRANT.
+pub fn require_read(def: &CacheDef) {
+    let user = unsafe { pg_sys::GetUserId() };
+    let allowed = match def.allowed.get() {
+        Some((u, ok)) if u == user => ok,
+        _ => {
+            let ok = unsafe {
+                pg_sys::pg_proc_aclcheck(def.function, user, pg_sys::ACL_EXECUTE as pg_sys::AclMode)
+            } == pg_sys::AclResult::ACLCHECK_OK;
+            def.allowed.set(Some((user, ok)));
+            ok
+        }
+    };
+    if !allowed {
+        pg_sys::panic::ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("twotier: permission denied for cache \"{}\"", def.name),
+            "twotier",
+        )
+        .set_hint(format!(
+            "Its owner can GRANT EXECUTE ON FUNCTION cached_{}(text) TO the role.",
+            def.name
+        ))
+        .report(PgLogLevel::ERROR);
+    }
 }
 
 fn warn_once_if_not_preloaded() {

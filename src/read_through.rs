@@ -73,6 +73,7 @@ pub fn get(name: &str, key: &str) -> Option<Datum> {
     let started = Instant::now();
     catalog::accept_invalidations();
     let def = catalog::lookup(name);
+    catalog::require_read(&def);
     if key.len() > gucs::max_key_bytes() {
         CallError::KeyTooLong {
             len: key.len(),

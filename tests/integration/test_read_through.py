@@ -281,3 +281,28 @@ def test_full_redis_still_answers(cluster, redis_server, cache):
         assert s["redis_errors"] >= 1
     finally:
         r.config_set("maxmemory", 0)
+
+
+def test_reading_a_cache_needs_an_explicit_grant(cluster, cache):
+    cluster.sql("DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'app_reader') "
+                "THEN CREATE ROLE app_reader; END IF; END $$")
+    c = cluster.connect()
+    c.execute("SET ROLE app_reader")
+    fn = f"cached_{cache.name}(text)"
+    for q in (f"SELECT cached_{cache.name}('1')", f"SELECT twotier.get('{cache.name}', '1')"):
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute(q)
+    cluster.sql(f"GRANT EXECUTE ON FUNCTION {fn} TO app_reader")
+    # The role cannot read the table, but the cache answers with its definer's rights.
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        c.execute(f"SELECT v FROM {cache.name} WHERE k = 1")
+    assert call(c, cache, "1")["v"] == "v1"
+    assert c.execute(f"SELECT twotier.get('{cache.name}', '1')->>'v'").fetchone()[0] == "v1"
+    # Administrative calls stay with the owner and twotier_admin.
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        c.execute(f"SELECT twotier.set('{cache.name}', '1', '{{}}')")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        c.execute(f"SELECT twotier.flush('{cache.name}')")
+    cluster.sql(f"REVOKE EXECUTE ON FUNCTION {fn} FROM app_reader")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        c.execute(f"SELECT twotier.get('{cache.name}', '1')")

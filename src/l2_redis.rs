@@ -272,6 +272,20 @@ pub fn get(key: &str) -> Result<Lookup, L2Error> {
     })
 }
 
+/// GET and the entry's remaining life in seconds (rounded up), in one round trip: an entry
+/// copied into L1 must not outlive its L2 original.
+pub fn get_with_ttl(key: &str) -> Result<(Lookup, Option<i64>), L2Error> {
+    with_connection(|con, _| {
+        let (raw, pttl): (Option<Vec<u8>>, i64) = redis::pipe()
+            .cmd("GET")
+            .arg(key)
+            .cmd("PTTL")
+            .arg(key)
+            .query(con)?;
+        Ok((classify(raw), (pttl > 0).then(|| (pttl + 999) / 1000)))
+    })
+}
+
 pub fn classify(raw: Option<Vec<u8>>) -> Lookup {
     match raw {
         Some(v) if v == NEGATIVE => Lookup::Negative,

@@ -121,12 +121,16 @@ pub fn get(name: &str, key: &str) -> Option<Datum> {
         }
     };
 
-    let (seen, l2_usable) = match l2_redis::get(&tier_key) {
+    let (lookup, remaining_s) = match l2_redis::get_with_ttl(&tier_key) {
+        Ok((lookup, remaining)) => (Ok(lookup), remaining),
+        Err(e) => (Err(e), None),
+    };
+    let (seen, l2_usable) = match lookup {
         Ok(Lookup::Value(text)) => {
             match jsonb_from_text(&text) {
                 Some(datum) => {
                     def.stats.bump(Counter::L2Hits);
-                    fill_l1(Some(datum), def.ttl_s);
+                    fill_l1(Some(datum), remaining_s.unwrap_or(def.ttl_s).min(def.ttl_s));
                     def.stats.record(Path::L2Hit, started.elapsed());
                     log_event("HIT", &def, key, " (l2)");
                     return Some(datum);
@@ -140,7 +144,12 @@ pub fn get(name: &str, key: &str) -> Option<Datum> {
         }
         Ok(Lookup::Negative) => {
             def.stats.bump(Counter::NegativeHits);
-            fill_l1(None, def.negative_ttl_s);
+            fill_l1(
+                None,
+                remaining_s
+                    .unwrap_or(def.negative_ttl_s)
+                    .min(def.negative_ttl_s),
+            );
             def.stats.record(Path::L2Hit, started.elapsed());
             log_event("HIT", &def, key, " (l2, no row)");
             return None;

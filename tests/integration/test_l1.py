@@ -145,3 +145,15 @@ def test_invalidation_reaches_the_l1_of_a_replica():
     finally:
         primary.destroy()
         redis.stop()
+
+
+def test_an_l1_copy_never_outlives_its_l2_entry(cluster, redis_server, make_cache):
+    cache = make_cache()
+    c = cluster.connect()
+    # An entry that Redis will drop in 2 s, although the cache's TTL is 5 minutes.
+    redis_server.client().set(cache.redis_key("1"), b'{"v": "from redis"}', ex=2)
+    assert call(c, cache, "1") == {"v": "from redis"}
+    assert call(c, cache, "1") == {"v": "from redis"}
+    assert cache.stats()["l1_hits"] == 1, "the L2 value was copied into L1"
+    time.sleep(2.5)
+    assert call(c, cache, "1")["v"] == "v1", "the L1 copy expired with its L2 original"

@@ -86,15 +86,11 @@ unsafe extern "C-unwind" fn on_xact_event(
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
             PENDING.with(|p| p.borrow_mut().clear());
             // Aborted after PRE_COMMIT: release the keys (invalidating them is harmless).
-            let announced = ANNOUNCED.with(|a| std::mem::take(&mut *a.borrow_mut()));
+            let announced = ANNOUNCED.with(|a| a.borrow().clone());
             if !announced.is_empty() {
-                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    let _ = l2_redis::invalidate(&announced, 0);
-                    for (key, _) in &announced {
-                        l1::end_invalidation(key);
-                    }
-                }));
+                let _ = std::panic::catch_unwind(|| complete(&announced, 0));
             }
+            ANNOUNCED.with(|a| a.borrow_mut().clear());
         }
         _ => {}
     }
@@ -137,16 +133,20 @@ fn deliver(pending: HashMap<String, PendingCache>) {
             batch.push((k.clone(), cache.ttl_s));
         }
     }
-    // L2 first, then L1: a reader that sees the L1 generation move has to find the L2
-    // tombstone too, or it could refill L1 from the old L2 value.
-    let commit_lsn = unsafe { pg_sys::XactLastCommitEnd };
-    if let Err(e) = l2_redis::invalidate(&batch, commit_lsn) {
+    if let Err(e) = complete(&batch, unsafe { pg_sys::XactLastCommitEnd }) {
         if e.is_fault() {
             for cache in pending.values() {
                 cache.stats.bump(Counter::RedisErrors);
             }
         }
     }
+}
+
+/// The end of an invalidation in both tiers. L2 first, then L1: a reader that sees the L1
+/// generation move has to find the L2 tombstone too, or it could refill L1 from the old L2
+/// value.
+fn complete(batch: &[(String, i64)], commit_lsn: u64) -> Result<(), l2_redis::L2Error> {
+    let result = l2_redis::invalidate(batch, commit_lsn);
     // Release exactly what PRE_COMMIT took: the in-flight counters are shared, so releasing a
     // key this transaction did not announce would release another writer's.
     let announced = ANNOUNCED.with(|a| std::mem::take(&mut *a.borrow_mut()));
@@ -154,10 +154,11 @@ fn deliver(pending: HashMap<String, PendingCache>) {
         l1::end_invalidation(key);
     }
     if announced.is_empty() {
-        for (key, _) in &batch {
+        for (key, _) in batch {
             l1::invalidate(key);
         }
     }
+    result
 }
 
 /// Trigger entry point: keys of `cache` changed by the current statement.

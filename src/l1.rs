@@ -161,10 +161,15 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// The generation and in-flight slot of a key hash.
+fn gen_slot(hash: u64) -> usize {
+    (hash as usize) % GEN_SLOTS
+}
+
 /// The generation of `hash`'s slot; read it before fetching a value that will be filled.
 pub fn generation(hash: u64) -> u64 {
     shared()
-        .map(|s| s.gens[(hash as usize) % GEN_SLOTS].load(Ordering::Acquire))
+        .map(|s| s.gens[gen_slot(hash)].load(Ordering::Acquire))
         .unwrap_or(0)
 }
 
@@ -432,7 +437,7 @@ pub fn fill(key: &str, hash: u64, seen_generation: u64, value: Option<&[u8]>, tt
     }
     let ttl_ms = ttl_s.min(gucs::l1_max_age_s()).max(1) * 1000;
     let _g = p.lock(true);
-    let slot = (hash as usize) % GEN_SLOTS;
+    let slot = gen_slot(hash);
     if shared.gens[slot].load(Ordering::Acquire) != seen_generation
         || shared.inflight[slot].load(Ordering::Acquire) > 0
     {
@@ -478,33 +483,38 @@ pub fn fill(key: &str, hash: u64, seen_generation: u64, value: Option<&[u8]>, tt
 }
 
 fn in_flight(hash: u64) -> bool {
-    shared().is_some_and(|s| s.inflight[(hash as usize) % GEN_SLOTS].load(Ordering::Acquire) > 0)
+    shared().is_some_and(|s| s.inflight[gen_slot(hash)].load(Ordering::Acquire) > 0)
 }
 
 /// First half of a commit-time invalidation, at PRE_COMMIT: drops `key` and keeps L1 out of
 /// play for it until [`end_invalidation`].
 pub fn begin_invalidation(key: &str) {
     let Some(shared) = shared() else { return };
-    shared.inflight[(hash_key(key) as usize) % GEN_SLOTS].fetch_add(1, Ordering::AcqRel);
-    invalidate(key);
+    let hash = hash_key(key);
+    shared.inflight[gen_slot(hash)].fetch_add(1, Ordering::AcqRel);
+    invalidate_hashed(key, hash);
 }
 
 /// Second half, after the commit is visible (or the transaction aborted).
 pub fn end_invalidation(key: &str) {
     let Some(shared) = shared() else { return };
-    invalidate(key);
-    let slot = &shared.inflight[(hash_key(key) as usize) % GEN_SLOTS];
+    let hash = hash_key(key);
+    invalidate_hashed(key, hash);
+    let slot = &shared.inflight[gen_slot(hash)];
     let _ = slot.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
 }
 
 /// Drops `key` and moves its generation, so that fills already in flight are refused.
 pub fn invalidate(key: &str) -> bool {
-    let hash = hash_key(key);
+    invalidate_hashed(key, hash_key(key))
+}
+
+fn invalidate_hashed(key: &str, hash: u64) -> bool {
     let (Some(shared), Some(p)) = (shared(), partition(hash)) else {
         return false;
     };
     let _g = p.lock(true);
-    shared.gens[(hash as usize) % GEN_SLOTS].fetch_add(1, Ordering::AcqRel);
+    shared.gens[gen_slot(hash)].fetch_add(1, Ordering::AcqRel);
     shared.invalidations.fetch_add(1, Ordering::Relaxed);
     match p.find(key.as_bytes(), hash) {
         Some(i) => {
@@ -562,7 +572,7 @@ pub fn invalidate_matching(prefix: &str, keep: impl Fn(&str) -> bool) -> i64 {
             }
             let key = std::str::from_utf8(p.entry_key(e)).unwrap_or("");
             if key.starts_with(prefix) && keep(key) {
-                shared.gens[(s.hash as usize) % GEN_SLOTS].fetch_add(1, Ordering::AcqRel);
+                shared.gens[gen_slot(s.hash)].fetch_add(1, Ordering::AcqRel);
                 p.remove(i, shared);
                 dropped += 1;
             }

@@ -124,6 +124,23 @@ fn tombstone_value(state: &mut State) -> String {
     )
 }
 
+/// Queues `SET key value EX ttl` for each key: how tombstones and in-flight markers are
+/// written, each expiring like the entry it replaces.
+fn queue_sets<'a>(
+    pipe: &mut redis::Pipeline,
+    keys: impl IntoIterator<Item = (&'a str, i64)>,
+    value: &str,
+) {
+    for (key, ttl) in keys {
+        pipe.cmd("SET")
+            .arg(key)
+            .arg(value)
+            .arg("EX")
+            .arg(ttl.max(1))
+            .ignore();
+    }
+}
+
 fn deliver(
     con: &mut redis::Connection,
     tombstone: &str,
@@ -133,16 +150,13 @@ fn deliver(
     let channel = crate::worker::channel();
     for chunk in keys.chunks(1000) {
         let mut pipe = redis::pipe();
-        for (key, ttl) in chunk {
-            // A tombstone rather than DEL, so that fills racing with this invalidation fail
-            // their compare-and-set; it expires like the entry it replaces.
-            pipe.cmd("SET")
-                .arg(key)
-                .arg(tombstone)
-                .arg("EX")
-                .arg((*ttl).max(1))
-                .ignore();
-        }
+        // A tombstone rather than DEL, so that fills racing with this invalidation fail
+        // their compare-and-set.
+        queue_sets(
+            &mut pipe,
+            chunk.iter().map(|(k, t)| (k.as_str(), *t)),
+            tombstone,
+        );
         // Every server sharing this Redis drops the keys from its L1.
         let names: Vec<&str> = chunk.iter().map(|(k, _)| k.as_str()).collect();
         pipe.cmd("PUBLISH")
@@ -355,14 +369,11 @@ pub fn mark_in_flight(keys: &[(String, i64)]) -> Result<(), L2Error> {
         let marker = tombstone.replacen("!inval:", "!inflight:", 1);
         for chunk in keys.chunks(1000) {
             let mut pipe = redis::pipe();
-            for (key, ttl) in chunk {
-                pipe.cmd("SET")
-                    .arg(key)
-                    .arg(&marker)
-                    .arg("EX")
-                    .arg((*ttl).max(1))
-                    .ignore();
-            }
+            queue_sets(
+                &mut pipe,
+                chunk.iter().map(|(k, t)| (k.as_str(), *t)),
+                &marker,
+            );
             pipe.query::<()>(con)?;
         }
         Ok(())
@@ -393,14 +404,11 @@ pub fn invalidate_matching(
                 for k in &matched {
                     pipe.cmd("GET").arg(k);
                 }
-                for k in &matched {
-                    pipe.cmd("SET")
-                        .arg(k)
-                        .arg(tombstone)
-                        .arg("EX")
-                        .arg(ttl_s.max(1))
-                        .ignore();
-                }
+                queue_sets(
+                    &mut pipe,
+                    matched.iter().map(|k| (k.as_str(), ttl_s)),
+                    tombstone,
+                );
                 let names: Vec<&str> = matched.iter().map(String::as_str).collect();
                 pipe.cmd("PUBLISH")
                     .arg(crate::worker::channel())

@@ -34,6 +34,25 @@ SELECT pg_catalog.pg_extension_config_dump('twotier.caches', '');
 COMMENT ON TABLE twotier.caches IS 'One row per cache created by twotier.define(); change it only through define, drop and flush.';
 GRANT SELECT ON twotier.caches TO PUBLIC;
 
+-- Invalidations that could not be put in Redis before their commit became visible, written
+-- in the writer's transaction (so they commit, or vanish, with the change itself) and deleted
+-- by the outbox worker once delivered. While a database has rows here, no backend of this
+-- server reads or fills L2. No role but the extension's owner reads it: keys can be personal.
+CREATE TABLE twotier.outbox (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    key text NOT NULL,
+    ttl_s int NOT NULL,
+    queued_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+COMMENT ON TABLE twotier.outbox IS 'Invalidations not yet delivered to Redis; L2 is not used while this has rows. Managed by twotier.';
+REVOKE ALL ON twotier.outbox FROM PUBLIC;
+
+-- The trigger of every watched table. C, not SECURITY DEFINER: it only collects keys, and
+-- evaluates a key expression as the cache's owner. Only define() attaches it.
+CREATE FUNCTION twotier._trigger() RETURNS trigger
+    LANGUAGE c AS 'MODULE_PATHNAME', 'twotier_trigger';
+REVOKE ALL ON FUNCTION twotier._trigger() FROM PUBLIC;
+
 CREATE FUNCTION twotier._next_version(old bigint DEFAULT 0) RETURNS bigint
 LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
     SELECT greatest(coalesce(old, 0) + 1,
@@ -48,11 +67,25 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
         OR (SELECT rolsuper FROM pg_roles WHERE oid = caller)
 $$;
 
+-- The triggers define() made for cache `name` (not their clones on partitions, which go with
+-- them): the first trigger argument is the cache's name.
+CREATE FUNCTION twotier._triggers_of(name text) RETURNS TABLE (tgname name, tgrelid regclass)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT t.tgname, t.tgrelid::regclass
+      FROM pg_trigger t
+     WHERE t.tgfoid = 'twotier._trigger()'::regprocedure AND t.tgparentid = 0
+       AND (string_to_array(encode(t.tgargs, 'escape'), '\000'))[1] = name
+$$;
+
 CREATE FUNCTION twotier._drop_objects(c twotier.caches) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
 DECLARE
     f regprocedure;
+    t record;
 BEGIN
+    FOR t IN SELECT * FROM twotier._triggers_of(c.name) LOOP
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', t.tgname, t.tgrelid);
+    END LOOP;
     FOREACH f IN ARRAY c.trigger_functions LOOP
         -- CASCADE takes the triggers that call it; nothing else depends on these functions.
         EXECUTE format('DROP FUNCTION IF EXISTS %s CASCADE', f);
@@ -178,38 +211,20 @@ BEGIN
     FOR i IN 1 .. coalesce(array_length(parsed, 1), 0) / 2 LOOP
         tbl := parsed[2 * i - 1]::regclass;
         expr := parsed[2 * i];
-        trig_fn := format('twotier.%I', format('_inv_%s_%s', name, i));
-        -- SECURITY DEFINER owned by the cache's owner: the key expression runs with the rights
-        -- of whoever defined it, never with those of the session that wrote the table.
-        EXECUTE format($f$CREATE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER
-            SET search_path = %L AS $body$
-            BEGIN
-                IF TG_OP = 'TRUNCATE' THEN
-                    PERFORM twotier._collect_truncate(%L);
-                ELSIF TG_OP = 'INSERT' THEN
-                    PERFORM twotier._collect(%L, ARRAY(SELECT DISTINCT (%s)::text FROM new_rows));
-                ELSIF TG_OP = 'DELETE' THEN
-                    PERFORM twotier._collect(%L, ARRAY(SELECT DISTINCT (%s)::text FROM old_rows));
-                ELSE
-                    PERFORM twotier._collect(%L, ARRAY(SELECT (%s)::text FROM old_rows
-                                                       UNION SELECT (%s)::text FROM new_rows));
-                END IF;
-                RETURN NULL;
-            END
-            $body$$f$, trig_fn, caller_search_path, name, name, expr, name, expr, name, expr, expr);
-        EXECUTE format('ALTER FUNCTION %s() DEPENDS ON EXTENSION twotier', trig_fn);
-        EXECUTE format('ALTER FUNCTION %s() OWNER TO %I', trig_fn, caller::regrole);
-        trig_fns := trig_fns || format('%s()', trig_fn)::regprocedure;
-        EXECUTE format('CREATE TRIGGER %I AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows
-                        FOR EACH STATEMENT EXECUTE FUNCTION %s()', format('twotier_%s_%s_ins', name, i), tbl, trig_fn);
-        EXECUTE format('CREATE TRIGGER %I AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-                        FOR EACH STATEMENT EXECUTE FUNCTION %s()', format('twotier_%s_%s_upd', name, i), tbl, trig_fn);
-        EXECUTE format('CREATE TRIGGER %I AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows
-                        FOR EACH STATEMENT EXECUTE FUNCTION %s()', format('twotier_%s_%s_del', name, i), tbl, trig_fn);
-        EXECUTE format('CREATE TRIGGER %I AFTER TRUNCATE ON %s
-                        FOR EACH STATEMENT EXECUTE FUNCTION %s()', format('twotier_%s_%s_trunc', name, i), tbl, trig_fn);
+        trig_fn := format('twotier_%s_%s', name, i);
+        -- Row triggers are cloned onto every partition, present and future, so DML aimed at a
+        -- partition is seen. ENABLE ALWAYS: logical replication apply (and any session with
+        -- session_replication_role = replica) changes rows too.
+        EXECUTE format('CREATE TRIGGER %I AFTER INSERT OR UPDATE OR DELETE ON %s
+                        FOR EACH ROW EXECUTE FUNCTION twotier._trigger(%L, %L, %L)',
+                       trig_fn, tbl, name, tbl::oid, expr);
+        EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER %I', tbl, trig_fn);
+        PERFORM twotier._watch_truncate(tbl, trig_fn || '_trunc', name, expr);
     END LOOP;
 
+    -- Writers resolve their keys' version at PRE_COMMIT under this cache's lock; taking it
+    -- last keeps define from waiting on a writer that waits on define.
+    PERFORM twotier._lock_cache(name);
     IF old.name IS NOT NULL THEN
         UPDATE twotier.caches c SET query = _define.query, ttl = _define.ttl, negative_ttl = _define.negative_ttl,
                watch = coalesce(_define.watch, '{}'), version = twotier._next_version(c.version),
@@ -221,7 +236,6 @@ BEGIN
         VALUES (name, query, ttl, negative_ttl, coalesce(watch, '{}'), twotier._next_version(), caller,
                 caller_search_path, fn, trig_fns);
     END IF;
-    EXECUTE format('GRANT EXECUTE ON FUNCTION twotier._collect_truncate(text) TO %I', caller::regrole);
     PERFORM twotier._catalog_changed();
     RETURN fn;
 END
@@ -250,6 +264,7 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege', HINT = 'Only its owner or a member of twotier_admin can drop it.';
     END IF;
     PERFORM twotier._drop_objects(c);
+    PERFORM twotier._lock_cache(name);
     DELETE FROM twotier.caches WHERE caches.name = drop.name;
     PERFORM twotier._catalog_changed();
 END
@@ -270,22 +285,13 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege', HINT = 'Only its owner or a member of twotier_admin can flush it.';
     END IF;
     -- O(1): readers move to new keys once this commits; the old ones expire on their TTL.
+    PERFORM twotier._lock_cache(cache);
     UPDATE twotier.caches SET version = twotier._next_version(version), updated_at = now() WHERE name = cache;
     PERFORM twotier._catalog_changed();
 END
 $$;
 COMMENT ON FUNCTION twotier.flush(text) IS 'Empty a cache in O(1) by moving it to a new key version, effective at commit.';
 
--- Called by the TRUNCATE trigger of a watched table.
-CREATE FUNCTION twotier._collect_truncate(cache text) RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    UPDATE twotier.caches SET version = twotier._next_version(version), updated_at = now() WHERE name = cache;
-    PERFORM twotier._mark_written(cache);
-    PERFORM twotier._catalog_changed();
-END
-$$;
-REVOKE ALL ON FUNCTION twotier._collect_truncate(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION twotier._define(text, text, interval, text[], interval, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION twotier._define(text, text, interval, text[], interval, text) TO twotier_admin;
 REVOKE ALL ON FUNCTION twotier.define(text, text, interval, text[], interval) FROM PUBLIC;
@@ -307,3 +313,53 @@ GRANT SELECT ON twotier.stats TO PUBLIC;
 CREATE FUNCTION twotier.get(cache text, key text) RETURNS jsonb
     LANGUAGE c STABLE STRICT PARALLEL UNSAFE AS 'MODULE_PATHNAME', 'twotier_get';
 COMMENT ON FUNCTION twotier.get(text, text) IS 'Read KEY of cache CACHE through the tiers; what every cached_<name>(key) calls.';
+
+-- TRUNCATE fires statement triggers only on the tables it names, and row triggers are not
+-- cloned for it: the TRUNCATE trigger goes on the table and on each of its partitions, and
+-- the event trigger below adds it to partitions created or attached later.
+CREATE FUNCTION twotier._watch_truncate(tbl regclass, trigger_name text, cache text, expr text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
+DECLARE
+    part regclass;
+BEGIN
+    FOR part IN SELECT tbl UNION SELECT relid FROM pg_partition_tree(tbl) LOOP
+        IF NOT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = part AND tgname = trigger_name) THEN
+            EXECUTE format('CREATE TRIGGER %I AFTER TRUNCATE ON %s
+                            FOR EACH STATEMENT EXECUTE FUNCTION twotier._trigger(%L, %L, %L)',
+                           trigger_name, part, cache, tbl::oid, expr);
+            EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER %I', part, trigger_name);
+        END IF;
+    END LOOP;
+END
+$$;
+
+CREATE FUNCTION twotier._on_ddl() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t record;
+    args text[];
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_event_trigger_ddl_commands() c
+                    WHERE c.object_type IN ('table', 'table column')) THEN
+        RETURN;
+    END IF;
+    FOR t IN SELECT tg.tgrelid::regclass AS rel, tg.tgname, tg.tgargs
+               FROM pg_trigger tg JOIN pg_class c ON c.oid = tg.tgrelid
+              WHERE tg.tgfoid = 'twotier._trigger()'::regprocedure AND tg.tgparentid = 0
+                AND c.relkind = 'p' AND (tg.tgtype & 1) = 1 LOOP
+        args := string_to_array(encode(t.tgargs, 'escape'), '\000');
+        PERFORM twotier._watch_truncate(t.rel, t.tgname || '_trunc', args[1], args[3]);
+    END LOOP;
+END
+$$;
+CREATE EVENT TRIGGER twotier_partitions ON ddl_command_end
+    WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE')
+    EXECUTE FUNCTION twotier._on_ddl();
+ALTER EVENT TRIGGER twotier_partitions ENABLE ALWAYS;
+
+-- Internal: only define(), drop() and flush() (running as the extension's owner) call these.
+REVOKE ALL ON FUNCTION twotier._lock_cache(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION twotier._catalog_changed() FROM PUBLIC;
+REVOKE ALL ON FUNCTION twotier._check_query(text, oid, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION twotier._check_watch_expression(oid, text, oid, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION twotier._watch_truncate(regclass, text, text, text) FROM PUBLIC;

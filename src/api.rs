@@ -115,8 +115,7 @@ fn invalidate_pattern(cache: &str, pattern: &str) -> i64 {
     };
     // L1 too: an entry can outlive its L2 copy (Redis flushed or restarted).
     let in_l1 = l1::invalidate_matching(&def.key_prefix, matches);
-    let result =
-        l2_redis::invalidate_matching(&redis_pattern, matches, def.ttl_s).map(|n| n.max(in_l1));
+    let result = l2_redis::invalidate_matching(&redis_pattern, matches).map(|n| n.max(in_l1));
     match result {
         Ok(n) => {
             def.stats.add(Counter::Invalidations, n as u64);
@@ -165,11 +164,13 @@ fn status() -> JsonB {
             "retry_in_ms": h.retry_in.map(|d| d.as_millis() as u64),
             "last_error": h.last_error,
             "undelivered_invalidations": h.undelivered,
+            "incarnation": if h.incarnation.is_empty() { serde_json::Value::Null } else { h.incarnation.into() },
             "connect_timeout_ms": gucs::connect_timeout().as_millis() as u64,
             "read_timeout_ms": gucs::read_timeout().as_millis() as u64,
             "retry_interval_ms": gucs::retry_interval().as_millis() as u64,
         },
         "l1": l1_status(),
+        "outbox": crate::outbox::status(),
         "enabled": gucs::enabled(),
     }))
 }

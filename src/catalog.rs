@@ -72,7 +72,8 @@ fn guarded<T>(f: impl FnOnce() -> T) -> T {
 }
 
 unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: Datum, relid: Oid) {
-    // Only a flag: an invalidation callback must not touch catalogs or free plans in use.
+    // Only flags: an invalidation callback must not touch catalogs or free plans in use.
+    crate::triggers::PLANS_STALE.store(true, std::sync::atomic::Ordering::Relaxed);
     let catalog = CATALOG_OID.load(std::sync::atomic::Ordering::Relaxed);
     if relid == Oid::INVALID || (catalog != 0 && relid.to_u32() == catalog) {
         DEFS_STALE.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -133,59 +134,106 @@ fn catalog_oid() -> Oid {
 
 /// The definition of cache `name`; raises an ERROR if there is none.
 pub fn lookup(name: &str) -> Rc<CacheDef> {
+    lookup_fresh(name).unwrap_or_else(|| CatalogError::UnknownCache(name.to_string()).raise())
+}
+
+/// The definition of cache `name` as last committed (or as changed by this transaction), or
+/// None. Kept per backend until a relcache invalidation of the catalog says it changed.
+pub fn lookup_fresh(name: &str) -> Option<Rc<CacheDef>> {
     if DEFS_STALE.swap(false, std::sync::atomic::Ordering::Relaxed) {
         DEFS.with(|d| d.borrow_mut().clear());
     }
     if let Some(def) = DEFS.with(|d| d.borrow().get(name).cloned()) {
-        return def;
+        return Some(def);
     }
-    let def =
-        Rc::new(load(name).unwrap_or_else(|| CatalogError::UnknownCache(name.to_string()).raise()));
+    let def = Rc::new(load(name)?);
     DEFS.with(|d| d.borrow_mut().insert(name.to_string(), def.clone()));
-    def
+    Some(def)
 }
 
 fn load(name: &str) -> Option<CacheDef> {
     catalog_oid();
     warn_once_if_not_preloaded();
-    let row = Spi::connect(|client| {
-        let table = client.select(
-            "SELECT query, extract(epoch FROM ttl)::bigint, extract(epoch FROM negative_ttl)::bigint,
-                    version, owner::oid, search_path, function::oid
-               FROM twotier.caches WHERE name = $1",
-            Some(1),
-            &[name.into()],
-        )?;
-        if table.is_empty() {
-            return Ok::<_, pgrx::spi::Error>(None);
-        }
-        let row = table.first();
-        Ok(Some((
-            row.get::<String>(1)?.unwrap_or_default(),
-            row.get::<i64>(2)?.unwrap_or(1),
-            row.get::<i64>(3)?,
-            row.get::<i64>(4)?.unwrap_or(0),
-            row.get::<Oid>(5)?.unwrap_or(Oid::INVALID),
-            row.get::<String>(6)?.unwrap_or_default(),
-            row.get::<Oid>(7)?.unwrap_or(Oid::INVALID),
-        )))
-    })
-    .unwrap_or_else(|e| pgrx::error!("twotier: reading twotier.caches failed: {e}"))?;
-    let (query, ttl_s, negative_ttl_s, version, owner, search_path, function) = row;
+    // The latest committed row, never one seen through an old snapshot (REPEATABLE READ, or
+    // a statement that started before a flush committed): a backend must not keep using a
+    // version that a flush, TRUNCATE or redefinition has already left.
+    let rows = crate::source::query_latest(
+        c"SELECT query, extract(epoch FROM ttl)::bigint, extract(epoch FROM negative_ttl)::bigint,
+                 version, owner::oid, search_path, function::oid
+            FROM twotier.caches WHERE name = $1",
+        &[name],
+    );
+    let row = rows.into_iter().next()?;
+    let text = |i: usize| row.get(i).cloned().flatten();
+    let int = |i: usize| text(i).and_then(|v| v.parse::<i64>().ok());
+    let oid = |i: usize| {
+        text(i)
+            .and_then(|v| v.parse::<u32>().ok())
+            .map(Oid::from)
+            .unwrap_or(Oid::INVALID)
+    };
+    let version = int(3).unwrap_or(0);
     let key_prefix = keys::cache_prefix(crate::gucs::key_prefix(), &database_name(), name, version);
     Some(CacheDef {
         name: name.to_string(),
-        query,
-        ttl_s,
-        negative_ttl_s: negative_ttl_s.unwrap_or_else(crate::gucs::negative_ttl_s),
-        owner,
-        search_path: CString::new(search_path).unwrap_or_default(),
+        query: text(0).unwrap_or_default(),
+        ttl_s: int(1).unwrap_or(1),
+        negative_ttl_s: int(2).unwrap_or_else(crate::gucs::negative_ttl_s),
+        owner: oid(4),
+        search_path: CString::new(text(5).unwrap_or_default()).unwrap_or_default(),
         key_prefix,
         stats: stats::for_cache(name),
-        function,
+        function: oid(6),
         allowed: Cell::new(None),
         plan: Cell::new(None),
     })
+}
+
+/// The lock tag of one cache: an object lock on (twotier.caches, hash of the name).
+fn cache_lock(name: &str, mode: u32) {
+    let oid = catalog_oid();
+    if oid == Oid::INVALID {
+        return;
+    }
+    // FNV-1a: the same number in every backend, for the same name.
+    let hash = name.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ b as u32).wrapping_mul(0x0100_0193)
+    });
+    guarded(|| unsafe {
+        pg_sys::LockDatabaseObject(oid, Oid::from(hash), 0, mode as pg_sys::LOCKMODE)
+    });
+}
+
+/// Taken by a writer at PRE_COMMIT before it resolves the version its keys belong to.
+pub fn lock_for_invalidation(name: &str) {
+    cache_lock(name, pg_sys::AccessShareLock);
+}
+
+/// Taken by whatever moves a cache to a new version (flush, TRUNCATE, define, drop): it waits
+/// for writers that resolved the old version to commit, and they wait for it.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _lock_cache(name: &str) {
+    cache_lock(name, pg_sys::ExclusiveLock);
+}
+
+/// TRUNCATE of a watched table: the whole cache is invalidated by moving it to a new
+/// version when this transaction commits, and the transaction becomes a writer of it.
+pub fn truncated(name: &str) {
+    cache_lock(name, pg_sys::ExclusiveLock);
+    crate::source::as_owner(
+        Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
+        c"pg_catalog, pg_temp",
+        || {
+            Spi::run_with_args(
+                "UPDATE twotier.caches SET version = twotier._next_version(version), updated_at = pg_catalog.now()
+                  WHERE name = $1",
+                &[name.into()],
+            )
+        },
+    )
+    .unwrap_or_else(|e| pgrx::error!("twotier: moving cache {name} to a new version failed: {e}"));
+    _catalog_changed();
+    crate::invalidation::collect(name, std::iter::empty());
 }
 
 /// Raises an ERROR unless the current role may execute the cache's function: reading a

@@ -20,6 +20,8 @@ static L1_SIZE_MB: GucSetting<i32> = GucSetting::<i32>::new(64);
 static L1_MAX_VALUE_KB: GucSetting<i32> = GucSetting::<i32>::new(64);
 static L1_MAX_AGE_S: GucSetting<i32> = GucSetting::<i32>::new(300);
 static L1_ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
+static TOMBSTONE_TTL_S: GucSetting<i32> = GucSetting::<i32>::new(30);
+static TEST_NO_OUTBOX: GucSetting<bool> = GucSetting::<bool>::new(false);
 
 pub fn init() {
     init_l1();
@@ -114,6 +116,25 @@ pub fn init() {
         1_048_576,
         GucContext::Suset,
         GucFlags::UNIT_KB,
+    );
+    GucRegistry::define_int_guc(
+        c"twotier.tombstone_ttl_s",
+        c"How long an invalidation's tombstone stays in Redis, and the oldest L2 read a fill may follow.",
+        c"A fill whose Redis read is older than this is refused, so a tombstone only has to outlive \
+          this window, not the cache TTL. Keep it above the slowest cache query.",
+        &TOMBSTONE_TTL_S,
+        1,
+        86_400,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_bool_guc(
+        c"twotier.test_no_outbox",
+        c"Test only: invalidations that cannot reach Redis are dropped instead of kept in the outbox.",
+        c"Turns off the protection the consistency tests check, to show that they can fail. Never in production.",
+        &TEST_NO_OUTBOX,
+        GucContext::Suset,
+        GucFlags::NO_SHOW_ALL,
     );
 }
 
@@ -224,4 +245,19 @@ pub fn l1_max_age_s() -> i64 {
 
 pub fn l1_enabled() -> bool {
     L1_ENABLED.get()
+}
+
+pub fn tombstone_ttl_s() -> i64 {
+    TOMBSTONE_TTL_S.get().max(1) as i64
+}
+
+pub fn test_no_outbox() -> bool {
+    TEST_NO_OUTBOX.get()
+}
+
+/// Whether the server (postgresql.conf, not this session) has a Redis: a session that set
+/// `twotier.redis_url = ''` still owes its invalidations to the Redis everyone else reads.
+pub fn server_has_redis() -> bool {
+    let raw = unsafe { pgrx::pg_sys::GetConfigOptionResetString(c"twotier.redis_url".as_ptr()) };
+    !raw.is_null() && unsafe { *raw } != 0
 }

@@ -5,24 +5,32 @@
 
 use crate::catalog;
 use crate::error::{CallError, Raise};
+use crate::gucs;
 use crate::keys;
 use crate::l1;
-use crate::l2_redis;
+use crate::l2_redis::{self, L2Error};
+use crate::outbox;
 use crate::stats::{CacheStats, Counter};
 use pgrx::pg_sys;
-use pgrx::prelude::*;
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 
-struct PendingCache {
-    key_prefix: String,
-    ttl_s: i64,
-    keys: BTreeSet<String>,
-    stats: &'static CacheStats,
+thread_local! {
+    /// Raw keys per cache name, as the triggers saw them. They are turned into tier keys only
+    /// at PRE_COMMIT, under the cache's lock: a flush or TRUNCATE that commits while this
+    /// transaction is open moves the cache to a new version, and the keys must be invalidated
+    /// where readers will look for them after this commit.
+    static PENDING: RefCell<HashMap<String, BTreeSet<String>>> = RefCell::new(HashMap::new());
+    /// What PRE_COMMIT took out of play: released at COMMIT or ABORT.
+    static ANNOUNCED: RefCell<Vec<(String, i64)>> = const { RefCell::new(Vec::new()) };
+    /// Per cache, for counting and logging at COMMIT.
+    static RESOLVED: RefCell<Vec<Resolved>> = const { RefCell::new(Vec::new()) };
 }
 
-thread_local! {
-    static PENDING: RefCell<HashMap<String, PendingCache>> = RefCell::new(HashMap::new());
+struct Resolved {
+    name: String,
+    stats: &'static CacheStats,
+    raw_keys: Vec<String>,
 }
 
 pub fn init() {
@@ -39,29 +47,21 @@ pub fn wrote(cache: &str) -> bool {
 
 /// Records keys of `cache` to invalidate when this transaction commits.
 pub fn collect<'a>(cache: &str, raw_keys: impl IntoIterator<Item = &'a str>) {
-    let def = catalog::lookup(cache);
     PENDING.with(|p| {
         let mut p = p.borrow_mut();
-        let entry = p.entry(def.name.clone()).or_insert_with(|| PendingCache {
-            key_prefix: def.key_prefix.clone(),
-            ttl_s: def.ttl_s,
-            keys: BTreeSet::new(),
-            stats: def.stats,
-        });
-        // A TRUNCATE or flush in this transaction may have moved the cache to a new version;
-        // keys are addressed under the version current when they were collected.
+        let entry = match p.get_mut(cache) {
+            Some(e) => e,
+            None => p.entry(cache.to_string()).or_default(),
+        };
         for k in raw_keys {
-            entry.keys.insert(keys::full_key(&def.key_prefix, k));
+            if !entry.contains(k) {
+                entry.insert(k.to_string());
+            }
         }
     });
 }
 
-thread_local! {
-    /// Keys announced at PRE_COMMIT; they must be completed at COMMIT or ABORT.
-    static ANNOUNCED: RefCell<Vec<(String, i64)>> = const { RefCell::new(Vec::new()) };
-}
-
-#[pg_guard]
+#[pgrx::pg_guard]
 unsafe extern "C-unwind" fn on_xact_event(
     event: pg_sys::XactEvent::Type,
     _arg: *mut std::ffi::c_void,
@@ -75,22 +75,27 @@ unsafe extern "C-unwind" fn on_xact_event(
         }
         XACT_EVENT_PRE_COMMIT => announce(),
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
-            let pending = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
-            if !pending.is_empty() {
+            PENDING.with(|p| p.borrow_mut().clear());
+            let resolved = RESOLVED.with(|r| std::mem::take(&mut *r.borrow_mut()));
+            let announced = ANNOUNCED.with(|a| std::mem::take(&mut *a.borrow_mut()));
+            if !announced.is_empty() {
                 // An ERROR here would be promoted to PANIC; nothing below raises one, and a
                 // Rust panic is contained rather than let out.
-                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| deliver(pending)));
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    deliver(&resolved, &announced)
+                }));
             }
-            ANNOUNCED.with(|a| a.borrow_mut().clear());
+            outbox::end_transaction();
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
             PENDING.with(|p| p.borrow_mut().clear());
+            RESOLVED.with(|r| r.borrow_mut().clear());
             // Aborted after PRE_COMMIT: release the keys (invalidating them is harmless).
-            let announced = ANNOUNCED.with(|a| a.borrow().clone());
+            let announced = ANNOUNCED.with(|a| std::mem::take(&mut *a.borrow_mut()));
             if !announced.is_empty() {
                 let _ = std::panic::catch_unwind(|| complete(&announced, 0));
             }
-            ANNOUNCED.with(|a| a.borrow_mut().clear());
+            outbox::end_transaction();
         }
         _ => {}
     }
@@ -98,45 +103,77 @@ unsafe extern "C-unwind" fn on_xact_event(
 
 /// PRE_COMMIT: before the new rows become visible, take the keys out of play in both tiers
 /// (L1 in-flight counters, L2 in-flight markers). Readers meanwhile go to the source and fill
-/// nothing, so none of them can serve or store the old value once the commit is visible.
+/// nothing, so none of them can serve or store the old value once the commit is visible. Keys
+/// that cannot be marked in Redis go to the outbox, in this transaction.
 fn announce() {
-    let batch: Vec<(String, i64)> = PENDING.with(|p| {
+    let pending: Vec<(String, Vec<String>)> = PENDING.with(|p| {
         p.borrow()
-            .values()
-            .flat_map(|c| c.keys.iter().map(move |k| (k.clone(), c.ttl_s)))
+            .iter()
+            .filter(|(_, keys)| !keys.is_empty())
+            .map(|(name, keys)| (name.clone(), keys.iter().cloned().collect()))
             .collect()
     });
+    if pending.is_empty() {
+        return;
+    }
+    // Versions are read under the caches' locks, which flush, TRUNCATE and define take
+    // exclusively: none of them can commit between this read and this commit.
+    for (name, _) in &pending {
+        catalog::lock_for_invalidation(name);
+    }
+    catalog::accept_invalidations();
+    let mut batch: Vec<(String, i64)> = Vec::new();
+    let mut resolved = Vec::new();
+    for (name, raw_keys) in pending {
+        // A cache dropped meanwhile has nothing left to invalidate; its triggers are gone.
+        let Some(def) = catalog::lookup_fresh(&name) else {
+            continue;
+        };
+        for k in &raw_keys {
+            batch.push((keys::full_key(&def.key_prefix, k), def.ttl_s));
+        }
+        resolved.push(Resolved {
+            name,
+            stats: def.stats,
+            raw_keys,
+        });
+    }
     if batch.is_empty() {
         return;
     }
     for (key, _) in &batch {
         l1::begin_invalidation(key);
     }
-    // Redis trouble must not fail the user's commit: it is counted at COMMIT, where the
-    // tombstones are written (or kept for later delivery).
-    let _ = l2_redis::mark_in_flight(&batch);
-    ANNOUNCED.with(|a| *a.borrow_mut() = batch);
-}
-
-fn deliver(pending: HashMap<String, PendingCache>) {
-    let log = crate::gucs::log_events();
-    let mut batch: Vec<(String, i64)> = Vec::new();
-    for (name, cache) in &pending {
-        cache
-            .stats
-            .add(Counter::Invalidations, cache.keys.len() as u64);
-        for k in &cache.keys {
-            if log {
-                let raw = keys::unescape(&k[cache.key_prefix.len()..]).unwrap_or_default();
-                pgrx::log!("twotier INVALIDATE: {name}:{raw}");
+    ANNOUNCED.with(|a| *a.borrow_mut() = batch.clone());
+    let marked = l2_redis::mark_in_flight(&batch);
+    if let Err(e) = &marked {
+        if e.is_fault() {
+            for r in &resolved {
+                r.stats.bump(Counter::RedisErrors);
             }
-            batch.push((k.clone(), cache.ttl_s));
+        }
+        let no_redis_anywhere = matches!(e, L2Error::Off) && !gucs::server_has_redis();
+        if !no_redis_anywhere && !gucs::test_no_outbox() {
+            outbox::record(&batch);
         }
     }
-    if let Err(e) = complete(&batch, unsafe { pg_sys::XactLastCommitEnd }) {
+    RESOLVED.with(|r| *r.borrow_mut() = resolved);
+}
+
+fn deliver(resolved: &[Resolved], announced: &[(String, i64)]) {
+    let log = gucs::log_events();
+    for r in resolved {
+        r.stats.add(Counter::Invalidations, r.raw_keys.len() as u64);
+        if log {
+            for k in &r.raw_keys {
+                pgrx::log!("twotier INVALIDATE: {}:{k}", r.name);
+            }
+        }
+    }
+    if let Err(e) = complete(announced, unsafe { pg_sys::XactLastCommitEnd }) {
         if e.is_fault() {
-            for cache in pending.values() {
-                cache.stats.bump(Counter::RedisErrors);
+            for r in resolved {
+                r.stats.bump(Counter::RedisErrors);
             }
         }
     }
@@ -144,32 +181,12 @@ fn deliver(pending: HashMap<String, PendingCache>) {
 
 /// The end of an invalidation in both tiers. L2 first, then L1: a reader that sees the L1
 /// generation move has to find the L2 tombstone too, or it could refill L1 from the old L2
-/// value.
-fn complete(batch: &[(String, i64)], commit_lsn: u64) -> Result<(), l2_redis::L2Error> {
-    let result = l2_redis::invalidate(batch, commit_lsn);
-    // Release exactly what PRE_COMMIT took: the in-flight counters are shared, so releasing a
-    // key this transaction did not announce would release another writer's.
-    let announced = ANNOUNCED.with(|a| std::mem::take(&mut *a.borrow_mut()));
-    for (key, _) in &announced {
+/// value. Releases exactly what PRE_COMMIT took: the in-flight counters are shared, so
+/// releasing a key this transaction did not announce would release another writer's.
+fn complete(announced: &[(String, i64)], commit_lsn: u64) -> Result<(), L2Error> {
+    let result = l2_redis::invalidate(announced, commit_lsn);
+    for (key, _) in announced {
         l1::end_invalidation(key);
     }
-    if announced.is_empty() {
-        for (key, _) in batch {
-            l1::invalidate(key);
-        }
-    }
     result
-}
-
-/// Trigger entry point: keys of `cache` changed by the current statement.
-#[pg_extern(volatile, parallel_unsafe)]
-fn _collect(cache: &str, keys: Vec<Option<String>>) {
-    let keys: Vec<String> = keys.into_iter().flatten().collect();
-    collect(cache, keys.iter().map(String::as_str));
-}
-
-/// Marks the transaction as a writer of `cache` (TRUNCATE, which also bumps its version).
-#[pg_extern(volatile, parallel_unsafe)]
-fn _mark_written(cache: &str) {
-    collect(cache, std::iter::empty());
 }

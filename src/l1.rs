@@ -482,7 +482,8 @@ pub fn fill(key: &str, hash: u64, seen_generation: u64, value: Option<&[u8]>, tt
     true
 }
 
-fn in_flight(hash: u64) -> bool {
+/// Whether a commit on this server is changing a key of `hash`'s slot right now.
+pub fn in_flight(hash: u64) -> bool {
     shared().is_some_and(|s| s.inflight[gen_slot(hash)].load(Ordering::Acquire) > 0)
 }
 

@@ -29,7 +29,7 @@ impl L2Error {
 }
 
 /// What a GET found.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {
     /// JSON text of a cached value.
     Value(Vec<u8>),
@@ -47,9 +47,17 @@ const TOMBSTONE_PREFIX: &[u8] = b"!inval:";
 const INFLIGHT_PREFIX: &[u8] = b"!inflight:";
 
 /// Compare-and-set fill: writes only if the key still holds exactly what the reader saw
-/// before querying the source. An invalidation in between replaced it with a fresh
-/// tombstone, so a reader holding pre-commit data can never put it back.
+/// before querying the source, and only if that read is at most `twotier.tombstone_ttl_s`
+/// old by Redis's own clock. An invalidation in between replaced the value with a fresh
+/// tombstone, so a reader holding pre-commit data can never put it back; and because no fill
+/// can follow an older read, a tombstone only has to live that long, not the cache TTL.
+/// Returns 1 (stored), 0 (invalidated meanwhile) or -1 (read too old).
 const FILL_SCRIPT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+if now - tonumber(ARGV[5]) > tonumber(ARGV[6]) then
+  return -1
+end
 local cur = redis.call('GET', KEYS[1])
 if (ARGV[1] == '0' and cur == false) or (ARGV[1] == '1' and cur == ARGV[2]) then
   redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4])
@@ -58,9 +66,57 @@ end
 return 0
 "#;
 
+/// What a fill needs to know about the read it follows.
+#[derive(Debug, Clone)]
+pub struct Read {
+    pub lookup: Lookup,
+    /// Remaining life of the entry in seconds, rounded up.
+    pub remaining_s: Option<i64>,
+    /// Redis's clock at the read, in microseconds.
+    pub at_us: i64,
+}
+
+/// Where a tier key lives in this Redis: the server's incarnation (the first 12 characters of
+/// its `run_id`, new at every Redis start) follows the key prefix. A Redis restarted from an
+/// old RDB or AOF file holds values older than tombstones it lost; under a new incarnation
+/// nothing written before the restart is ever read again.
+pub fn l2_key(incarnation: &str, tier_key: &str) -> String {
+    let cut = tier_key.find(':').unwrap_or(0);
+    let mut out = String::with_capacity(tier_key.len() + incarnation.len() + 1);
+    out.push_str(&tier_key[..cut]);
+    out.push(':');
+    out.push_str(incarnation);
+    if cut == 0 {
+        out.push(':');
+    }
+    out.push_str(&tier_key[cut..]);
+    out
+}
+
+/// Inverse of [`l2_key`]; None for a key of another incarnation.
+pub fn tier_key_of(incarnation: &str, l2: &str) -> Option<String> {
+    let cut = l2.find(':')?;
+    let rest = l2[cut + 1..].strip_prefix(incarnation)?;
+    rest.starts_with(':')
+        .then(|| format!("{}{rest}", &l2[..cut]))
+}
+
+/// The connection's view of Redis that every operation needs.
+pub struct Ctx<'a> {
+    pub tombstone: &'a str,
+    pub incarnation: &'a str,
+}
+
+impl Ctx<'_> {
+    fn key(&self, tier_key: &str) -> String {
+        l2_key(self.incarnation, tier_key)
+    }
+}
+
 struct State {
     url: CString,
     con: Option<redis::Connection>,
+    incarnation: String,
     resting_until: Option<Instant>,
     down_since: Option<SystemTime>,
     last_error: Option<String>,
@@ -74,6 +130,7 @@ thread_local! {
     static STATE: RefCell<State> = RefCell::new(State {
         url: CString::default(),
         con: None,
+        incarnation: String::new(),
         resting_until: None,
         down_since: None,
         last_error: None,
@@ -94,12 +151,24 @@ pub fn redacted(url: &str) -> String {
     }
 }
 
-fn connect(url: &str) -> Result<redis::Connection, L2Error> {
+fn connect(url: &str) -> Result<(redis::Connection, String), L2Error> {
     let client = redis::Client::open(url).map_err(|e| L2Error::BadUrl(e.to_string()))?;
-    let con = client.get_connection_with_timeout(gucs::connect_timeout())?;
+    let mut con = client.get_connection_with_timeout(gucs::connect_timeout())?;
     con.set_read_timeout(Some(gucs::read_timeout()))?;
     con.set_write_timeout(Some(gucs::read_timeout()))?;
-    Ok(con)
+    let info: String = redis::cmd("INFO").arg("server").query(&mut con)?;
+    let run_id = info
+        .lines()
+        .find_map(|l| l.strip_prefix("run_id:"))
+        .map(|id| id.trim().chars().take(12).collect::<String>())
+        .filter(|id| !id.is_empty())
+        .ok_or_else(|| {
+            L2Error::Redis(redis::RedisError::from((
+                redis::ErrorKind::ResponseError,
+                "INFO server has no run_id",
+            )))
+        })?;
+    Ok((con, run_id))
 }
 
 fn warn_rate_limited(state: &mut State, message: String) {
@@ -143,19 +212,21 @@ fn queue_sets<'a>(
 
 fn deliver(
     con: &mut redis::Connection,
-    tombstone: &str,
+    ctx: &Ctx,
     keys: &[(String, i64)],
     commit_lsn: u64,
 ) -> redis::RedisResult<()> {
     let channel = crate::worker::channel();
+    let ttl = gucs::tombstone_ttl_s();
     for chunk in keys.chunks(1000) {
         let mut pipe = redis::pipe();
         // A tombstone rather than DEL, so that fills racing with this invalidation fail
-        // their compare-and-set.
+        // their compare-and-set; it needs to outlive only the fills that could race it.
+        let l2: Vec<String> = chunk.iter().map(|(k, _)| ctx.key(k)).collect();
         queue_sets(
             &mut pipe,
-            chunk.iter().map(|(k, t)| (k.as_str(), *t)),
-            tombstone,
+            l2.iter().map(|k| (k.as_str(), ttl)),
+            ctx.tombstone,
         );
         // Every server sharing this Redis drops the keys from its L1.
         let names: Vec<&str> = chunk.iter().map(|(k, _)| k.as_str()).collect();
@@ -172,7 +243,7 @@ fn deliver(
 /// close it and rest L2 for the retry interval; a server-side error (OOM, WRONGTYPE...) only
 /// fails this operation.
 fn with_connection<T>(
-    mut f: impl FnMut(&mut redis::Connection, &str) -> redis::RedisResult<T>,
+    mut f: impl FnMut(&mut redis::Connection, &Ctx) -> redis::RedisResult<T>,
 ) -> Result<T, L2Error> {
     STATE.with(|cell| {
         let mut state = cell.borrow_mut();
@@ -195,25 +266,35 @@ fn with_connection<T>(
             let reused = state.con.is_some();
             if !reused {
                 match connect(&url_text) {
-                    Ok(con) => state.con = Some(con),
+                    Ok((con, incarnation)) => {
+                        state.con = Some(con);
+                        state.incarnation = incarnation;
+                    }
                     Err(e) => return Err(fail(&mut state, &url_text, e, true)),
                 }
             }
             let tombstone = tombstone_value(&mut state);
             let State {
-                con, undelivered, ..
+                con,
+                undelivered,
+                incarnation,
+                ..
             } = &mut *state;
             let Some(con) = con.as_mut() else {
                 return Err(L2Error::Skipped);
             };
+            let ctx = Ctx {
+                tombstone: &tombstone,
+                incarnation,
+            };
             let mut result = Ok(());
             if !undelivered.is_empty() {
-                result = deliver(con, &tombstone, undelivered, 0);
+                result = deliver(con, &ctx, undelivered, 0);
                 if result.is_ok() {
                     undelivered.clear();
                 }
             }
-            match result.and_then(|_| f(con, &tombstone)) {
+            match result.and_then(|_| f(con, &ctx)) {
                 Ok(v) => {
                     if state.down_since.take().is_some() {
                         pgrx::log!("twotier: Redis at {} answers again", redacted(&url_text));
@@ -280,23 +361,29 @@ fn fail(state: &mut State, url: &str, e: L2Error, connection_lost: bool) -> L2Er
 }
 
 pub fn get(key: &str) -> Result<Lookup, L2Error> {
-    with_connection(|con, _| {
-        let raw: Option<Vec<u8>> = redis::cmd("GET").arg(key).query(con)?;
+    with_connection(|con, ctx| {
+        let raw: Option<Vec<u8>> = redis::cmd("GET").arg(ctx.key(key)).query(con)?;
         Ok(classify(raw))
     })
 }
 
-/// GET and the entry's remaining life in seconds (rounded up), in one round trip: an entry
-/// copied into L1 must not outlive its L2 original.
-pub fn get_with_ttl(key: &str) -> Result<(Lookup, Option<i64>), L2Error> {
-    with_connection(|con, _| {
-        let (raw, pttl): (Option<Vec<u8>>, i64) = redis::pipe()
+/// GET, the entry's remaining life and Redis's clock, in one round trip: an entry copied into
+/// L1 must not outlive its L2 original, and a fill must know how old its read is.
+pub fn read(key: &str) -> Result<Read, L2Error> {
+    with_connection(|con, ctx| {
+        let l2 = ctx.key(key);
+        let (raw, pttl, (secs, micros)): (Option<Vec<u8>>, i64, (i64, i64)) = redis::pipe()
             .cmd("GET")
-            .arg(key)
+            .arg(&l2)
             .cmd("PTTL")
-            .arg(key)
+            .arg(&l2)
+            .cmd("TIME")
             .query(con)?;
-        Ok((classify(raw), (pttl > 0).then(|| (pttl + 999) / 1000)))
+        Ok(Read {
+            lookup: classify(raw),
+            remaining_s: (pttl > 0).then(|| (pttl + 999) / 1000),
+            at_us: secs * 1_000_000 + micros,
+        })
     })
 }
 
@@ -311,32 +398,36 @@ pub fn classify(raw: Option<Vec<u8>>) -> Lookup {
     }
 }
 
-/// Fills `key` with `value` (None = negative entry) unless it changed since `seen` was read.
-/// Returns whether the fill was applied.
-pub fn fill(
-    key: &str,
-    seen: &Option<Vec<u8>>,
-    value: Option<&str>,
-    ttl_s: i64,
-) -> Result<bool, L2Error> {
-    with_connection(|con, _| {
+/// Fills `key` with `value` (None = negative entry) unless it changed since `read`, or `read`
+/// is older than `twotier.tombstone_ttl_s`. Returns whether the fill was applied.
+pub fn fill(key: &str, read: &Read, value: Option<&str>, ttl_s: i64) -> Result<bool, L2Error> {
+    let seen = match &read.lookup {
+        Lookup::Absent { seen } => seen.clone(),
+        // Garbage that could not be parsed: it is replaced only if still the same garbage.
+        Lookup::Value(v) => Some(v.clone()),
+        Lookup::Negative | Lookup::InFlight => return Ok(false),
+    };
+    let window_us = gucs::tombstone_ttl_s() * 1_000_000;
+    with_connection(|con, ctx| {
         let script = FILL.with(|s| s.clone());
-        let mut inv = script.key(key);
-        match seen {
+        let mut inv = script.key(ctx.key(key));
+        match &seen {
             None => inv.arg("0").arg(""),
             Some(v) => inv.arg("1").arg(v.as_slice()),
         };
         inv.arg(value.map(str::as_bytes).unwrap_or(NEGATIVE))
-            .arg(ttl_s.max(1));
+            .arg(ttl_s.max(1))
+            .arg(read.at_us)
+            .arg(window_us);
         let applied: i64 = inv.invoke(con)?;
         Ok(applied == 1)
     })
 }
 
 pub fn set(key: &str, value: &str, ttl_s: i64) -> Result<(), L2Error> {
-    with_connection(|con, _| {
+    with_connection(|con, ctx| {
         redis::cmd("SET")
-            .arg(key)
+            .arg(ctx.key(key))
             .arg(value)
             .arg("EX")
             .arg(ttl_s.max(1))
@@ -350,7 +441,7 @@ pub fn invalidate(keys: &[(String, i64)], commit_lsn: u64) -> Result<(), L2Error
     if keys.is_empty() {
         return Ok(());
     }
-    let result = with_connection(|con, tombstone| deliver(con, tombstone, keys, commit_lsn));
+    let result = with_connection(|con, ctx| deliver(con, ctx, keys, commit_lsn));
     if let Err(e) = &result {
         if !matches!(e, L2Error::Off) {
             STATE.with(|cell| cell.borrow_mut().undelivered.extend_from_slice(keys));
@@ -359,57 +450,62 @@ pub fn invalidate(keys: &[(String, i64)], commit_lsn: u64) -> Result<(), L2Error
     result
 }
 
+/// The outbox worker's delivery: the rows it read stay in the table until this succeeds.
+pub fn deliver_outbox(keys: &[(String, i64)], lsn: u64) -> Result<(), L2Error> {
+    with_connection(|con, ctx| deliver(con, ctx, keys, lsn))
+}
+
 /// PRE_COMMIT half of an invalidation: marks each key as being changed by a commit in
 /// flight, so that no reader fills it from a snapshot taken before that commit.
 pub fn mark_in_flight(keys: &[(String, i64)]) -> Result<(), L2Error> {
     if keys.is_empty() {
         return Ok(());
     }
-    with_connection(|con, tombstone| {
-        let marker = tombstone.replacen("!inval:", "!inflight:", 1);
+    with_connection(|con, ctx| {
+        let marker = ctx.tombstone.replacen("!inval:", "!inflight:", 1);
         for chunk in keys.chunks(1000) {
             let mut pipe = redis::pipe();
-            queue_sets(
-                &mut pipe,
-                chunk.iter().map(|(k, t)| (k.as_str(), *t)),
-                &marker,
-            );
+            let l2: Vec<(String, i64)> = chunk.iter().map(|(k, t)| (ctx.key(k), *t)).collect();
+            queue_sets(&mut pipe, l2.iter().map(|(k, t)| (k.as_str(), *t)), &marker);
             pipe.query::<()>(con)?;
         }
         Ok(())
     })
 }
 
-/// SCANs `pattern` (never KEYS, which blocks Redis), keeps the keys `keep` accepts, replaces
-/// them with tombstones batch by batch, and returns how many held a live entry.
-pub fn invalidate_matching(
-    pattern: &str,
-    keep: impl Fn(&str) -> bool,
-    ttl_s: i64,
-) -> Result<i64, L2Error> {
-    with_connection(|con, tombstone| {
+/// SCANs `pattern` (a tier-key glob; never KEYS, which blocks Redis), keeps the tier keys
+/// `keep` accepts, replaces them with tombstones batch by batch, and returns how many held a
+/// live entry.
+pub fn invalidate_matching(pattern: &str, keep: impl Fn(&str) -> bool) -> Result<i64, L2Error> {
+    let ttl = gucs::tombstone_ttl_s();
+    with_connection(|con, ctx| {
+        let l2_pattern = ctx.key(pattern);
         let mut cursor: u64 = 0;
         let mut live = 0i64;
         loop {
             let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
                 .arg(cursor)
                 .arg("MATCH")
-                .arg(pattern)
+                .arg(&l2_pattern)
                 .arg("COUNT")
                 .arg(1000)
                 .query(con)?;
-            let matched: Vec<String> = batch.into_iter().filter(|k| keep(k)).collect();
+            let matched: Vec<(String, String)> = batch
+                .into_iter()
+                .filter_map(|k| tier_key_of(ctx.incarnation, &k).map(|t| (k, t)))
+                .filter(|(_, t)| keep(t))
+                .collect();
             if !matched.is_empty() {
                 let mut pipe = redis::pipe();
-                for k in &matched {
+                for (k, _) in &matched {
                     pipe.cmd("GET").arg(k);
                 }
                 queue_sets(
                     &mut pipe,
-                    matched.iter().map(|k| (k.as_str(), ttl_s)),
-                    tombstone,
+                    matched.iter().map(|(k, _)| (k.as_str(), ttl)),
+                    ctx.tombstone,
                 );
-                let names: Vec<&str> = matched.iter().map(String::as_str).collect();
+                let names: Vec<&str> = matched.iter().map(|(_, t)| t.as_str()).collect();
                 pipe.cmd("PUBLISH")
                     .arg(crate::worker::channel())
                     .arg(crate::worker::message(0, &names))
@@ -437,6 +533,7 @@ pub struct Health {
     pub last_error: Option<String>,
     pub undelivered: usize,
     pub url: String,
+    pub incarnation: String,
 }
 
 /// Probes Redis with a PING (respecting the retry interval) and reports.
@@ -457,6 +554,7 @@ pub fn health() -> Health {
                 .and_then(|t| t.checked_duration_since(Instant::now())),
             last_error: state.last_error.clone(),
             undelivered: state.undelivered.len(),
+            incarnation: state.incarnation.clone(),
             url: redacted(&gucs::redis_url().to_string_lossy()),
         }
     })

@@ -11,10 +11,12 @@ mod invalidation;
 mod keys;
 mod l1;
 mod l2_redis;
+mod outbox;
 mod read_through;
 mod shmem;
 mod source;
 mod stats;
+mod triggers;
 mod worker;
 
 ::pgrx::pg_module_magic!();

@@ -1,5 +1,5 @@
-//! The read path of a cached function: L2 (Redis) then the source, filling L2 on the way
-//! back unless the contract forbids it.
+//! The read path of a cached function: L1 (shared memory), L2 (Redis), then the source,
+//! filling the tiers it missed on the way back unless the contract forbids it.
 
 use crate::catalog::{self, CacheDef};
 use crate::error::{CallError, Raise};
@@ -8,6 +8,7 @@ use crate::invalidation;
 use crate::keys;
 use crate::l1::{self, L1Value};
 use crate::l2_redis::{self, Lookup};
+use crate::outbox;
 use crate::source;
 use crate::stats::{Counter, Path};
 use pgrx::pg_sys::{self, Datum, Oid};
@@ -68,6 +69,218 @@ fn varlena_bytes<'a>(datum: Datum) -> &'a [u8] {
     }
 }
 
+/// Whether this transaction may store what it reads in any tier. A transaction with an
+/// assigned xid has written something: a value it reads may contain its own uncommitted rows
+/// (`INSERT ... RETURNING cached_x(...)`, a data-modifying CTE) even before any trigger ran.
+fn may_fill() -> bool {
+    unsafe { pg_sys::GetTopTransactionIdIfAny() == pg_sys::InvalidTransactionId }
+}
+
+/// One call of a cached function, going down the tiers: [`Call::try_l1`],
+/// [`Call::try_l2`], then [`Call::try_source`], which fills what the others missed.
+struct Call<'a> {
+    def: &'a CacheDef,
+    key: &'a str,
+    tier_key: String,
+    hash: u64,
+    /// L1's generation for the key, read before any tier is asked: a fill is refused if an
+    /// invalidation moved it meanwhile.
+    generation: u64,
+    use_l1: bool,
+    /// Decided before the source runs: the cache's own query may assign an xid (nextval),
+    /// which says nothing about what the caller's transaction wrote.
+    may_fill: bool,
+    started: Instant,
+}
+
+/// What L2 said when it had no answer for the caller.
+enum L2Miss {
+    /// L2 was not asked or did not answer: fill it not.
+    Unused,
+    /// A commit is changing this key right now: what the source shows this snapshot may be
+    /// about to become old, so it is returned but stored nowhere.
+    InFlight,
+    /// Absent (or unreadable): a fill must find L2 as `read` saw it, with the outbox state
+    /// still at `trust`.
+    Absent { read: l2_redis::Read, trust: u64 },
+}
+
+impl<'a> Call<'a> {
+    fn new(def: &'a CacheDef, key: &'a str, started: Instant) -> Self {
+        let tier_key = keys::full_key(&def.key_prefix, key);
+        let hash = l1::hash_key(&tier_key);
+        let use_l1 = gucs::l1_enabled() && l1::available();
+        let generation = if l1::available() {
+            l1::generation(hash)
+        } else {
+            0
+        };
+        Call {
+            def,
+            key,
+            tier_key,
+            hash,
+            generation,
+            use_l1,
+            may_fill: may_fill(),
+            started,
+        }
+    }
+
+    fn log(&self, event: &str, extra: &str) {
+        log_event(event, self.def, self.key, extra);
+    }
+
+    fn hit(
+        &self,
+        path: Path,
+        counter: Counter,
+        extra: &str,
+        value: Option<Datum>,
+    ) -> Option<Datum> {
+        self.def.stats.bump(counter);
+        self.def.stats.record(path, self.started.elapsed());
+        self.log("HIT", extra);
+        value
+    }
+
+    fn fill_l1(&self, value: Option<Datum>, ttl_s: i64) {
+        if !self.use_l1 || !self.may_fill {
+            return;
+        }
+        if l1::fill(
+            &self.tier_key,
+            self.hash,
+            self.generation,
+            value.map(varlena_bytes),
+            ttl_s,
+        ) {
+            self.def.stats.bump(Counter::Fills);
+        } else {
+            self.def.stats.bump(Counter::FillsRejected);
+        }
+    }
+
+    /// L1: `Some(answer)` on a hit.
+    fn try_l1(&self) -> Option<Option<Datum>> {
+        if !self.use_l1 {
+            return None;
+        }
+        match l1::get(&self.tier_key, self.hash)? {
+            L1Value::Value(datum) => {
+                Some(self.hit(Path::L1Hit, Counter::L1Hits, " (l1)", Some(datum)))
+            }
+            L1Value::Negative => {
+                Some(self.hit(Path::L1Hit, Counter::NegativeHits, " (l1, no row)", None))
+            }
+        }
+    }
+
+    /// L2: `Ok(answer)` on a hit, `Err(why not)` otherwise.
+    fn try_l2(&self) -> Result<Option<Datum>, L2Miss> {
+        // A commit on this server is between its PRE_COMMIT and its end for this key: L2 may
+        // still hold the old value whether or not Redis got the in-flight marker.
+        if l1::in_flight(self.hash) {
+            return Err(L2Miss::InFlight);
+        }
+        if gucs::redis_url().is_empty() {
+            return Err(L2Miss::Unused);
+        }
+        let Some(trust) = outbox::l2_trust() else {
+            self.def.stats.bump(Counter::L2Skips);
+            return Err(L2Miss::Unused);
+        };
+        let read = match l2_redis::read(&self.tier_key) {
+            Ok(read) => read,
+            Err(e) => {
+                if e.is_fault() {
+                    self.def.stats.bump(Counter::RedisErrors);
+                }
+                return Err(L2Miss::Unused);
+            }
+        };
+        let def = self.def;
+        match &read.lookup {
+            Lookup::Value(text) => match jsonb_from_text(text) {
+                Some(datum) => {
+                    let ttl = read.remaining_s.unwrap_or(def.ttl_s).min(def.ttl_s);
+                    self.fill_l1(Some(datum), ttl);
+                    Ok(self.hit(Path::L2Hit, Counter::L2Hits, " (l2)", Some(datum)))
+                }
+                None => {
+                    def.stats.bump(Counter::RedisErrors);
+                    pgrx::warning!(
+                        "twotier: unreadable value in Redis for {}:{}; replacing it from the source",
+                        def.name,
+                        self.key
+                    );
+                    Err(L2Miss::Absent { read, trust })
+                }
+            },
+            Lookup::Negative => {
+                let ttl = read
+                    .remaining_s
+                    .unwrap_or(def.negative_ttl_s)
+                    .min(def.negative_ttl_s);
+                self.fill_l1(None, ttl);
+                Ok(self.hit(Path::L2Hit, Counter::NegativeHits, " (l2, no row)", None))
+            }
+            Lookup::InFlight => Err(L2Miss::InFlight),
+            Lookup::Absent { .. } => Err(L2Miss::Absent { read, trust }),
+        }
+    }
+
+    /// The source, then the fills that the contract allows.
+    fn try_source(&self, l2: L2Miss) -> Option<Datum> {
+        let def = self.def;
+        def.stats.bump(Counter::Misses);
+        let value = source::fetch(def, self.key);
+        if matches!(l2, L2Miss::InFlight) {
+            self.log("MISS", " (commit in flight: no fill)");
+            def.stats.record(Path::Miss, self.started.elapsed());
+            return value.map(|v| v.datum);
+        }
+        self.log("MISS", "");
+        let ttl = if value.is_some() {
+            def.ttl_s
+        } else {
+            def.negative_ttl_s
+        };
+        let json = value.as_ref().map(|v| v.json.as_str());
+        let mut invalidated_meanwhile = false;
+        if let L2Miss::Absent { read, trust } = &l2 {
+            // A standby may lag its primary: what it reads must not become everyone's entry.
+            let l2_fill = self.may_fill
+                && json.is_none_or(|j| j.len() <= gucs::max_value_bytes())
+                && !unsafe { pg_sys::RecoveryInProgress() }
+                && outbox::still_trusted(*trust);
+            if l2_fill {
+                match l2_redis::fill(&self.tier_key, read, json, ttl) {
+                    Ok(true) => {
+                        def.stats.bump(Counter::Fills);
+                        self.log("SET", &format!(" TTL: {ttl}s"));
+                    }
+                    Ok(false) => {
+                        invalidated_meanwhile = true;
+                        def.stats.bump(Counter::FillsRejected);
+                        self.log("SET", " rejected: invalidated while fetching");
+                    }
+                    Err(e) => {
+                        if e.is_fault() {
+                            def.stats.bump(Counter::RedisErrors);
+                        }
+                    }
+                }
+            }
+        }
+        if !invalidated_meanwhile {
+            self.fill_l1(value.as_ref().map(|v| v.datum), ttl);
+        }
+        def.stats.record(Path::Miss, self.started.elapsed());
+        value.map(|v| v.datum)
+    }
+}
+
 /// Looks `key` up in cache `name`: returns the jsonb datum, or None for SQL NULL.
 pub fn get(name: &str, key: &str) -> Option<Datum> {
     let started = Instant::now();
@@ -82,133 +295,19 @@ pub fn get(name: &str, key: &str) -> Option<Datum> {
         .raise();
     }
     def.stats.bump(Counter::Calls);
-
     if let Some(reason) = bypass_reason(&def) {
         def.stats.bump(Counter::Bypasses);
         log_event("BYPASS", &def, key, &format!(" ({reason})"));
         return source::fetch(&def, key).map(|v| v.datum);
     }
-
-    let tier_key = keys::full_key(&def.key_prefix, key);
-    let use_l1 = gucs::l1_enabled() && l1::available();
-    let hash = l1::hash_key(&tier_key);
-    // Read before any fetch: a fill is refused if an invalidation moved it meanwhile.
-    let generation = if use_l1 { l1::generation(hash) } else { 0 };
-    if use_l1 {
-        match l1::get(&tier_key, hash) {
-            Some(L1Value::Value(datum)) => {
-                def.stats.bump(Counter::L1Hits);
-                def.stats.record(Path::L1Hit, started.elapsed());
-                log_event("HIT", &def, key, " (l1)");
-                return Some(datum);
-            }
-            Some(L1Value::Negative) => {
-                def.stats.bump(Counter::NegativeHits);
-                def.stats.record(Path::L1Hit, started.elapsed());
-                log_event("HIT", &def, key, " (l1, no row)");
-                return None;
-            }
-            None => {}
-        }
+    let call = Call::new(&def, key, started);
+    if let Some(answer) = call.try_l1() {
+        return answer;
     }
-    let fill_l1 = |value: Option<Datum>, ttl: i64| {
-        if use_l1 {
-            if l1::fill(&tier_key, hash, generation, value.map(varlena_bytes), ttl) {
-                def.stats.bump(Counter::Fills);
-            } else {
-                def.stats.bump(Counter::FillsRejected);
-            }
-        }
-    };
-
-    let (lookup, remaining_s) = match l2_redis::get_with_ttl(&tier_key) {
-        Ok((lookup, remaining)) => (Ok(lookup), remaining),
-        Err(e) => (Err(e), None),
-    };
-    let (seen, l2_usable) = match lookup {
-        Ok(Lookup::Value(text)) => {
-            match jsonb_from_text(&text) {
-                Some(datum) => {
-                    def.stats.bump(Counter::L2Hits);
-                    fill_l1(Some(datum), remaining_s.unwrap_or(def.ttl_s).min(def.ttl_s));
-                    def.stats.record(Path::L2Hit, started.elapsed());
-                    log_event("HIT", &def, key, " (l2)");
-                    return Some(datum);
-                }
-                None => {
-                    def.stats.bump(Counter::RedisErrors);
-                    pgrx::warning!("twotier: unreadable value in Redis for {}:{key}; replacing it from the source", def.name);
-                    (Some(text), true)
-                }
-            }
-        }
-        Ok(Lookup::Negative) => {
-            def.stats.bump(Counter::NegativeHits);
-            fill_l1(
-                None,
-                remaining_s
-                    .unwrap_or(def.negative_ttl_s)
-                    .min(def.negative_ttl_s),
-            );
-            def.stats.record(Path::L2Hit, started.elapsed());
-            log_event("HIT", &def, key, " (l2, no row)");
-            return None;
-        }
-        Ok(Lookup::Absent { seen }) => (seen, true),
-        // A commit is changing this key right now: what the source shows this snapshot may
-        // be about to become old, so it is returned but stored nowhere.
-        Ok(Lookup::InFlight) => {
-            log_event("MISS", &def, key, " (commit in flight: no fill)");
-            def.stats.bump(Counter::Misses);
-            let value = source::fetch(&def, key);
-            def.stats.record(Path::Miss, started.elapsed());
-            return value.map(|v| v.datum);
-        }
-        Err(e) => {
-            if e.is_fault() {
-                def.stats.bump(Counter::RedisErrors);
-            }
-            (None, false)
-        }
-    };
-
-    def.stats.bump(Counter::Misses);
-    log_event("MISS", &def, key, "");
-    let value = source::fetch(&def, key);
-    let ttl = if value.is_some() {
-        def.ttl_s
-    } else {
-        def.negative_ttl_s
-    };
-    let json = value.as_ref().map(|v| v.json.as_str());
-    let mut invalidated_meanwhile = false;
-    // A standby may lag its primary: what it reads must not become everyone's L2 entry.
-    let l2_fill = l2_usable
-        && json.is_none_or(|j| j.len() <= gucs::max_value_bytes())
-        && !unsafe { pg_sys::RecoveryInProgress() };
-    if l2_fill {
-        match l2_redis::fill(&tier_key, &seen, json, ttl) {
-            Ok(true) => {
-                def.stats.bump(Counter::Fills);
-                log_event("SET", &def, key, &format!(" TTL: {ttl}s"));
-            }
-            Ok(false) => {
-                invalidated_meanwhile = true;
-                def.stats.bump(Counter::FillsRejected);
-                log_event("SET", &def, key, " rejected: invalidated while fetching");
-            }
-            Err(e) => {
-                if e.is_fault() {
-                    def.stats.bump(Counter::RedisErrors);
-                }
-            }
-        }
+    match call.try_l2() {
+        Ok(answer) => answer,
+        Err(miss) => call.try_source(miss),
     }
-    if !invalidated_meanwhile {
-        fill_l1(value.as_ref().map(|v| v.datum), ttl);
-    }
-    def.stats.record(Path::Miss, started.elapsed());
-    value.map(|v| v.datum)
 }
 
 #[cfg(any(test, feature = "pg_test"))]

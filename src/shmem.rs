@@ -33,6 +33,7 @@ unsafe extern "C-unwind" fn on_shmem_request() {
             prev();
         }
         pg_sys::RequestAddinShmemSpace(crate::stats::shmem_size());
+        pg_sys::RequestAddinShmemSpace(crate::outbox::shmem_size());
         pg_sys::RequestAddinShmemSpace(crate::l1::shmem_size());
         crate::l1::request_locks();
     }
@@ -55,6 +56,8 @@ unsafe extern "C-unwind" fn on_shmem_startup() {
         pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
         let (ptr, found) = region(c"twotier stats", crate::stats::shmem_size());
         crate::stats::attach(ptr, !found);
+        let (ptr, found) = region(c"twotier outbox", crate::outbox::shmem_size());
+        crate::outbox::attach(ptr, !found);
         if crate::l1::shmem_size() > 0 {
             let (ptr, found) = region(c"twotier l1", crate::l1::shmem_size());
             crate::l1::attach(ptr, !found);

@@ -157,6 +157,55 @@ pub fn check_watch_expression(table: Oid, expression: &str, owner: Oid, search_p
     });
 }
 
+/// Runs a read-only query with the latest committed state, whatever the transaction's
+/// isolation level or snapshot: for the extension's own tables, which must never be read as
+/// of an old snapshot. Returns each row's columns as text. `args` are text parameters.
+pub fn query_latest(sql: &CStr, args: &[&str]) -> Vec<Vec<Option<String>>> {
+    let _spi = SpiConnection::open();
+    unsafe {
+        let mut types: Vec<Oid> = vec![pg_sys::TEXTOID; args.len()];
+        let mut values: Vec<Datum> = args
+            .iter()
+            .map(|a| {
+                Datum::from(pg_sys::cstring_to_text_with_len(
+                    a.as_ptr().cast(),
+                    a.len() as i32,
+                ))
+            })
+            .collect();
+        let nulls: Vec<std::ffi::c_char> = vec![b' ' as std::ffi::c_char; args.len() + 1];
+        pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot());
+        // read_only: run under the snapshot just pushed instead of taking another one.
+        let rc = pg_sys::SPI_execute_with_args(
+            sql.as_ptr(),
+            args.len() as i32,
+            types.as_mut_ptr(),
+            values.as_mut_ptr(),
+            nulls.as_ptr(),
+            true,
+            0,
+        );
+        pg_sys::PopActiveSnapshot();
+        if rc != pg_sys::SPI_OK_SELECT as i32 {
+            pgrx::error!("twotier: internal query failed (SPI code {rc})");
+        }
+        let table = pg_sys::SPI_tuptable;
+        let mut rows = Vec::new();
+        for i in 0..pg_sys::SPI_processed as usize {
+            let tuple = *(*table).vals.add(i);
+            let natts = (*(*table).tupdesc).natts;
+            let row = (1..=natts)
+                .map(|c| {
+                    let v = pg_sys::SPI_getvalue(tuple, (*table).tupdesc, c);
+                    (!v.is_null()).then(|| CStr::from_ptr(v).to_string_lossy().into_owned())
+                })
+                .collect();
+            rows.push(row);
+        }
+        rows
+    }
+}
+
 /// Runs the cache's query for `key`. `None` when it returns no row or a NULL.
 pub fn fetch(def: &CacheDef, key: &str) -> Option<SourceValue> {
     let _spi = SpiConnection::open();

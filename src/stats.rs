@@ -32,8 +32,10 @@ pub enum Counter {
     FillsRejected,
     Invalidations,
     RedisErrors,
+    /// Calls that left L2 alone because this server has invalidations not yet in Redis.
+    L2Skips,
 }
-const COUNTERS: usize = 10;
+const COUNTERS: usize = 11;
 
 #[repr(C)]
 pub struct Latency {
@@ -237,6 +239,7 @@ fn _stats() -> TableIterator<
         name!(fills_rejected, i64),
         name!(invalidations, i64),
         name!(redis_errors, i64),
+        name!(l2_skips, i64),
         name!(l1_hit_mean_us, Option<f64>),
         name!(l1_hit_p99_us, Option<f64>),
         name!(l2_hit_mean_us, Option<f64>),
@@ -267,6 +270,7 @@ fn _stats() -> TableIterator<
             c(Counter::FillsRejected),
             c(Counter::Invalidations),
             c(Counter::RedisErrors),
+            c(Counter::L2Skips),
             l1m,
             l1p,
             l2m,

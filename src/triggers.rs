@@ -1,0 +1,343 @@
+//! The trigger behind every watched table: `twotier._trigger(cache, table, key_expression)`.
+//!
+//! One C function, attached by `define` as an AFTER ROW trigger for INSERT, UPDATE and DELETE
+//! (PostgreSQL clones row triggers onto every partition, present and future, so DML aimed at
+//! a partition is seen) and as an AFTER STATEMENT trigger for TRUNCATE on the table and each
+//! of its partitions. All are `ENABLE ALWAYS`: logical replication apply and
+//! `session_replication_role = replica` change tables too.
+//!
+//! It only collects keys (see `invalidation`). A key expression that is a plain column is read
+//! straight from the row; anything else runs as a prepared query over the row, as the cache's
+//! owner with the cache's search_path. Either way the key text is rendered under pinned
+//! settings (DateStyle ISO, TimeZone UTC, ...), never the writer's: the key an app passes is
+//! the same whoever wrote the row.
+
+use crate::catalog;
+use crate::invalidation;
+use crate::source;
+use pgrx::pg_sys::{self, Datum, Oid};
+use pgrx::prelude::*;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::{CStr, CString};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Set by any relcache invalidation: a column may have been dropped, renamed or retyped.
+pub static PLANS_STALE: AtomicBool = AtomicBool::new(false);
+
+enum KeyPlan {
+    Column {
+        attnum: i32,
+        typoutput: Oid,
+        pinned: bool,
+    },
+    Expression {
+        plan: pg_sys::SPIPlanPtr,
+        owner: Oid,
+        search_path: CString,
+    },
+}
+
+impl Drop for KeyPlan {
+    fn drop(&mut self) {
+        if let KeyPlan::Expression { plan, .. } = self {
+            unsafe { pg_sys::SPI_freeplan(*plan) };
+        }
+    }
+}
+
+struct Fired {
+    cache: String,
+    plan: KeyPlan,
+}
+
+thread_local! {
+    /// Per trigger (and relation: a cloned trigger on a partition has its own oid).
+    static PLANS: RefCell<HashMap<(Oid, Oid), Rc<Fired>>> = RefCell::new(HashMap::new());
+}
+
+fn refuse(message: String) -> ! {
+    pg_sys::panic::ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_TRIGGERED_ACTION_EXCEPTION,
+        message,
+        "twotier",
+    )
+    .set_hint("twotier's triggers are created by twotier.define() and fire only on the tables it watches.")
+    .report(PgLogLevel::ERROR);
+    unreachable!("ERROR does not return")
+}
+
+/// Output functions of these types do not read any setting: no pinning needed.
+fn output_is_stable(typ: Oid) -> bool {
+    [
+        pg_sys::INT2OID,
+        pg_sys::INT4OID,
+        pg_sys::INT8OID,
+        pg_sys::TEXTOID,
+        pg_sys::VARCHAROID,
+        pg_sys::BPCHAROID,
+        pg_sys::NAMEOID,
+        pg_sys::UUIDOID,
+        pg_sys::BOOLOID,
+        pg_sys::OIDOID,
+        pg_sys::NUMERICOID,
+    ]
+    .contains(&typ)
+}
+
+/// Runs `f` with the settings that shape a value's text pinned to fixed values.
+pub fn with_pinned_output<R>(f: impl FnOnce() -> R) -> R {
+    const PINNED: [(&CStr, &CStr); 5] = [
+        (c"DateStyle", c"ISO, MDY"),
+        (c"TimeZone", c"UTC"),
+        (c"IntervalStyle", c"postgres"),
+        (c"extra_float_digits", c"1"),
+        (c"bytea_output", c"hex"),
+    ];
+    unsafe {
+        let nest = pg_sys::NewGUCNestLevel();
+        for (name, value) in PINNED {
+            pg_sys::set_config_option(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SAVE,
+                true,
+                0,
+                false,
+            );
+        }
+        let result = f();
+        pg_sys::AtEOXact_GUC(true, nest);
+        result
+    }
+}
+
+unsafe fn trigger_args(trigger: *const pg_sys::Trigger) -> Vec<String> {
+    unsafe {
+        (0..(*trigger).tgnargs as usize)
+            .map(|i| {
+                CStr::from_ptr(*(*trigger).tgargs.add(i))
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect()
+    }
+}
+
+fn is_plain_column(expression: &str) -> Option<String> {
+    let e = expression.trim();
+    if e.starts_with('"') && e.ends_with('"') && e.len() > 2 && !e[1..e.len() - 1].contains('"') {
+        return Some(e[1..e.len() - 1].to_string());
+    }
+    let plain = !e.is_empty()
+        && e.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !e.as_bytes()[0].is_ascii_digit();
+    plain.then(|| e.to_string())
+}
+
+unsafe fn plan_for(td: *const pg_sys::TriggerData) -> Rc<Fired> {
+    unsafe {
+        if PLANS_STALE.swap(false, Ordering::Relaxed) {
+            PLANS.with(|p| p.borrow_mut().clear());
+        }
+        let trigger = (*td).tg_trigger;
+        let rel = (*td).tg_relation;
+        let relid = (*rel).rd_id;
+        let tag = ((*trigger).tgoid, relid);
+        if let Some(f) = PLANS.with(|p| p.borrow().get(&tag).cloned()) {
+            return f;
+        }
+        let args = trigger_args(trigger);
+        let [cache, table, expression] = args.as_slice() else {
+            refuse("twotier._trigger needs (cache, table oid, key expression)".into());
+        };
+        let watched = Oid::from(table.parse::<u32>().unwrap_or(0));
+        if relid != watched && !is_partition_of(relid, watched) {
+            refuse(format!(
+                "twotier: trigger for cache \"{cache}\" fired on a table it does not watch"
+            ));
+        }
+        let Some(def) = catalog::lookup_fresh(cache) else {
+            refuse(format!("twotier: cache \"{cache}\" does not exist"));
+        };
+        let desc = (*rel).rd_att;
+        let column = is_plain_column(expression).and_then(|name| {
+            let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
+            attrs
+                .iter()
+                .position(|a| {
+                    !a.attisdropped
+                        && CStr::from_ptr(a.attname.data.as_ptr()).to_bytes() == name.as_bytes()
+                })
+                .map(|i| (i as i32 + 1, attrs[i].atttypid))
+        });
+        let plan = match column {
+            Some((attnum, typ)) => {
+                let mut typoutput = Oid::INVALID;
+                let mut varlena = false;
+                pg_sys::getTypeOutputInfo(typ, &mut typoutput, &mut varlena);
+                KeyPlan::Column {
+                    attnum,
+                    typoutput,
+                    pinned: !output_is_stable(typ),
+                }
+            }
+            None => {
+                // The row becomes $1 of its own row type; the expression sees its columns
+                // under the table's name, as in the watch entry.
+                let table_name = CStr::from_ptr(pg_sys::get_rel_name(watched))
+                    .to_string_lossy()
+                    .into_owned();
+                let sql = format!(
+                    "SELECT DISTINCT ({expression})::text FROM (SELECT ($1).*) AS {}",
+                    quote_ident(&table_name)
+                );
+                let sql = CString::new(sql).unwrap_or_default();
+                let mut types = [(*(*rel).rd_rel).reltype];
+                let plan = source::as_owner(def.owner, &def.search_path, || {
+                    pg_sys::SPI_connect();
+                    let plan = pg_sys::SPI_prepare(sql.as_ptr(), 1, types.as_mut_ptr());
+                    if !plan.is_null() {
+                        pg_sys::SPI_keepplan(plan);
+                    }
+                    pg_sys::SPI_finish();
+                    plan
+                });
+                if plan.is_null() {
+                    refuse(format!(
+                        "twotier: the key expression {expression} of cache \"{cache}\" does not apply to this table"
+                    ));
+                }
+                KeyPlan::Expression {
+                    plan,
+                    owner: def.owner,
+                    search_path: def.search_path.clone(),
+                }
+            }
+        };
+        let fired = Rc::new(Fired {
+            cache: cache.clone(),
+            plan,
+        });
+        PLANS.with(|p| p.borrow_mut().insert(tag, fired.clone()));
+        fired
+    }
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+fn is_partition_of(relid: Oid, ancestor: Oid) -> bool {
+    let rows = source::query_latest(
+        c"SELECT 1 FROM pg_catalog.pg_partition_ancestors($1::text::oid) WHERE relid = $2::text::oid",
+        &[&relid.to_u32().to_string(), &ancestor.to_u32().to_string()],
+    );
+    !rows.is_empty()
+}
+
+/// The key of the row in `slot`, or None for a NULL key.
+unsafe fn key_of(plan: &KeyPlan, slot: *mut pg_sys::TupleTableSlot, out: &mut Vec<String>) {
+    unsafe {
+        match plan {
+            KeyPlan::Column {
+                attnum,
+                typoutput,
+                pinned,
+            } => {
+                pg_sys::slot_getsomeattrs_int(slot, *attnum);
+                let i = (*attnum - 1) as usize;
+                if *(*slot).tts_isnull.add(i) {
+                    return;
+                }
+                let value = *(*slot).tts_values.add(i);
+                let render = || {
+                    let text = pg_sys::OidOutputFunctionCall(*typoutput, value);
+                    CStr::from_ptr(text).to_string_lossy().into_owned()
+                };
+                out.push(if *pinned {
+                    with_pinned_output(render)
+                } else {
+                    render()
+                });
+            }
+            KeyPlan::Expression {
+                plan,
+                owner,
+                search_path,
+            } => {
+                let row = pg_sys::ExecFetchSlotHeapTupleDatum(slot);
+                source::as_owner(*owner, search_path, || {
+                    with_pinned_output(|| {
+                        pg_sys::SPI_connect();
+                        let mut values = [row];
+                        let nulls = [b' ' as std::ffi::c_char, 0];
+                        let rc = pg_sys::SPI_execute_plan(
+                            *plan,
+                            values.as_mut_ptr(),
+                            nulls.as_ptr(),
+                            true,
+                            0,
+                        );
+                        if rc == pg_sys::SPI_OK_SELECT as i32 {
+                            let table = pg_sys::SPI_tuptable;
+                            for r in 0..pg_sys::SPI_processed as usize {
+                                let v = pg_sys::SPI_getvalue(
+                                    *(*table).vals.add(r),
+                                    (*table).tupdesc,
+                                    1,
+                                );
+                                if !v.is_null() {
+                                    out.push(CStr::from_ptr(v).to_string_lossy().into_owned());
+                                }
+                            }
+                        }
+                        pg_sys::SPI_finish();
+                    })
+                });
+            }
+        }
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn pg_finfo_twotier_trigger() -> &'static pg_sys::Pg_finfo_record {
+    static V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// # Safety
+/// Called by the trigger manager with a `TriggerData` context.
+#[no_mangle]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn twotier_trigger(fcinfo: pg_sys::FunctionCallInfo) -> Datum {
+    unsafe {
+        let context = (*fcinfo).context;
+        if context.is_null() || (*context).type_ != pg_sys::NodeTag::T_TriggerData {
+            refuse("twotier._trigger can only be called as a trigger".into());
+        }
+        let td = context as *const pg_sys::TriggerData;
+        let fired = plan_for(td);
+        let event = (*td).tg_event & pg_sys::TRIGGER_EVENT_OPMASK;
+        if event == pg_sys::TRIGGER_EVENT_TRUNCATE {
+            catalog::truncated(&fired.cache);
+            return Datum::from(0);
+        }
+        if (*td).tg_event & pg_sys::TRIGGER_EVENT_ROW == 0 {
+            return Datum::from(0);
+        }
+        let mut keys = Vec::with_capacity(2);
+        // INSERT and DELETE: the one row; UPDATE: the old row here, the new one below, so a
+        // row whose key changed invalidates both keys.
+        key_of(&fired.plan, (*td).tg_trigslot, &mut keys);
+        if event == pg_sys::TRIGGER_EVENT_UPDATE {
+            key_of(&fired.plan, (*td).tg_newslot, &mut keys);
+        }
+        invalidation::collect(&fired.cache, keys.iter().map(String::as_str));
+        Datum::from(0)
+    }
+}

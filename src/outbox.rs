@@ -162,7 +162,7 @@ fn verify(st: &DbState) {
     if st.pending.load(SeqCst) != 0 {
         return;
     }
-    match backlog() {
+    match backlog(false) {
         Some(0) => {
             st.clean_seq.fetch_max(seq, SeqCst);
             st.rows.store(0, SeqCst);
@@ -175,9 +175,9 @@ fn verify(st: &DbState) {
     }
 }
 
-/// Rows in this database's outbox (at most one is counted: only emptiness matters), read with
-/// the latest snapshot as the extension's owner. None if the table is not there.
-fn backlog() -> Option<i64> {
+/// Rows in this database's outbox (with `all` false at most one is counted: only emptiness
+/// matters), read with the latest snapshot as the extension's owner. None without the table.
+fn backlog(all: bool) -> Option<i64> {
     let exists = unsafe {
         pg_sys::get_namespace_oid(c"twotier".as_ptr(), true) != Oid::INVALID
             && pg_sys::get_relname_relid(
@@ -189,10 +189,12 @@ fn backlog() -> Option<i64> {
         return None;
     }
     as_outbox_owner(|| {
-        source::query_latest(
-            c"SELECT count(*) FROM (SELECT FROM twotier.outbox LIMIT 1) AS any_row",
-            &[],
-        )
+        let sql = if all {
+            c"SELECT count(*) FROM twotier.outbox"
+        } else {
+            c"SELECT count(*) FROM (SELECT FROM twotier.outbox LIMIT 1) AS any_row"
+        };
+        source::query_latest(sql, &[])
         .first()
         .and_then(|r| r.first().cloned().flatten())
         .and_then(|n| n.parse().ok())
@@ -233,11 +235,15 @@ fn insert(keys: &[(String, i64)]) {
         .iter()
         .map(|(_, t)| (*t).clamp(1, i32::MAX as i64) as i32)
         .collect();
-    as_outbox_owner(|| {
-        Spi::run_with_args(
-            "INSERT INTO twotier.outbox (key, ttl_s) SELECT * FROM pg_catalog.unnest($1::text[], $2::int4[])",
+    as_outbox_owner(|| unsafe {
+        // PRE_COMMIT runs after the last statement's snapshot is gone; SPI needs one.
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+        let result = Spi::run_with_args(
+            "INSERT INTO twotier.outbox (key, ttl_s) SELECT * FROM unnest($1::text[], $2::int4[])",
             &[names.into(), ttls.into()],
-        )
+        );
+        pg_sys::PopActiveSnapshot();
+        result
     })
     .unwrap_or_else(|e| pgrx::error!("twotier: could not record invalidations in twotier.outbox: {e}"));
 }
@@ -283,7 +289,7 @@ fn ensure_worker(st: &DbState) {
 
 /// What `twotier.status()` shows about the outbox of this database.
 pub fn status() -> serde_json::Value {
-    let rows = backlog();
+    let rows = backlog(true);
     let Some(st) = my_state() else {
         return serde_json::json!({
             "available": false,

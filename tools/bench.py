@@ -5,6 +5,10 @@ all in one run on one machine, with pgbench in prepared mode.
 Every ratio printed is between two figures of the same run. Targets are printed as PASS or
 SHORT and never fail the command: these machines are shared and noisy. `--quick` is a smoke
 run of the runner itself (small data, short runs, one client) for `./run test`.
+
+Readers are one half of the bill; "what it costs a writer" is the other: UPDATE throughput on a
+watched table against the same table unwatched (Redis up and down), a bulk UPDATE, and the
+Redis memory and L1 entries that invalidating never-read keys leaves behind.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -80,6 +85,11 @@ class Bench:
             "max_connections": 60,
             "shared_buffers": "512MB",
             "pg_stat_statements.track": "all",
+            # Short, so that the writer's Redis memory measurement (which waits for the
+            # tombstones of never-read keys to expire) takes seconds, not minutes. It is also
+            # the oldest Redis read a fill may follow; every query here takes milliseconds.
+            # A build without this setting ignores the placeholder.
+            "twotier.tombstone_ttl_s": 5,
         }).start()
         c = self.pg.connect()
         c.execute("CREATE EXTENSION twotier")
@@ -293,6 +303,210 @@ class Bench:
         print(f"  invalidate_pattern('kv', '*') over {size} keys: {n} keys in {pattern_s * 1000:.0f} ms;"
               f" flush: {flush_s * 1000:.1f} ms", flush=True)
 
+    # -- what it costs a writer ----------------------------------------------------------
+    WRITER_ROWS = 10_000
+
+    def writer(self):
+        """What twotier costs the sessions that write the watched tables: the triggers collect
+        keys, PRE_COMMIT marks them in flight and the commit leaves tombstones (or, with Redis
+        down, outbox rows). Each measurement is on its own: the Rust side of the outbox and of
+        the tombstone TTL lands in parallel, so one that fails prints why and the run goes on."""
+        print("\n== what it costs a writer", flush=True)
+        self.writer_result = {}
+        for measure in (self.writer_tables, self.writer_single_row, self.writer_bulk, self.writer_redis_memory):
+            try:
+                measure()
+            except Exception as e:  # noqa: BLE001 - reported, never fatal to the rest of the run
+                detail = (getattr(e, "stderr", None) or str(e) or type(e).__name__).strip().splitlines()
+                msg = f"writer: {measure.__name__} failed: {detail[-1] if detail else type(e).__name__}"
+                print(f"  {msg}", flush=True)
+                self.notes.append(msg)
+                if measure == self.writer_tables:
+                    return
+
+    def writer_tables(self):
+        """Two tables of the same shape, one watched by a cache and one not, so that the only
+        difference between their UPDATEs is twotier; and a bigger watched table whose keys
+        nobody ever reads, for the memory measurement."""
+        n = self.WRITER_ROWS
+        big = 10_000 if self.quick else 100_000
+        with self.pg.connect() as c:
+            for table, rows in (("wt", n), ("wu", n), ("wm", big)):
+                c.execute(f"CREATE TABLE {table} (k int PRIMARY KEY, v bigint NOT NULL)")
+                c.execute(f"INSERT INTO {table} SELECT g, 0 FROM generate_series(1, {rows}) g")
+                c.execute(f"ANALYZE {table}")
+            c.execute("SELECT twotier.define('wt', $q$SELECT jsonb_build_object('v', v) FROM wt WHERE k = $1::int$q$,"
+                      " '5 minutes', ARRAY['wt(k)'])")
+            # The long TTL is deliberate: if tombstones lived as long as the cache's entries
+            # instead of twotier.tombstone_ttl_s, the memory measurement shows it.
+            c.execute("SELECT twotier.define('wm', $q$SELECT jsonb_build_object('v', v) FROM wm WHERE k = $1::int$q$,"
+                      " '1 hour', ARRAY['wm(k)'])")
+            # Every watched key starts cached in both tiers, as in an app: the UPDATEs below
+            # invalidate live entries, not absent ones.
+            c.execute(f"SELECT twotier.warm('wt', 'SELECT g::text FROM generate_series(1, {n}) g')")
+        self.writer_big = big
+
+    def outbox_count(self):
+        """Rows waiting in twotier.outbox, or None when this build has no outbox."""
+        (exists,), = self.sql("SELECT to_regclass('twotier.outbox') IS NOT NULL")[0:1]
+        if not exists:
+            return None
+        return int(self.sql("SELECT count(*) FROM twotier.outbox")[0][0])
+
+    def wait_outbox(self, target, timeout):
+        """Polls the outbox until the background worker has delivered it back down to `target`
+        rows, or gives up after `timeout` s; returns (rows left or None without an outbox, seconds waited)."""
+        t0 = time.time()
+        while True:
+            n = self.outbox_count()
+            if n is None or n <= target or time.time() - t0 > timeout:
+                return n, time.time() - t0
+            time.sleep(0.5)
+
+    def tombstone_ttl(self):
+        """twotier.tombstone_ttl_s as the extension defines it; None for a build without it
+        (pg_settings lists no placeholders, current_setting() would show one)."""
+        rows = self.sql("SELECT setting FROM pg_settings WHERE name = 'twotier.tombstone_ttl_s'")
+        return int(rows[0][0]) if rows else None
+
+    def l1_entries(self):
+        """L1 entries from twotier.status(), read defensively: None when L1 is off or the
+        status has another shape."""
+        try:
+            st = self.sql("SELECT twotier.status()")[0][0]
+            l1 = st.get("l1") if isinstance(st, dict) else None
+            v = l1.get("entries") if isinstance(l1, dict) else None
+            return int(v) if v is not None else None
+        except Exception:  # noqa: BLE001
+            return None
+
+    def writer_single_row(self):
+        """Single-row UPDATE TPS, watched against unwatched, with Redis up and with Redis down.
+        Down, the commit cannot reach Redis and writes its keys to twotier.outbox instead; the
+        bench's Redis is stopped for those runs and restarted on the same port after them, and
+        the worker must then drain the outbox."""
+        n, clients = self.WRITER_ROWS, 4
+        scripts = {t: self.script(f"update_{t}", f"\\set k random(1, {n})\nUPDATE {t} SET v = v + 1 WHERE k = :k;\n")
+                   for t in ("wu", "wt")}
+        options = "-c synchronous_commit=off"
+
+        def interleaved():
+            best: dict = {}
+            for _ in range(self.reps):
+                for t, script in scripts.items():
+                    # Each run starts from a vacuumed table, so that neither carries the
+                    # dead rows of the runs before it (the watched one would carry fewer).
+                    self.sql(f"VACUUM {t}")
+                    r = self.pgbench([script], clients, options=options)
+                    if t not in best or r["mean_us"] < best[t]["mean_us"]:
+                        best[t] = r
+            return best
+
+        single = self.writer_result["single"] = {}
+        outbox = self.writer_result["outbox"] = {}
+        for redis in ("up", "down"):
+            if redis == "down":
+                outbox["before"] = self.outbox_count()
+                self.redis.stop()
+            try:
+                best = interleaved()
+                if redis == "down":
+                    outbox["during"] = self.outbox_count()
+            finally:
+                if not self.redis.running():
+                    self.redis.start()
+            if redis == "down":
+                target = outbox["before"] or 0
+                outbox["after"], outbox["drain_s"] = self.wait_outbox(target, 20 if self.quick else 60)
+                if outbox["before"] is None:
+                    print("  twotier.outbox: n/a (no such table in this build)", flush=True)
+                else:
+                    print(f"  twotier.outbox rows: before {outbox['before']}, after the Redis-down runs"
+                          f" {outbox['during']}, after Redis came back {outbox['after']}"
+                          f" (waited {outbox['drain_s']:.1f} s for the worker)", flush=True)
+            ratio = best["wt"]["tps"] / best["wu"]["tps"]
+            single[redis] = {"unwatched": best["wu"], "watched": best["wt"], "ratio": ratio}
+            self.record("writer", f"UPDATE 1 row, unwatched table, Redis {redis}", clients, best["wu"],
+                        json.dumps({"rows": n, "redis": redis}))
+            note = {"rows": n, "redis": redis, "x_unwatched_tps": round(ratio, 3)}
+            if redis == "down":
+                note.update({f"outbox_{k}": (round(v, 1) if isinstance(v, float) else v) for k, v in outbox.items()})
+            self.record("writer", f"UPDATE 1 row, watched table, Redis {redis}", clients, best["wt"], json.dumps(note))
+
+    def writer_bulk(self):
+        """One UPDATE of every row of the table in one statement: the triggers collect 10,000
+        keys and the commit invalidates them all. Median of a few timed statements each, one
+        session, autocommit (so the timed call includes COMMIT, where invalidation happens)."""
+        n = self.WRITER_ROWS
+        reps = 3 if self.quick else 5
+        times: dict[str, list[float]] = {"wu": [], "wt": []}
+        with self.pg.connect() as c:
+            for i in range(reps):
+                # Alternating which goes first, so that neither always runs on a warmer machine.
+                for t in (("wu", "wt") if i % 2 == 0 else ("wt", "wu")):
+                    c.execute(f"VACUUM {t}")
+                    t0 = time.perf_counter()
+                    c.execute(f"UPDATE {t} SET v = v + 1")
+                    times[t].append(time.perf_counter() - t0)
+        med = {t: statistics.median(v) * 1e6 for t, v in times.items()}
+        ratio = med["wt"] / med["wu"]
+        self.writer_result["bulk"] = {"rows": n, "reps": reps, "unwatched_us": med["wu"], "watched_us": med["wt"],
+                                      "ratio": ratio}
+        for t, label in (("wu", "unwatched"), ("wt", "watched")):
+            note = {"rows": n, "median_of": reps, "runs_ms": [round(x * 1000, 1) for x in times[t]]}
+            if t == "wt":
+                note["x_unwatched_time"] = round(ratio, 3)
+            self.record("writer", f"UPDATE all {n} rows, {label} table", 1,
+                        {"tps": 1e6 / med[t], "mean_us": med[t], "p99_us": None}, json.dumps(note))
+
+    def writer_redis_memory(self):
+        """What invalidating keys nobody cached leaves behind: Redis used_memory and DBSIZE,
+        and L1 entries, before one UPDATE of every row of `wm` (whose keys were never read)
+        and once twotier.tombstone_ttl_s plus 3 s has passed after its commit."""
+        r = self.redis.client()
+        ttl = self.tombstone_ttl()
+        wait_s = (ttl if ttl is not None else 5) + 3
+        if wait_s > 120:
+            self.notes.append(f"writer: twotier.tombstone_ttl_s = {ttl}; the memory measurement waited 120 s only")
+            wait_s = 120
+        # A quiet baseline: the runs before left tombstones that expire on their own clock
+        # (twotier.tombstone_ttl_s), so wait one such period, then until DBSIZE holds still.
+        time.sleep(wait_s)
+        last, still_since, t0 = r.dbsize(), time.time(), time.time()
+        while time.time() - still_since < 2 and time.time() - t0 < 30:
+            time.sleep(0.5)
+            now = r.dbsize()
+            if now != last:
+                last, still_since = now, time.time()
+        mem0, keys0, l1_0 = r.info("memory")["used_memory"], r.dbsize(), self.l1_entries()
+        with self.pg.connect() as c:
+            t0 = time.perf_counter()
+            c.execute("UPDATE wm SET v = v + 1")
+            update_us = (time.perf_counter() - t0) * 1e6
+        committed = time.time()
+        peak_mem, peak_keys = mem0, keys0
+        while time.time() - committed < wait_s:
+            peak_mem = max(peak_mem, r.info("memory")["used_memory"])
+            peak_keys = max(peak_keys, r.dbsize())
+            time.sleep(0.5)
+        mem1, keys1, l1_1 = r.info("memory")["used_memory"], r.dbsize(), self.l1_entries()
+        # Counted last: SCAN also drops the expired keys it visits.
+        (version,), = self.sql("SELECT version FROM twotier.caches WHERE name = 'wm'")[0:1]
+        left = sum(1 for _ in r.scan_iter(match=f"twotier:postgres:wm:v{version}:*", count=1000))
+        res = {"rows": self.writer_big, "tombstone_ttl_s": ttl, "waited_s": round(time.time() - committed, 1),
+               "update_ms": round(update_us / 1000, 1), "used_memory_before": mem0, "used_memory_peak": peak_mem,
+               "used_memory_after": mem1, "delta_bytes": mem1 - mem0, "dbsize_before": keys0,
+               "dbsize_peak": peak_keys, "dbsize_after": keys1, "cache_keys_left": left,
+               "l1_entries_before": l1_0, "l1_entries_after": l1_1,
+               "l1_growth": None if l1_0 is None or l1_1 is None else l1_1 - l1_0}
+        self.writer_result["memory"] = res
+        print(f"  Redis after invalidating {self.writer_big} never-read keys (twotier.tombstone_ttl_s ="
+              f" {'n/a: not in this build' if ttl is None else ttl}): used_memory {mem0} -> peak {peak_mem}"
+              f" -> {mem1} bytes ({mem1 - mem0:+d}) after {res['waited_s']} s; DBSIZE {keys0} -> peak {peak_keys}"
+              f" -> {keys1}; keys of that cache left: {left}; L1 entries {l1_0} -> {l1_1}", flush=True)
+        self.record("writer", f"UPDATE all {self.writer_big} never-read rows: Redis memory left", 1,
+                    {"tps": 1e6 / update_us, "mean_us": update_us, "p99_us": None}, json.dumps(res))
+
     def instructions(self):
         """Instructions per call inside one backend (callgrind, single-user mode): repeatable
         on a noisy machine, unlike time. Each path runs N calls in one statement; the empty
@@ -392,6 +606,23 @@ class Bench:
         scale = getattr(self, "scale", [])
         verdict(f"L1 hit latency at {scale[-1][0] if scale else '?'} keys / at {scale[0][0] if scale else '?'} keys <= 1.2",
                 scale and scale[-1][1] / scale[0][1], 1.2)
+        # What it costs a writer. A measurement that did not run (or a build without the
+        # outbox or the setting) shows as NOT RUN rather than failing the others.
+        wr = getattr(self, "writer_result", {})
+        single = wr.get("single", {})
+        verdict("writer, 4 clients, Redis up: single-row UPDATE TPS watched / unwatched >= 0.8",
+                single.get("up", {}).get("ratio"), 0.8, True)
+        verdict("writer, 4 clients, Redis down (outbox): single-row UPDATE TPS watched / unwatched >= 0.5",
+                single.get("down", {}).get("ratio"), 0.5, True)
+        bulk = wr.get("bulk", {})
+        verdict(f"writer: UPDATE of all {bulk.get('rows', self.WRITER_ROWS)} rows in one statement,"
+                " time watched / unwatched <= 1.5", bulk.get("ratio"), 1.5)
+        mem = wr.get("memory", {})
+        verdict(f"writer: Redis memory left {mem.get('waited_s', '?')} s after invalidating {mem.get('rows', '?')}"
+                " never-read keys <= 1 MB", None if "delta_bytes" not in mem else mem["delta_bytes"] / 1e6, 1,
+                fmt="{:.2f} MB")
+        verdict(f"writer: L1 entries after invalidating {mem.get('rows', '?')} never-read keys - before <= 0",
+                mem.get("l1_growth"), 0, fmt="{:+.0f}")
         # Where L2 starts to pay: a query must cost more than an L2 hit does over the floor.
         if l2 and floor:
             self.notes.append(f"An L2 hit costs {l2['mean_us'] - floor['mean_us']:.0f} µs over the floor: L2 alone pays"
@@ -410,7 +641,7 @@ class Bench:
             w = csv.writer(f)
             w.writerow(["group", "path", "clients", "tps", "mean_us", "p99_us", "x_floor_latency", "x_raw_latency", "note"])
             for r in self.rows:
-                fl = floor.get(r["clients"])
+                fl = floor.get(r["clients"]) if r["group"] != "writer" else None
                 raw = self.find(r["group"], "raw query", r["clients"])
                 w.writerow([r["group"], r["path"], r["clients"], r["tps"], r["mean_us"], r["p99_us"],
                             round(r["mean_us"] / fl["mean_us"], 3) if fl else "",
@@ -426,7 +657,7 @@ class Bench:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        rows = [r for r in self.rows if r["clients"] == 1 and r["group"] not in ("mixed", "scaling")]
+        rows = [r for r in self.rows if r["clients"] == 1 and r["group"] not in ("mixed", "scaling", "writer")]
         labels = [f"{r['group']}: {r['path']}" for r in rows]
         fig, ax = plt.subplots(figsize=(11, 0.38 * len(rows) + 1.5))
         colors = ["#9ca3af" if r["group"] == "floor" else "#ef4444" if "raw" in r["path"] else
@@ -454,13 +685,14 @@ class Bench:
             f"Settings: pgbench -M prepared, best of {self.reps} interleaved runs of {self.duration} s per row,"
             " clients 1/2/8 (2 pgbench threads);"
             f" {self.tenants} tenants of the report's app (`sql/examples`); twotier.l1_size_mb = 1024;"
+            " twotier.tombstone_ttl_s = 5;"
             " fsync off. Keys are chosen uniformly over all tenants (Zipf in the mixed workload).", "",
             "![latency per path](bench/results/latency.png)", "",
             "| group | path | clients | TPS | mean µs | p99 µs | × floor | × raw |",
             "|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         for r in self.rows:
-            if r["group"] == "mixed":
+            if r["group"] in ("mixed", "writer"):
                 continue
             fl = self.find("floor", "empty SQL function(key)", r["clients"])
             raw = self.find(r["group"], "raw query", r["clients"])
@@ -483,6 +715,7 @@ class Bench:
                       f"`invalidate_pattern('kv', '*')` over {inv['keys']} keys (SCAN + tombstones in batches of 1000):"
                       f" {inv['pattern_s'] * 1000:.0f} ms for {inv['pattern_invalidated']} keys;"
                       f" `flush('kv')` (a version bump): {inv['flush_s'] * 1000:.1f} ms."]
+        lines += self.writer_markdown()
         lines += ["", "## Targets", "", "| verdict | target | measured |", "|---|---|---|"]
         for name, value, limit, v in self.verdicts:
             lines.append(f"| {v} | {name} | {value} |")
@@ -493,12 +726,54 @@ class Bench:
             lines += ["", extra.read_text().strip()]
         path.write_text("\n".join(lines) + "\n")
 
+    def writer_markdown(self) -> list[str]:
+        """The "what it costs a writer" section of BENCHMARKS.md; empty if it did not run."""
+        wr = getattr(self, "writer_result", {})
+        if not wr:
+            return []
+        lines = ["", "## What it costs a writer"]
+        single = wr.get("single", {})
+        if single:
+            lines += ["", f"Single-row `UPDATE wt SET v = v + 1 WHERE k = :k` over a {self.WRITER_ROWS}-row table that one"
+                      " cache watches, against the same-shaped table that none does; pgbench -M prepared, 4 clients,"
+                      f" synchronous_commit off, best of {self.reps} interleaved runs of {self.duration} s. Redis down"
+                      " means the bench's Redis stopped for those runs, so that commits queue their keys in"
+                      " `twotier.outbox`.", "",
+                      "| Redis | unwatched TPS | watched TPS | watched ÷ unwatched |", "|---|---:|---:|---:|"]
+            for redis, v in single.items():
+                lines.append(f"| {redis} | {v['unwatched']['tps']:.0f} | {v['watched']['tps']:.0f} | {v['ratio']:.2f} |")
+            ob = wr.get("outbox", {})
+            if "down" in single and ob.get("before") is None:
+                lines += ["", "`twotier.outbox`: n/a (this build has no outbox table)."]
+            elif "down" in single:
+                drained = ob.get("after") is not None and ob["after"] <= ob["before"]
+                lines += ["", f"`twotier.outbox` rows: {ob['before']} before the Redis-down runs, {ob.get('during')} after"
+                          f" them, {ob.get('after')} " + ("once Redis was back" if drained else "when the bench gave up")
+                          + f" ({ob.get('drain_s') or 0:.1f} s after restarting it)."]
+        bulk = wr.get("bulk")
+        if bulk:
+            lines += ["", f"`UPDATE` of all {bulk['rows']} rows in one statement, one session, median of {bulk['reps']}:"
+                      f" unwatched {bulk['unwatched_us'] / 1000:.1f} ms, watched {bulk['watched_us'] / 1000:.1f} ms"
+                      f" (× {bulk['ratio']:.2f})."]
+        m = wr.get("memory")
+        if m:
+            ttl = "not in this build" if m["tombstone_ttl_s"] is None else f"{m['tombstone_ttl_s']} s"
+            lines += ["", f"Invalidating keys nobody cached: one `UPDATE` of all {m['rows']} rows of a watched table whose"
+                      f" keys were never read ({m['update_ms']:.0f} ms) left **{m['delta_bytes']:+d} bytes** of Redis"
+                      f" `used_memory` {m['waited_s']} s after its commit (before {m['used_memory_before']}, peak"
+                      f" {m['used_memory_peak']}, after {m['used_memory_after']}); DBSIZE {m['dbsize_before']} →"
+                      f" peak {m['dbsize_peak']} → {m['dbsize_after']}, {m['cache_keys_left']} keys of that cache left;"
+                      f" twotier.tombstone_ttl_s: {ttl}. L1 entries: {m['l1_entries_before']} before,"
+                      f" {m['l1_entries_after']} after."]
+        return lines
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small and short: checks the runner, not the numbers")
     ap.add_argument("--no-write", action="store_true", help="print only; leave bench/results and BENCHMARKS.md alone")
     ap.add_argument("--chart-only", action="store_true", help="redraw bench/results/latency.png from latest.csv")
+    ap.add_argument("--only", choices=["writer"], help="run one section and print it (implies --no-write)")
     args = ap.parse_args()
     if args.chart_only:
         b = Bench(quick=False)
@@ -511,9 +786,13 @@ def main():
     t0 = time.time()
     try:
         b.start()
+        if args.only == "writer":
+            b.writer()
+            return
         b.paths()
         b.mixed()
         b.scaling()
+        b.writer()
         b.instructions()
         b.targets()
         if not args.no_write:

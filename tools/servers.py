@@ -8,10 +8,13 @@ import atexit
 import os
 import pwd
 import shutil
+import select
 import signal
 import socket
+import struct
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -55,7 +58,9 @@ def _chown_tree(path: Path) -> None:
 def _stop_all() -> None:
     for server in reversed(_started):
         try:
-            server.stop()
+            # Redis directories only hold snapshots of throwaway data; cluster directories
+            # are left to whoever created them (their logs help after a failed run).
+            server.destroy() if isinstance(server, RedisServer) else server.stop()
         except Exception:
             pass
 
@@ -64,22 +69,46 @@ atexit.register(_stop_all)
 
 
 class RedisServer:
-    """A redis-server child process without persistence."""
+    """A redis-server child process in a directory of its own.
 
-    def __init__(self, port: int | None = None, extra: list[str] | None = None):
+    Nothing is persisted on its own (`--save ""`, no AOF): `start()` always starts empty.
+    Snapshots are explicit: `save_rdb()` takes one and `restart_from_rdb()` brings Redis back
+    from it, as a restore from backup would, with a new run_id. The directory also keeps
+    the RDB a replica writes during a sync (see `make_readonly`) out of the caller's cwd.
+    """
+
+    DUMP = "dump.rdb"
+
+    def __init__(self, port: int | None = None, extra: list[str] | None = None, dir: Path | str | None = None):
         self.port = port or free_port()
         self.extra = extra or []
+        self.dir = Path(dir) if dir else Path(tempfile.mkdtemp(prefix="twotier-redis-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen | None = None
+        self._snapshots = 0
+        self._master: RedisServer | None = None
+        self._memory_policy: str | None = None
+        self._junk_keys = 0
         _started.append(self)
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> "RedisServer":
+    def start(self, rdb: Path | str | None = None) -> "RedisServer":
+        """Starts empty, or with the data of snapshot `rdb` (a path from `save_rdb`)."""
+        dump = self.dir / self.DUMP
+        if rdb is not None:
+            shutil.copyfile(rdb, dump)
+        elif dump.exists():
+            # Left by an earlier SAVE or replica sync: Redis would load it.
+            dump.unlink()
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--loglevel", "warning", *self.extra],
+             "--appendonly", "no", "--dir", str(self.dir), "--dbfilename", self.DUMP,
+             # Redis 7 refuses DEBUG unless enabled; `local` keeps it to loopback clients.
+             "--enable-debug-command", "local",
+             "--loglevel", "warning", *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         self.wait_ready()
@@ -95,30 +124,50 @@ class RedisServer:
                 time.sleep(0.05)
         raise RuntimeError(f"redis on port {self.port} did not start")
 
-    def client(self):
+    def client(self, timeout: float = 2):
+        """A redis-py client that sends each command once: its default retries would hide a
+        timeout or a reset from the test that caused it."""
         import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=timeout, retry=Retry(NoBackoff(), 0))
+
+    def run_id(self) -> str:
+        """Changes on every start, whatever data the server starts with."""
+        return self.client().info("server")["run_id"]
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
+        self._stop_master()
         if self.running():
             self.resume()
             self.proc.terminate()
             self.proc.wait(10)
         self.proc = None
+        self._junk_keys = 0
+        self._memory_policy = None
+
+    def destroy(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def kill(self) -> None:
         """SIGKILL: Redis dies mid-request, as in a crash."""
+        self._stop_master()
         if self.running():
             self.proc.kill()
             self.proc.wait(10)
         self.proc = None
+        self._junk_keys = 0
+        self._memory_policy = None
 
     def pause(self) -> None:
-        """SIGSTOP: Redis keeps its sockets open but answers nothing."""
+        """SIGSTOP: Redis keeps its sockets open but answers nothing. The kernel still
+        accepts connections and buffers requests; Redis runs whatever it had received once
+        resumed, even for clients that gave up on their reply."""
         if self.running():
             self.proc.send_signal(signal.SIGSTOP)
 
@@ -126,9 +175,248 @@ class RedisServer:
         if self.running():
             self.proc.send_signal(signal.SIGCONT)
 
-    def restart(self) -> "RedisServer":
+    def heal(self) -> "RedisServer":
+        """Whatever fault was made: running, resumed, writable, no memory limit."""
+        if not self.running():
+            return self.start()
+        self.resume()
+        if self._master is not None:
+            self.make_readonly(False)
+        if self._memory_policy is not None:
+            self.free_memory()
+        return self
+
+    def restart(self, down_s: float = 0.0) -> "RedisServer":
+        """Stops and starts again, empty, after `down_s` seconds down."""
         self.stop()
+        time.sleep(down_s)
         return self.start()
+
+    # -- persistence ---------------------------------------------------------------------
+    def save_rdb(self) -> Path:
+        """SAVE now; returns a copy of the dump that later SAVEs and syncs do not touch."""
+        self.client(timeout=30).save()
+        self._snapshots += 1
+        copy = self.dir / f"snapshot-{self._snapshots}.rdb"
+        shutil.copyfile(self.dir / self.DUMP, copy)
+        return copy
+
+    def restart_from_rdb(self, rdb: Path | str | None = None, down_s: float = 0.0) -> "RedisServer":
+        """Stops Redis and, `down_s` seconds later, starts it from snapshot `rdb` (default:
+        the latest `save_rdb`): the data of that moment, a new run_id."""
+        if rdb is None:
+            if not self._snapshots:
+                raise RuntimeError("no snapshot: call save_rdb() first")
+            rdb = self.dir / f"snapshot-{self._snapshots}.rdb"
+        self.stop()
+        time.sleep(down_s)
+        return self.start(rdb=rdb)
+
+    # -- faults --------------------------------------------------------------------------
+    def debug_sleep(self, seconds: float) -> threading.Thread:
+        """DEBUG SLEEP from a background thread: the process runs and accepts connections
+        but executes no command for `seconds`. Returns once Redis is asleep; join the thread
+        to wait for the end."""
+        def sleep():
+            c = self.client(timeout=seconds + 10)
+            try:
+                c.execute_command("DEBUG", "SLEEP", f"{seconds:.3f}")
+            except Exception:
+                pass  # killed or stopped meanwhile: the sleep is over either way
+            finally:
+                c.close()
+
+        thread = threading.Thread(target=sleep, name=f"redis-debug-sleep-{self.port}", daemon=True)
+        thread.start()
+        probe = self.client(timeout=0.05)
+        deadline = time.time() + 2
+        try:
+            while time.time() < deadline and thread.is_alive():
+                try:
+                    probe.ping()
+                    time.sleep(0.005)
+                except Exception:
+                    return thread  # a PING went unanswered: asleep
+        finally:
+            probe.close()
+        return thread
+
+    def fill_memory(self, junk_bytes: int = 4 << 20, margin: int = 2 << 20) -> int:
+        """Makes Redis full: `junk_bytes` of junk, then `maxmemory-policy noeviction` and a
+        maxmemory `margin` below what it now uses. Every write (SET, a script that writes)
+        then fails with OOM while reads still work. The margin is what makes it hold: a limit
+        just above the data lets writes through whenever transient memory (query and output
+        buffers) goes down. Returns the number of junk keys."""
+        import redis
+
+        r = self.client()
+        if self._memory_policy is None:
+            self._memory_policy = r.config_get("maxmemory-policy")["maxmemory-policy"]
+        chunk = b"j" * (64 << 10)
+        pipe = r.pipeline(transaction=False)
+        for _ in range(max(1, junk_bytes // len(chunk))):
+            pipe.set(f"junk:{self._junk_keys}", chunk)
+            self._junk_keys += 1
+        pipe.execute()
+        r.config_set("maxmemory-policy", "noeviction")
+        r.config_set("maxmemory", max(1 << 20, int(r.info("memory")["used_memory"]) - margin))
+        try:
+            r.set("junk:probe", b"x")
+        except redis.exceptions.OutOfMemoryError:
+            return self._junk_keys
+        raise RuntimeError("Redis accepts writes after fill_memory()")
+
+    def free_memory(self) -> None:
+        """Undoes fill_memory: no limit, the junk gone, the old eviction policy."""
+        r = self.client()
+        r.config_set("maxmemory", 0)
+        if self._junk_keys:
+            pipe = r.pipeline(transaction=False)
+            for i in range(self._junk_keys):
+                pipe.delete(f"junk:{i}")
+            pipe.execute()
+        if self._memory_policy is not None:
+            r.config_set("maxmemory-policy", self._memory_policy)
+        self._junk_keys = 0
+        self._memory_policy = None
+
+    def make_readonly(self, on: bool = True) -> None:
+        """on: REPLICAOF a throwaway empty master, so that every write gets READONLY (reads
+        still work). The sync replaces this server's data by the master's, that is empties
+        it. off: REPLICAOF NO ONE (a writable master again, still empty) and the master goes."""
+        r = self.client()
+        if on:
+            if self._master is None:
+                self._master = RedisServer().start()
+            r.replicaof("127.0.0.1", self._master.port)
+            # Wait for the sync, so that the flush it does is over before the caller goes on.
+            deadline = time.time() + 10
+            while r.info("replication").get("master_link_status") != "up":
+                if time.time() > deadline:
+                    raise RuntimeError("replica sync did not finish")
+                time.sleep(0.02)
+        else:
+            r.replicaof("NO", "ONE")
+            self._stop_master()
+
+    def _stop_master(self) -> None:
+        if self._master is not None:
+            self._master.destroy()
+            _started.remove(self._master)
+            self._master = None
+
+
+def _rst(sock: socket.socket) -> None:
+    """Closes with SO_LINGER 0: the peer gets a TCP RST (ECONNRESET), not an orderly FIN."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()
+
+
+class RedisProxy:
+    """A TCP proxy on loopback in front of a Redis (point twotier.redis_url at `url`). It
+    passes bytes both ways until `reset_replies(n)`: from then on every reply from Redis is
+    cut after at most n bytes (always before its end) and the client's connection is reset
+    (RST), as when a middlebox or a dying host drops a connection mid-reply. Connections
+    made while Redis is down are reset at once. `reset_replies(None)` heals it.
+
+    One thread per connection polls both sockets, so that the thread that decides to reset a
+    socket is the only one using it: a close() while another thread sits in recv() on the
+    same socket would not send the RST until that recv() returned.
+    """
+
+    def __init__(self, target_port: int, port: int | None = None):
+        self.target_port = target_port
+        self.port = port or free_port()
+        self._cut: int | None = None
+        self._listener: socket.socket | None = None
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.connections = 0
+        self.resets = 0
+        _started.append(self)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisProxy":
+        self._stopping.clear()
+        ls = socket.socket()
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind(("127.0.0.1", self.port))
+        ls.listen(128)
+        ls.settimeout(0.1)
+        self._listener = ls
+        t = threading.Thread(target=self._accept, name=f"redis-proxy-{self.port}", daemon=True)
+        t.start()
+        self._threads.append(t)
+        return self
+
+    def reset_replies(self, after_bytes: int | None = 2) -> None:
+        self._cut = after_bytes
+
+    def _accept(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            client.settimeout(None)
+            self.connections += 1
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=1)
+                upstream.settimeout(None)
+            except OSError:
+                _rst(client)  # Redis is down: the client learns it at once
+                continue
+            t = threading.Thread(target=self._pump, args=(client, upstream), daemon=True)
+            t.start()
+            self._threads = [x for x in self._threads if x.is_alive()] + [t]
+
+    def _pump(self, client: socket.socket, upstream: socket.socket) -> None:
+        reset = False
+        try:
+            while not self._stopping.is_set():
+                readable, _, _ = select.select([client, upstream], [], [], 0.1)
+                for s in readable:
+                    data = s.recv(65536)
+                    if not data:
+                        return
+                    if s is client:
+                        upstream.sendall(data)
+                        continue
+                    cut = self._cut
+                    if cut is not None:
+                        client.sendall(data[:max(0, min(cut, len(data) - 1))])
+                        reset = True
+                        self.resets += 1
+                        return
+                    client.sendall(data)
+        except OSError:
+            reset = True
+        finally:
+            if reset:
+                _rst(client)
+            else:
+                client.close()
+            upstream.close()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        for t in self._threads:
+            t.join(2)
+        self._threads = []
+
+    def destroy(self) -> None:
+        self.stop()
 
 
 class PgCluster:

@@ -115,7 +115,7 @@ def test_generic_api_and_patterns_stay_inside_their_cache(cluster, make_cache):
     assert c.execute("SELECT twotier.get(%s, 'a:b')", (one.name,)).fetchone()[0] == {"key": "a:b"}
     assert one.fetches() == 0, "set entries are served without the source"
     # Escaped in Redis: no raw ':' '*' or ' ' after the cache prefix.
-    raw = [k.decode() for k in one.redis.client().scan_iter(match=f"twotier:postgres:{one.name}:*")]
+    raw = [k.decode() for k in one.redis.client().scan_iter(match=one.redis_pattern())]
     assert any(k.endswith("a%3Ab") for k in raw) and any(k.endswith("x%2Ay") for k in raw)
     assert c.execute("SELECT twotier.invalidate_pattern(%s, 'user-*')", (one.name,)).fetchone()[0] == 2
     exists = lambda cache, k: c.execute("SELECT twotier.exists(%s, %s)", (cache.name, k)).fetchone()[0]

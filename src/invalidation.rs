@@ -184,7 +184,7 @@ fn deliver(resolved: &[Resolved], announced: &[(String, i64)]) {
 /// value. Releases exactly what PRE_COMMIT took: the in-flight counters are shared, so
 /// releasing a key this transaction did not announce would release another writer's.
 fn complete(announced: &[(String, i64)], commit_lsn: u64) -> Result<(), L2Error> {
-    let result = l2_redis::invalidate(announced, commit_lsn);
+    let result = l2_redis::invalidate_async(announced, commit_lsn);
     for (key, _) in announced {
         l1::end_invalidation(key);
     }

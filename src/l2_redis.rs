@@ -122,6 +122,9 @@ struct State {
     last_error: Option<String>,
     last_warning: Option<Instant>,
     tombstone_seq: u64,
+    /// Replies to commands sent without waiting (COMMIT-time tombstones), read before the
+    /// connection is used for anything else.
+    unread_replies: usize,
     /// Invalidations that could not be delivered; sent before anything else once Redis answers.
     undelivered: Vec<(String, i64)>,
 }
@@ -136,6 +139,7 @@ thread_local! {
         last_error: None,
         last_warning: None,
         tombstone_seq: 0,
+        unread_replies: 0,
         undelivered: Vec::new(),
     });
     static FILL: redis::Script = redis::Script::new(FILL_SCRIPT);
@@ -278,6 +282,7 @@ fn with_connection<T>(
                 con,
                 undelivered,
                 incarnation,
+                unread_replies,
                 ..
             } = &mut *state;
             let Some(con) = con.as_mut() else {
@@ -288,6 +293,15 @@ fn with_connection<T>(
                 incarnation,
             };
             let mut result = Ok(());
+            // A tombstone refused now (OOM, READONLY) leaves its in-flight marker in place,
+            // which keeps readers on the source: safe, so the reply only has to be consumed.
+            while *unread_replies > 0 && result.is_ok() {
+                result = con.recv_response().map(|_| ());
+                if result.is_ok() || !is_connection_error(result.as_ref().err()) {
+                    *unread_replies -= 1;
+                    result = Ok(());
+                }
+            }
             if !undelivered.is_empty() {
                 result = deliver(con, &ctx, undelivered, 0);
                 if result.is_ok() {
@@ -312,6 +326,7 @@ fn with_connection<T>(
                                 && (e.is_connection_dropped() || e.is_connection_refusal()))) =>
                 {
                     state.con = None;
+                    state.unread_replies = 0;
                     retries += 1;
                 }
                 Err(e) => {
@@ -332,6 +347,10 @@ fn with_connection<T>(
 /// A read with a timeout is not restarted after a signal handler runs (PostgreSQL signals
 /// backends for cache invalidation and latches all the time): EINTR is not a Redis fault. The
 /// reply may be half read, so the operation is retried on a fresh connection.
+fn is_connection_error(e: Option<&redis::RedisError>) -> bool {
+    e.is_some_and(|e| e.is_io_error() || e.is_unrecoverable_error() || e.is_timeout())
+}
+
 pub fn interrupted(e: &redis::RedisError) -> bool {
     std::error::Error::source(e)
         .and_then(|s| s.downcast_ref::<std::io::Error>())
@@ -343,6 +362,7 @@ fn fail(state: &mut State, url: &str, e: L2Error, connection_lost: bool) -> L2Er
     if connection_lost {
         // A timed-out request may still be answered later; the stream cannot be reused.
         state.con = None;
+        state.unread_replies = 0;
         state.resting_until = Some(Instant::now() + gucs::retry_interval());
         state.down_since.get_or_insert_with(SystemTime::now);
         let msg = format!(
@@ -448,6 +468,43 @@ pub fn invalidate(keys: &[(String, i64)], commit_lsn: u64) -> Result<(), L2Error
         }
     }
     result
+}
+
+/// COMMIT-time invalidation: tombstones and the channel message are written to the socket
+/// and the replies left for the next use of the connection, so the writer does not wait a
+/// second round trip. The in-flight markers written at PRE_COMMIT cover the keys until the
+/// tombstones land, or for their TTL if they never do.
+pub fn invalidate_async(keys: &[(String, i64)], commit_lsn: u64) -> Result<(), L2Error> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let sent = with_connection(|con, ctx| {
+        let ttl = gucs::tombstone_ttl_s();
+        let mut commands = 0;
+        for chunk in keys.chunks(1000) {
+            let mut pipe = redis::pipe();
+            let l2: Vec<String> = chunk.iter().map(|(k, _)| ctx.key(k)).collect();
+            queue_sets(
+                &mut pipe,
+                l2.iter().map(|k| (k.as_str(), ttl)),
+                ctx.tombstone,
+            );
+            let names: Vec<&str> = chunk.iter().map(|(k, _)| k.as_str()).collect();
+            pipe.cmd("PUBLISH")
+                .arg(crate::worker::channel())
+                .arg(crate::worker::message(commit_lsn, &names));
+            con.send_packed_command(&pipe.get_packed_pipeline())?;
+            commands += chunk.len() + 1;
+        }
+        Ok(commands)
+    });
+    match sent {
+        Ok(n) => {
+            STATE.with(|cell| cell.borrow_mut().unread_replies += n);
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// The outbox worker's delivery: the rows it read stay in the table until this succeeds.

@@ -107,6 +107,7 @@ fn my_state() -> Option<&'static DbState> {
 }
 
 thread_local! {
+    static INSERT_PLAN: Cell<Option<pg_sys::SPIPlanPtr>> = const { Cell::new(None) };
     static MINE: Cell<Option<&'static DbState>> = const { Cell::new(None) };
     static HOLDING: Cell<Option<&'static DbState>> = const { Cell::new(None) };
     static LAST_VERIFY: Cell<Option<Instant>> = const { Cell::new(None) };
@@ -195,9 +196,9 @@ fn backlog(all: bool) -> Option<i64> {
             c"SELECT count(*) FROM (SELECT FROM twotier.outbox LIMIT 1) AS any_row"
         };
         source::query_latest(sql, &[])
-        .first()
-        .and_then(|r| r.first().cloned().flatten())
-        .and_then(|n| n.parse().ok())
+            .first()
+            .and_then(|r| r.first().cloned().flatten())
+            .and_then(|n| n.parse().ok())
     })
 }
 
@@ -236,16 +237,42 @@ fn insert(keys: &[(String, i64)]) {
         .map(|(_, t)| (*t).clamp(1, i32::MAX as i64) as i32)
         .collect();
     as_outbox_owner(|| unsafe {
+        pg_sys::SPI_connect();
+        // Prepared once per backend: with Redis down every writer's commit runs it.
+        let plan = INSERT_PLAN.with(|p| match p.get() {
+            Some(plan) => plan,
+            None => {
+                let mut types = [pg_sys::TEXTARRAYOID, pg_sys::INT4ARRAYOID];
+                let plan = pg_sys::SPI_prepare(
+                    c"INSERT INTO twotier.outbox (key, ttl_s) SELECT * FROM unnest($1, $2)"
+                        .as_ptr(),
+                    2,
+                    types.as_mut_ptr(),
+                );
+                if plan.is_null() {
+                    pgrx::error!("twotier: could not prepare the outbox insert");
+                }
+                pg_sys::SPI_keepplan(plan);
+                p.set(Some(plan));
+                plan
+            }
+        });
+        let mut values = [
+            names.into_datum().unwrap_or(pg_sys::Datum::from(0)),
+            ttls.into_datum().unwrap_or(pg_sys::Datum::from(0)),
+        ];
+        let nulls = [b' ' as std::ffi::c_char, b' ' as std::ffi::c_char, 0];
         // PRE_COMMIT runs after the last statement's snapshot is gone; SPI needs one.
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-        let result = Spi::run_with_args(
-            "INSERT INTO twotier.outbox (key, ttl_s) SELECT * FROM unnest($1::text[], $2::int4[])",
-            &[names.into(), ttls.into()],
-        );
+        let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 0);
         pg_sys::PopActiveSnapshot();
-        result
-    })
-    .unwrap_or_else(|e| pgrx::error!("twotier: could not record invalidations in twotier.outbox: {e}"));
+        pg_sys::SPI_finish();
+        if rc != pg_sys::SPI_OK_INSERT as i32 {
+            pgrx::error!(
+                "twotier: could not record invalidations in twotier.outbox (SPI code {rc})"
+            );
+        }
+    });
 }
 
 /// End of a transaction (COMMIT or ABORT callback): never fails.

@@ -21,9 +21,19 @@ pub fn channel() -> String {
     format!("{}:invalidations", keys::escape(gucs::key_prefix()))
 }
 
-/// Message: first line `lsn <commit LSN>`, then one L1 key per line.
+/// This server, as its messages name it: a standby shares its primary's system identifier,
+/// so the postmaster's pid and start time tell the two apart.
+fn origin() -> &'static str {
+    static ORIGIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ORIGIN.get_or_init(|| unsafe {
+        let (pid, started) = (pg_sys::PostmasterPid, pg_sys::PgStartTime);
+        format!("{:x}.{pid}.{started}", pg_sys::GetSystemIdentifier())
+    })
+}
+
+/// Message: first line `lsn <commit LSN> <origin>`, then one L1 key per line.
 pub fn message(commit_lsn: u64, keys: &[&str]) -> String {
-    let mut out = format!("lsn {commit_lsn}");
+    let mut out = format!("lsn {commit_lsn} {}", origin());
     for k in keys {
         out.push('\n');
         out.push_str(k);
@@ -60,11 +70,16 @@ fn wait_for_replay(lsn: u64) {
 
 fn apply(payload: &str) {
     let mut lines = payload.split('\n');
-    let lsn = lines
+    let mut head = lines
         .next()
         .and_then(|l| l.strip_prefix("lsn "))
-        .and_then(|n| n.parse::<u64>().ok())
-        .unwrap_or(0);
+        .unwrap_or("")
+        .split(' ');
+    let lsn = head.next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+    // This server's own commits invalidated its L1 themselves, before the message was sent.
+    if head.next() == Some(origin()) {
+        return;
+    }
     wait_for_replay(lsn);
     for key in lines.filter(|k| !k.is_empty()) {
         l1::invalidate(key);

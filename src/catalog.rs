@@ -269,7 +269,7 @@ fn warn_once_if_not_preloaded() {
     if !crate::shmem::preloaded() && !TOLD.swap(true, std::sync::atomic::Ordering::Relaxed) {
         pg_sys::panic::ErrorReport::new(
             PgSqlErrorCode::ERRCODE_WARNING,
-            "twotier is not in shared_preload_libraries: L1 is off and twotier.stats counts this session only",
+            "twotier is not in shared_preload_libraries: L1 and L2 are off (only the source answers) and twotier.stats counts this session only",
             "twotier",
         )
         .set_hint("Add twotier to shared_preload_libraries and restart; twotier.status() shows the state.")

@@ -18,7 +18,9 @@
 use crate::gucs;
 use crate::l2_redis;
 use crate::source;
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
+};
 use pgrx::pg_sys::{self, Oid};
 use pgrx::prelude::*;
 use std::cell::Cell;
@@ -303,6 +305,8 @@ fn ensure_worker(st: &DbState) {
         .set_function("twotier_outbox_main")
         .set_argument(Some(pg_sys::Datum::from(db.to_u32())))
         .enable_spi_access()
+        // A standby needs its worker too: the default would wait for the end of recovery.
+        .set_start_time(BgWorkerStartTime::ConsistentState)
         .set_restart_time(None)
         .set_notify_pid(0)
         .load_dynamic();
@@ -316,6 +320,11 @@ fn ensure_worker(st: &DbState) {
 
 /// What `twotier.status()` shows about the outbox of this database.
 pub fn status() -> serde_json::Value {
+    // Asked as a cache call would ask: after a restart this is what checks the table (and
+    // starts the worker a standby needs) rather than reporting a state nobody refreshed.
+    if !gucs::redis_url().is_empty() {
+        l2_trust();
+    }
     let rows = backlog(true);
     let Some(st) = my_state() else {
         return serde_json::json!({
@@ -351,13 +360,14 @@ unsafe extern "C-unwind" fn on_worker_exit(_code: i32, arg: pg_sys::Datum) {
 
 type Row = (i64, String, i64);
 
-fn read_batch() -> Vec<Row> {
+/// Up to `BATCH` rows with an id above `after`, oldest first.
+fn read_batch(after: i64) -> Vec<Row> {
     BackgroundWorker::transaction(|| {
         Spi::connect(|client| {
             let table = client.select(
-                "SELECT id, key, ttl_s::int8 FROM twotier.outbox ORDER BY id LIMIT $1",
+                "SELECT id, key, ttl_s::int8 FROM twotier.outbox WHERE id > $1 ORDER BY id LIMIT $2",
                 None,
-                &[BATCH.into()],
+                &[after.into(), BATCH.into()],
             )?;
             let mut rows = Vec::new();
             for row in table {
@@ -403,14 +413,29 @@ pub unsafe extern "C-unwind" fn twotier_outbox_main(arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), None);
     let mut backoff = Duration::from_millis(50);
     let mut idle_since = Instant::now();
+    let mut seen = std::collections::HashSet::new();
     while !BackgroundWorker::sigterm_received() {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
         let seq = st.dirty_seq.load(SeqCst);
         let writers = st.pending.load(SeqCst);
-        let rows = read_batch();
+        let mut rows = read_batch(0);
+        if in_recovery() {
+            // A standby must see every row (it only reads), not just the oldest batch.
+            while rows.len() < 100 * BATCH as usize {
+                let Some(&(last, _, _)) = rows.last() else {
+                    break;
+                };
+                let more = read_batch(last);
+                if more.is_empty() {
+                    break;
+                }
+                rows.extend(more);
+            }
+        }
         let pause = if rows.is_empty() {
+            seen.clear();
             st.rows.store(0, SeqCst);
             if writers == 0 {
                 st.clean_seq.fetch_max(seq, SeqCst);
@@ -424,10 +449,17 @@ pub unsafe extern "C-unwind" fn twotier_outbox_main(arg: pg_sys::Datum) {
                 Duration::from_millis(100)
             }
         } else if in_recovery() {
-            // The primary delivers these; a standby only keeps L2 out of use meanwhile.
+            // The primary delivers these; a standby keeps L2 out of use meanwhile, and drops
+            // the keys from its own L1 now: the channel message that would do it may be as
+            // far away as the Redis that refused the marker.
             st.rows.store(rows.len() as i64, SeqCst);
             if st.clean_seq.load(SeqCst) == st.dirty_seq.load(SeqCst) {
                 st.dirty_seq.fetch_add(1, SeqCst);
+            }
+            for (id, key, _) in &rows {
+                if seen.insert(*id) {
+                    crate::l1::invalidate(key);
+                }
             }
             idle_since = Instant::now();
             STANDBY_POLL

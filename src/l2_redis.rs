@@ -616,3 +616,47 @@ pub fn health() -> Health {
         }
     })
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use super::*;
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn incarnation_goes_after_the_prefix_and_comes_off_again() {
+        let tier = "twotier:app:widget_config:v17:6f1c%3Ax";
+        let l2 = l2_key("3f1c0a9be27d", tier);
+        assert_eq!(l2, "twotier:3f1c0a9be27d:app:widget_config:v17:6f1c%3Ax");
+        assert_eq!(tier_key_of("3f1c0a9be27d", &l2).as_deref(), Some(tier));
+        // Keys of another incarnation, or not ours at all, are never mistaken for ours.
+        assert_eq!(tier_key_of("000000000000", &l2), None);
+        assert_eq!(
+            tier_key_of("3f1c0a9be27d", "twotier:3f1c0a9be27dX:app"),
+            None
+        );
+        // A SCAN pattern built for a tier prefix gets the same treatment.
+        assert_eq!(
+            l2_key("abc", "twotier:app:c:v1:*"),
+            "twotier:abc:app:c:v1:*"
+        );
+    }
+
+    #[pg_test]
+    fn tombstones_and_markers_are_never_values() {
+        assert!(matches!(
+            classify(Some(b"!inval:1:2:3".to_vec())),
+            Lookup::Absent { seen: Some(_) }
+        ));
+        assert_eq!(
+            classify(Some(b"!inflight:1:2:3".to_vec())),
+            Lookup::InFlight
+        );
+        assert_eq!(classify(Some(b"!none".to_vec())), Lookup::Negative);
+        assert_eq!(classify(None), Lookup::Absent { seen: None });
+        assert_eq!(
+            classify(Some(b"{}".to_vec())),
+            Lookup::Value(b"{}".to_vec())
+        );
+    }
+}

@@ -155,15 +155,20 @@ unsafe fn plan_for(td: *const pg_sys::TriggerData) -> Rc<Fired> {
         let [cache, table, expression] = args.as_slice() else {
             refuse("twotier._trigger needs (cache, table oid, key expression)".into());
         };
-        let watched = Oid::from(table.parse::<u32>().unwrap_or(0));
-        if relid != watched && !is_partition_of(relid, watched) {
-            refuse(format!(
-                "twotier: trigger for cache \"{cache}\" fired on a table it does not watch"
-            ));
-        }
         let Some(def) = catalog::lookup_fresh(cache) else {
             refuse(format!("twotier: cache \"{cache}\" does not exist"));
         };
+        let mut watched = Oid::from(table.parse::<u32>().unwrap_or(0));
+        if relid != watched && !is_partition_of(relid, watched) {
+            // A dump restored elsewhere carries the old table oid in the trigger's arguments:
+            // the cache's own watch list, resolved by name, decides then.
+            match watched_by_name(&def, relid) {
+                Some(table) => watched = table,
+                None => refuse(format!(
+                    "twotier: trigger for cache \"{cache}\" fired on a table it does not watch"
+                )),
+            }
+        }
         let desc = (*rel).rd_att;
         let column = is_plain_column(expression).and_then(|name| {
             let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
@@ -230,6 +235,23 @@ unsafe fn plan_for(td: *const pg_sys::TriggerData) -> Rc<Fired> {
 
 fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The watched table (of `def`'s watch list, resolved with its search_path) that `relid` is,
+/// or is a partition of.
+fn watched_by_name(def: &catalog::CacheDef, relid: Oid) -> Option<Oid> {
+    let rows = source::as_owner(def.owner, &def.search_path, || {
+        source::query_latest(
+            c"SELECT t::oid FROM twotier.caches c, unnest(c.watch) AS w,
+                    to_regclass(substring(w FROM '^\\s*([^(]+?)\\s*\\(')) AS t
+              WHERE c.name = $1 AND t IS NOT NULL",
+            &[&def.name],
+        )
+    });
+    rows.into_iter()
+        .filter_map(|r| r.into_iter().next().flatten())
+        .filter_map(|t| t.parse::<u32>().ok().map(Oid::from))
+        .find(|t| *t == relid || is_partition_of(relid, *t))
 }
 
 fn is_partition_of(relid: Oid, ancestor: Oid) -> bool {
@@ -339,5 +361,44 @@ pub unsafe extern "C-unwind" fn twotier_trigger(fcinfo: pg_sys::FunctionCallInfo
         }
         invalidation::collect(&fired.cache, keys.iter().map(String::as_str));
         Datum::from(0)
+    }
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use super::*;
+
+    #[pg_test]
+    fn plain_columns_are_read_from_the_row() {
+        assert_eq!(is_plain_column("domain_id").as_deref(), Some("domain_id"));
+        assert_eq!(is_plain_column(" k ").as_deref(), Some("k"));
+        assert_eq!(
+            is_plain_column("\"Mixed Case\"").as_deref(),
+            Some("Mixed Case")
+        );
+        assert_eq!(is_plain_column("lower(domain)"), None);
+        assert_eq!(is_plain_column("a || b"), None);
+        assert_eq!(is_plain_column("1abc"), None);
+        assert_eq!(
+            is_plain_column("Domain"),
+            None,
+            "unquoted capitals fold: the query path handles them"
+        );
+    }
+
+    #[pg_test]
+    fn key_text_ignores_the_writers_date_settings() {
+        Spi::run("SET DateStyle = 'German'; SET TimeZone = 'Asia/Tokyo'").unwrap();
+        let text = with_pinned_output(|| {
+            Spi::get_one::<String>("SELECT '2024-01-02 03:04:05+00'::timestamptz::text")
+                .unwrap()
+                .unwrap()
+        });
+        assert_eq!(text, "2024-01-02 03:04:05+00");
+        let after = Spi::get_one::<String>("SELECT current_setting('TimeZone')")
+            .unwrap()
+            .unwrap();
+        assert_eq!(after, "Asia/Tokyo", "the session's own settings come back");
     }
 }

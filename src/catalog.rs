@@ -219,8 +219,16 @@ fn _lock_cache(name: &str) {
 /// TRUNCATE of a watched table: the whole cache is invalidated by moving it to a new
 /// version when this transaction commits, and the transaction becomes a writer of it.
 pub fn truncated(name: &str) {
+    move_to_new_version(name);
+    crate::invalidation::collect(name, std::iter::empty());
+}
+
+/// Flushes cache `name` when this transaction commits (TRUNCATE, or a bulk change at
+/// PRE_COMMIT): a new key version, under the cache's lock.
+pub fn move_to_new_version(name: &str) {
     cache_lock(name, pg_sys::ExclusiveLock);
-    crate::source::as_owner(
+    unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
+    let updated = crate::source::as_owner(
         Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
         c"pg_catalog, pg_temp",
         || {
@@ -230,10 +238,12 @@ pub fn truncated(name: &str) {
                 &[name.into()],
             )
         },
-    )
-    .unwrap_or_else(|e| pgrx::error!("twotier: moving cache {name} to a new version failed: {e}"));
+    );
+    unsafe { pg_sys::PopActiveSnapshot() };
+    updated.unwrap_or_else(|e| {
+        pgrx::error!("twotier: moving cache {name} to a new version failed: {e}")
+    });
     _catalog_changed();
-    crate::invalidation::collect(name, std::iter::empty());
 }
 
 /// Raises an ERROR unless the current role may execute the cache's function: reading a

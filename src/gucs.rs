@@ -21,6 +21,7 @@ static L1_MAX_VALUE_KB: GucSetting<i32> = GucSetting::<i32>::new(64);
 static L1_MAX_AGE_S: GucSetting<i32> = GucSetting::<i32>::new(300);
 static L1_ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
 static TOMBSTONE_TTL_S: GucSetting<i32> = GucSetting::<i32>::new(30);
+static FLUSH_ABOVE_KEYS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 static TEST_NO_OUTBOX: GucSetting<bool> = GucSetting::<bool>::new(false);
 
 pub fn init() {
@@ -127,6 +128,17 @@ pub fn init() {
         86_400,
         GucContext::Sighup,
         GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"twotier.flush_above_keys",
+        c"A transaction that changes more keys of one cache than this flushes the cache instead.",
+        c"One new key version in place of a tombstone per key: a bulk UPDATE costs Redis nothing \
+          and leaves nothing behind. 0 means never.",
+        &FLUSH_ABOVE_KEYS,
+        0,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::default(),
     );
     GucRegistry::define_bool_guc(
         c"twotier.test_no_outbox",
@@ -260,4 +272,10 @@ pub fn test_no_outbox() -> bool {
 pub fn server_has_redis() -> bool {
     let raw = unsafe { pgrx::pg_sys::GetConfigOptionResetString(c"twotier.redis_url".as_ptr()) };
     !raw.is_null() && unsafe { *raw } != 0
+}
+
+/// None when bulk invalidations should never turn into a flush.
+pub fn flush_above_keys() -> Option<usize> {
+    let n = FLUSH_ABOVE_KEYS.get();
+    (n > 0).then_some(n as usize)
 }

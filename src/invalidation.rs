@@ -31,6 +31,8 @@ struct Resolved {
     name: String,
     stats: &'static CacheStats,
     raw_keys: Vec<String>,
+    /// Too many keys: the cache moved to a new version instead (`twotier.flush_above_keys`).
+    flushed: bool,
 }
 
 pub fn init() {
@@ -78,7 +80,7 @@ unsafe extern "C-unwind" fn on_xact_event(
             PENDING.with(|p| p.borrow_mut().clear());
             let resolved = RESOLVED.with(|r| std::mem::take(&mut *r.borrow_mut()));
             let announced = ANNOUNCED.with(|a| std::mem::take(&mut *a.borrow_mut()));
-            if !announced.is_empty() {
+            if !resolved.is_empty() {
                 // An ERROR here would be promoted to PANIC; nothing below raises one, and a
                 // Rust panic is contained rather than let out.
                 let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -106,7 +108,7 @@ unsafe extern "C-unwind" fn on_xact_event(
 /// nothing, so none of them can serve or store the old value once the commit is visible. Keys
 /// that cannot be marked in Redis go to the outbox, in this transaction.
 fn announce() {
-    let pending: Vec<(String, Vec<String>)> = PENDING.with(|p| {
+    let mut pending: Vec<(String, Vec<String>)> = PENDING.with(|p| {
         p.borrow()
             .iter()
             .filter(|(_, keys)| !keys.is_empty())
@@ -116,10 +118,18 @@ fn announce() {
     if pending.is_empty() {
         return;
     }
+    // Locks in one order, so that two writers never wait on each other in a cycle.
+    pending.sort_by(|a, b| a.0.cmp(&b.0));
+    let bulk = |keys: &[String]| gucs::flush_above_keys().is_some_and(|max| keys.len() > max);
     // Versions are read under the caches' locks, which flush, TRUNCATE and define take
-    // exclusively: none of them can commit between this read and this commit.
-    for (name, _) in &pending {
-        catalog::lock_for_invalidation(name);
+    // exclusively: none of them can commit between this read and this commit. A bulk change
+    // takes it exclusively itself, and moves the cache to a new version: O(1) in Redis.
+    for (name, raw_keys) in &pending {
+        if bulk(raw_keys) && catalog::lookup_fresh(name).is_some() {
+            catalog::move_to_new_version(name);
+        } else {
+            catalog::lock_for_invalidation(name);
+        }
     }
     catalog::accept_invalidations();
     let mut batch: Vec<(String, i64)> = Vec::new();
@@ -129,16 +139,21 @@ fn announce() {
         let Some(def) = catalog::lookup_fresh(&name) else {
             continue;
         };
-        for k in &raw_keys {
-            batch.push((keys::full_key(&def.key_prefix, k), def.ttl_s));
+        let flushed = bulk(&raw_keys);
+        if !flushed {
+            for k in &raw_keys {
+                batch.push((keys::full_key(&def.key_prefix, k), def.ttl_s));
+            }
         }
         resolved.push(Resolved {
             name,
             stats: def.stats,
             raw_keys,
+            flushed,
         });
     }
     if batch.is_empty() {
+        RESOLVED.with(|r| *r.borrow_mut() = resolved);
         return;
     }
     for (key, _) in &batch {
@@ -164,11 +179,20 @@ fn deliver(resolved: &[Resolved], announced: &[(String, i64)]) {
     let log = gucs::log_events();
     for r in resolved {
         r.stats.add(Counter::Invalidations, r.raw_keys.len() as u64);
-        if log {
+        if log && r.flushed {
+            pgrx::log!(
+                "twotier FLUSH: {} ({} keys changed in one transaction)",
+                r.name,
+                r.raw_keys.len()
+            );
+        } else if log {
             for k in &r.raw_keys {
                 pgrx::log!("twotier INVALIDATE: {}:{k}", r.name);
             }
         }
+    }
+    if announced.is_empty() {
+        return;
     }
     if let Err(e) = complete(announced, unsafe { pg_sys::XactLastCommitEnd }) {
         if e.is_fault() {

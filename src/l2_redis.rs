@@ -4,6 +4,7 @@
 //! raises an ERROR; every failure comes back as an `L2Error` for the caller to count.
 
 use crate::gucs;
+use pgrx::pg_sys;
 use std::cell::RefCell;
 use std::ffi::CString;
 use std::time::{Duration, Instant, SystemTime};
@@ -15,6 +16,8 @@ pub enum L2Error {
     Off,
     #[error("Redis skipped until the retry interval ends")]
     Skipped,
+    #[error("interrupted by a cancel or timeout request")]
+    Interrupted,
     #[error("bad twotier.redis_url: {0}")]
     BadUrl(String),
     #[error("{0}")]
@@ -24,7 +27,7 @@ pub enum L2Error {
 impl L2Error {
     /// Whether this is a fault worth counting (as opposed to L2 being off or resting).
     pub fn is_fault(&self) -> bool {
-        !matches!(self, L2Error::Off | L2Error::Skipped)
+        !matches!(self, L2Error::Off | L2Error::Skipped | L2Error::Interrupted)
     }
 }
 
@@ -115,7 +118,7 @@ impl Ctx<'_> {
 
 struct State {
     url: CString,
-    con: Option<redis::Connection>,
+    con: Option<Link>,
     incarnation: String,
     resting_until: Option<Instant>,
     down_since: Option<SystemTime>,
@@ -142,7 +145,6 @@ thread_local! {
         unread_replies: 0,
         undelivered: Vec::new(),
     });
-    static FILL: redis::Script = redis::Script::new(FILL_SCRIPT);
 }
 
 /// The URL with any password replaced, fit for a log line.
@@ -155,12 +157,137 @@ pub fn redacted(url: &str) -> String {
     }
 }
 
-fn connect(url: &str) -> Result<(redis::Connection, String), L2Error> {
+/// A Redis connection and its socket, which this backend waits on itself: the redis crate's
+/// blocking reads retry on EINTR, so a cancel or statement_timeout arriving while Redis hangs
+/// would wait out the whole read timeout, twice. `poll` is never restarted after a signal.
+struct Link {
+    con: redis::Connection,
+    fd: Option<i32>,
+}
+
+#[repr(C)]
+struct PollFd {
+    fd: i32,
+    events: i16,
+    revents: i16,
+}
+
+extern "C" {
+    fn poll(fds: *mut PollFd, nfds: u64, timeout: i32) -> i32;
+}
+
+/// Sockets open in this process: the one a connect adds is the Redis connection's.
+fn socket_fds() -> std::collections::HashSet<i32> {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|dir| {
+            dir.flatten()
+                .filter(|e| {
+                    std::fs::read_link(e.path())
+                        .is_ok_and(|t| t.to_string_lossy().starts_with("socket:"))
+                })
+                .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether a cancel, timeout or termination is waiting to be served here.
+fn interrupt_pending() -> bool {
+    unsafe {
+        pg_sys::InterruptPending != 0
+            && pg_sys::InterruptHoldoffCount == 0
+            && pg_sys::CritSectionCount == 0
+    }
+}
+
+impl Link {
+    /// Waits until the first reply can be read, the read timeout passes, or an interrupt is
+    /// pending (where interrupts can be served).
+    fn wait_readable(&self) -> redis::RedisResult<()> {
+        let Some(fd) = self.fd else { return Ok(()) };
+        let deadline = Instant::now() + gucs::read_timeout();
+        loop {
+            if interrupt_pending() {
+                return Err(std::io::Error::from(std::io::ErrorKind::Interrupted).into());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no reply within twotier.read_timeout_ms",
+                )
+                .into());
+            }
+            let mut p = PollFd {
+                fd,
+                events: 1, // POLLIN
+                revents: 0,
+            };
+            let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+            let rc = unsafe { poll(&mut p, 1, ms) };
+            if rc > 0 {
+                return Ok(());
+            }
+            if rc < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                return Err(std::io::Error::last_os_error().into());
+            }
+        }
+    }
+
+    /// Sends `cmds` in one write and reads one reply each. A server error (OOM, READONLY)
+    /// is returned after every reply has been read, so the stream stays usable.
+    fn exchange(&mut self, cmds: &[redis::Cmd]) -> redis::RedisResult<Vec<redis::Value>> {
+        let mut packed = Vec::new();
+        for c in cmds {
+            c.write_packed_command(&mut packed);
+        }
+        self.con.send_packed_command(&packed)?;
+        self.receive(cmds.len())
+    }
+
+    fn receive(&mut self, n: usize) -> redis::RedisResult<Vec<redis::Value>> {
+        let mut out = Vec::with_capacity(n);
+        let mut server_error = None;
+        for i in 0..n {
+            if i == 0 {
+                self.wait_readable()?;
+            }
+            match self.con.recv_response()?.extract_error() {
+                Ok(v) => out.push(v),
+                Err(e) => {
+                    server_error.get_or_insert(e);
+                    out.push(redis::Value::Nil);
+                }
+            }
+        }
+        match server_error {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    /// One command, one typed reply.
+    fn call<T: redis::FromRedisValue>(&mut self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+        let mut values = self.exchange(std::slice::from_ref(cmd))?;
+        redis::from_owned_redis_value(values.pop().unwrap_or(redis::Value::Nil))
+    }
+}
+
+fn connect(url: &str) -> Result<(Link, String), L2Error> {
     let client = redis::Client::open(url).map_err(|e| L2Error::BadUrl(e.to_string()))?;
-    let mut con = client.get_connection_with_timeout(gucs::connect_timeout())?;
+    let before = socket_fds();
+    let con = client.get_connection_with_timeout(gucs::connect_timeout())?;
+    let after = socket_fds();
+    let mut new = after.difference(&before);
+    let fd = match (new.next(), new.next()) {
+        (Some(fd), None) => Some(*fd),
+        // Not exactly one new socket: wait in the crate's read instead (not interruptible).
+        _ => None,
+    };
     con.set_read_timeout(Some(gucs::read_timeout()))?;
     con.set_write_timeout(Some(gucs::read_timeout()))?;
-    let info: String = redis::cmd("INFO").arg("server").query(&mut con)?;
+    let mut link = Link { con, fd };
+    let info: String = link.call(redis::cmd("INFO").arg("server"))?;
     let run_id = info
         .lines()
         .find_map(|l| l.strip_prefix("run_id:"))
@@ -172,7 +299,7 @@ fn connect(url: &str) -> Result<(redis::Connection, String), L2Error> {
                 "INFO server has no run_id",
             )))
         })?;
-    Ok((con, run_id))
+    Ok((link, run_id))
 }
 
 fn warn_rate_limited(state: &mut State, message: String) {
@@ -197,48 +324,45 @@ fn tombstone_value(state: &mut State) -> String {
     )
 }
 
-/// Queues `SET key value EX ttl` for each key: how tombstones and in-flight markers are
-/// written, each expiring like the entry it replaces.
-fn queue_sets<'a>(
-    pipe: &mut redis::Pipeline,
-    keys: impl IntoIterator<Item = (&'a str, i64)>,
-    value: &str,
-) {
-    for (key, ttl) in keys {
-        pipe.cmd("SET")
-            .arg(key)
-            .arg(value)
-            .arg("EX")
-            .arg(ttl.max(1))
-            .ignore();
-    }
+/// `SET key value EX ttl` for each key: how tombstones and in-flight markers are written,
+/// each expiring like the entry it replaces.
+fn sets<'a>(keys: impl IntoIterator<Item = (&'a str, i64)>, value: &str) -> Vec<redis::Cmd> {
+    keys.into_iter()
+        .map(|(key, ttl)| {
+            let mut c = redis::cmd("SET");
+            c.arg(key).arg(value).arg("EX").arg(ttl.max(1));
+            c
+        })
+        .collect()
+}
+
+/// Tombstones and the channel message for `keys`, as commands.
+fn invalidation_cmds(ctx: &Ctx, chunk: &[(String, i64)], commit_lsn: u64) -> Vec<redis::Cmd> {
+    // A tombstone rather than DEL, so that fills racing with this invalidation fail their
+    // compare-and-set; it needs to outlive only the fills that could race it.
+    let l2: Vec<String> = chunk.iter().map(|(k, _)| ctx.key(k)).collect();
+    let mut cmds = sets(
+        l2.iter().map(|k| (k.as_str(), gucs::tombstone_ttl_s())),
+        ctx.tombstone,
+    );
+    // Every server sharing this Redis drops the keys from its L1.
+    let names: Vec<&str> = chunk.iter().map(|(k, _)| k.as_str()).collect();
+    let mut publish = redis::cmd("PUBLISH");
+    publish
+        .arg(crate::worker::channel())
+        .arg(crate::worker::message(commit_lsn, &names));
+    cmds.push(publish);
+    cmds
 }
 
 fn deliver(
-    con: &mut redis::Connection,
+    link: &mut Link,
     ctx: &Ctx,
     keys: &[(String, i64)],
     commit_lsn: u64,
 ) -> redis::RedisResult<()> {
-    let channel = crate::worker::channel();
-    let ttl = gucs::tombstone_ttl_s();
     for chunk in keys.chunks(1000) {
-        let mut pipe = redis::pipe();
-        // A tombstone rather than DEL, so that fills racing with this invalidation fail
-        // their compare-and-set; it needs to outlive only the fills that could race it.
-        let l2: Vec<String> = chunk.iter().map(|(k, _)| ctx.key(k)).collect();
-        queue_sets(
-            &mut pipe,
-            l2.iter().map(|k| (k.as_str(), ttl)),
-            ctx.tombstone,
-        );
-        // Every server sharing this Redis drops the keys from its L1.
-        let names: Vec<&str> = chunk.iter().map(|(k, _)| k.as_str()).collect();
-        pipe.cmd("PUBLISH")
-            .arg(&channel)
-            .arg(crate::worker::message(commit_lsn, &names))
-            .ignore();
-        pipe.query::<()>(con)?;
+        link.exchange(&invalidation_cmds(ctx, chunk, commit_lsn))?;
     }
     Ok(())
 }
@@ -247,7 +371,20 @@ fn deliver(
 /// close it and rest L2 for the retry interval; a server-side error (OOM, WRONGTYPE...) only
 /// fails this operation.
 fn with_connection<T>(
-    mut f: impl FnMut(&mut redis::Connection, &Ctx) -> redis::RedisResult<T>,
+    f: impl FnMut(&mut Link, &Ctx) -> redis::RedisResult<T>,
+) -> Result<T, L2Error> {
+    let result = with_connection_inner(f);
+    if result.is_err() && interrupt_pending() {
+        // A cancel or statement_timeout arrived while this backend waited on Redis: serve it
+        // now, as any other wait in PostgreSQL would (where interrupts are held, as in the
+        // COMMIT callback, nothing is pending by this test).
+        pgrx::check_for_interrupts!();
+    }
+    result
+}
+
+fn with_connection_inner<T>(
+    mut f: impl FnMut(&mut Link, &Ctx) -> redis::RedisResult<T>,
 ) -> Result<T, L2Error> {
     STATE.with(|cell| {
         let mut state = cell.borrow_mut();
@@ -295,12 +432,12 @@ fn with_connection<T>(
             let mut result = Ok(());
             // A tombstone refused now (OOM, READONLY) leaves its in-flight marker in place,
             // which keeps readers on the source: safe, so the reply only has to be consumed.
-            while *unread_replies > 0 && result.is_ok() {
-                result = con.recv_response().map(|_| ());
-                if result.is_ok() || !is_connection_error(result.as_ref().err()) {
-                    *unread_replies -= 1;
-                    result = Ok(());
-                }
+            if *unread_replies > 0 {
+                let n = std::mem::take(unread_replies);
+                result = match con.receive(n) {
+                    Err(e) if is_connection_error(Some(&e)) => Err(e),
+                    _ => Ok(()),
+                };
             }
             if !undelivered.is_empty() {
                 result = deliver(con, &ctx, undelivered, 0);
@@ -315,6 +452,12 @@ fn with_connection<T>(
                     }
                     state.resting_until = None;
                     return Ok(v);
+                }
+                // The reply may be half read: the stream cannot be reused either way.
+                Err(e) if interrupted(&e) && interrupt_pending() => {
+                    state.con = None;
+                    state.unread_replies = 0;
+                    return Err(L2Error::Interrupted);
                 }
                 // A connection kept since an earlier call may have been closed by a Redis
                 // restart; one fresh connection decides whether Redis is really gone.
@@ -382,7 +525,7 @@ fn fail(state: &mut State, url: &str, e: L2Error, connection_lost: bool) -> L2Er
 
 pub fn get(key: &str) -> Result<Lookup, L2Error> {
     with_connection(|con, ctx| {
-        let raw: Option<Vec<u8>> = redis::cmd("GET").arg(ctx.key(key)).query(con)?;
+        let raw: Option<Vec<u8>> = con.call(redis::cmd("GET").arg(ctx.key(key)))?;
         Ok(classify(raw))
     })
 }
@@ -392,13 +535,13 @@ pub fn get(key: &str) -> Result<Lookup, L2Error> {
 pub fn read(key: &str) -> Result<Read, L2Error> {
     with_connection(|con, ctx| {
         let l2 = ctx.key(key);
-        let (raw, pttl, (secs, micros)): (Option<Vec<u8>>, i64, (i64, i64)) = redis::pipe()
-            .cmd("GET")
-            .arg(&l2)
-            .cmd("PTTL")
-            .arg(&l2)
-            .cmd("TIME")
-            .query(con)?;
+        let mut get = redis::cmd("GET");
+        get.arg(&l2);
+        let mut pttl = redis::cmd("PTTL");
+        pttl.arg(&l2);
+        let replies = con.exchange(&[get, pttl, redis::cmd("TIME")])?;
+        let (raw, pttl, (secs, micros)): (Option<Vec<u8>>, i64, (i64, i64)) =
+            redis::from_owned_redis_value(redis::Value::Array(replies))?;
         Ok(Read {
             lookup: classify(raw),
             remaining_s: (pttl > 0).then(|| (pttl + 999) / 1000),
@@ -429,29 +572,32 @@ pub fn fill(key: &str, read: &Read, value: Option<&str>, ttl_s: i64) -> Result<b
     };
     let window_us = gucs::tombstone_ttl_s() * 1_000_000;
     with_connection(|con, ctx| {
-        let script = FILL.with(|s| s.clone());
-        let mut inv = script.key(ctx.key(key));
+        // EVAL with the body: Redis keeps compiled scripts by their hash, and one command
+        // needs no NOSCRIPT round trip.
+        let mut eval = redis::cmd("EVAL");
+        eval.arg(FILL_SCRIPT).arg(1).arg(ctx.key(key));
         match &seen {
-            None => inv.arg("0").arg(""),
-            Some(v) => inv.arg("1").arg(v.as_slice()),
+            None => eval.arg("0").arg(""),
+            Some(v) => eval.arg("1").arg(v.as_slice()),
         };
-        inv.arg(value.map(str::as_bytes).unwrap_or(NEGATIVE))
+        eval.arg(value.map(str::as_bytes).unwrap_or(NEGATIVE))
             .arg(ttl_s.max(1))
             .arg(read.at_us)
             .arg(window_us);
-        let applied: i64 = inv.invoke(con)?;
+        let applied: i64 = con.call(&eval)?;
         Ok(applied == 1)
     })
 }
 
 pub fn set(key: &str, value: &str, ttl_s: i64) -> Result<(), L2Error> {
     with_connection(|con, ctx| {
-        redis::cmd("SET")
-            .arg(ctx.key(key))
-            .arg(value)
-            .arg("EX")
-            .arg(ttl_s.max(1))
-            .query(con)
+        con.call(
+            redis::cmd("SET")
+                .arg(ctx.key(key))
+                .arg(value)
+                .arg("EX")
+                .arg(ttl_s.max(1)),
+        )
     })
 }
 
@@ -479,22 +625,15 @@ pub fn invalidate_async(keys: &[(String, i64)], commit_lsn: u64) -> Result<(), L
         return Ok(());
     }
     let sent = with_connection(|con, ctx| {
-        let ttl = gucs::tombstone_ttl_s();
         let mut commands = 0;
         for chunk in keys.chunks(1000) {
-            let mut pipe = redis::pipe();
-            let l2: Vec<String> = chunk.iter().map(|(k, _)| ctx.key(k)).collect();
-            queue_sets(
-                &mut pipe,
-                l2.iter().map(|k| (k.as_str(), ttl)),
-                ctx.tombstone,
-            );
-            let names: Vec<&str> = chunk.iter().map(|(k, _)| k.as_str()).collect();
-            pipe.cmd("PUBLISH")
-                .arg(crate::worker::channel())
-                .arg(crate::worker::message(commit_lsn, &names));
-            con.send_packed_command(&pipe.get_packed_pipeline())?;
-            commands += chunk.len() + 1;
+            let mut packed = Vec::new();
+            let cmds = invalidation_cmds(ctx, chunk, commit_lsn);
+            for c in &cmds {
+                c.write_packed_command(&mut packed);
+            }
+            con.con.send_packed_command(&packed)?;
+            commands += cmds.len();
         }
         Ok(commands)
     });
@@ -521,10 +660,8 @@ pub fn mark_in_flight(keys: &[(String, i64)]) -> Result<(), L2Error> {
     with_connection(|con, ctx| {
         let marker = ctx.tombstone.replacen("!inval:", "!inflight:", 1);
         for chunk in keys.chunks(1000) {
-            let mut pipe = redis::pipe();
             let l2: Vec<(String, i64)> = chunk.iter().map(|(k, t)| (ctx.key(k), *t)).collect();
-            queue_sets(&mut pipe, l2.iter().map(|(k, t)| (k.as_str(), *t)), &marker);
-            pipe.query::<()>(con)?;
+            con.exchange(&sets(l2.iter().map(|(k, t)| (k.as_str(), *t)), &marker))?;
         }
         Ok(())
     })
@@ -540,36 +677,43 @@ pub fn invalidate_matching(pattern: &str, keep: impl Fn(&str) -> bool) -> Result
         let mut cursor: u64 = 0;
         let mut live = 0i64;
         loop {
-            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&l2_pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query(con)?;
+            let (next, batch): (u64, Vec<String>) = con.call(
+                redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&l2_pattern)
+                    .arg("COUNT")
+                    .arg(1000),
+            )?;
             let matched: Vec<(String, String)> = batch
                 .into_iter()
                 .filter_map(|k| tier_key_of(ctx.incarnation, &k).map(|t| (k, t)))
                 .filter(|(_, t)| keep(t))
                 .collect();
             if !matched.is_empty() {
-                let mut pipe = redis::pipe();
-                for (k, _) in &matched {
-                    pipe.cmd("GET").arg(k);
-                }
-                queue_sets(
-                    &mut pipe,
+                let mut cmds: Vec<redis::Cmd> = matched
+                    .iter()
+                    .map(|(k, _)| {
+                        let mut c = redis::cmd("GET");
+                        c.arg(k);
+                        c
+                    })
+                    .collect();
+                cmds.extend(sets(
                     matched.iter().map(|(k, _)| (k.as_str(), ttl)),
                     ctx.tombstone,
-                );
+                ));
                 let names: Vec<&str> = matched.iter().map(|(_, t)| t.as_str()).collect();
-                pipe.cmd("PUBLISH")
+                let mut publish = redis::cmd("PUBLISH");
+                publish
                     .arg(crate::worker::channel())
-                    .arg(crate::worker::message(0, &names))
-                    .ignore();
-                let before: Vec<Option<Vec<u8>>> = pipe.query(con)?;
-                live += before
+                    .arg(crate::worker::message(0, &names));
+                cmds.push(publish);
+                let replies = con.exchange(&cmds)?;
+                live += replies
                     .into_iter()
+                    .take(matched.len())
+                    .map(|v| redis::from_owned_redis_value::<Option<Vec<u8>>>(v).unwrap_or(None))
                     .filter(|v| matches!(classify(v.clone()), Lookup::Value(_) | Lookup::Negative))
                     .count() as i64;
             }
@@ -595,7 +739,7 @@ pub struct Health {
 
 /// Probes Redis with a PING (respecting the retry interval) and reports.
 pub fn health() -> Health {
-    let ping = with_connection(|con, _| redis::cmd("PING").query::<String>(con));
+    let ping = with_connection(|con, _| con.call::<String>(&redis::cmd("PING")));
     STATE.with(|cell| {
         let state = cell.borrow();
         Health {

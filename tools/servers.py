@@ -287,7 +287,8 @@ class RedisServer:
         r = self.client()
         if on:
             if self._master is None:
-                self._master = RedisServer().start()
+                # A diskless sync would first wait 5 s for more replicas to join.
+                self._master = RedisServer(extra=["--repl-diskless-sync-delay", "0"]).start()
             r.replicaof("127.0.0.1", self._master.port)
             # Wait for the sync, so that the flush it does is over before the caller goes on.
             deadline = time.time() + 10

@@ -1,0 +1,470 @@
+"""Consistency under faults, one deterministic sequence per point of the contract: durable
+invalidation through the outbox, no L2 while invalidations are undelivered, Redis keys tied
+to the Redis server's incarnation, no fill from a transaction that wrote, and triggers that
+see every write (partitions, replication apply, any DateStyle/TimeZone). Against a Redis and
+a PostgreSQL cluster of this module's own: the tests pause and restart both."""
+import itertools
+import json
+import threading
+import time
+
+import pytest
+
+CALL_LIMIT_S = 2.0
+_names = itertools.count(1)
+
+
+@pytest.fixture(autouse=True)
+def healthy(own_stack):
+    own_stack.heal()
+    yield
+    own_stack.heal()
+
+
+def wait_for(predicate, timeout=5.0, step=0.05):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
+def new_name(prefix: str) -> str:
+    return f"{prefix}{next(_names)}"
+
+
+def cached(stack, name, key, l1=True, fields=("k", "v", "ver")):
+    """cached_<name>(key) from a fresh session, L1 on or off, within CALL_LIMIT_S; only
+    `fields` of the answer (the test caches also return a fetch counter)."""
+    with stack.cluster.connect() as c:
+        if not l1:
+            c.execute("SET twotier.l1_enabled = off")
+        t0 = time.monotonic()
+        v = c.execute(f"SELECT cached_{name}(%s)", (str(key),)).fetchone()[0]
+        elapsed = time.monotonic() - t0
+    assert elapsed < CALL_LIMIT_S, f"cached_{name}({key!r}) took {elapsed:.2f}s"
+    return {f: v.get(f) for f in fields} if v is not None else None
+
+
+def row(stack, table, key):
+    """The truth, straight from the table."""
+    r = stack.cluster.sql(f"SELECT k, v, ver FROM {table} WHERE k = %s", int(key))
+    return dict(zip(("k", "v", "ver"), r[0])) if r else None
+
+
+def assert_fresh(stack, name, key, table=None):
+    want = row(stack, table or name, key)
+    for l1 in (True, False):
+        got = cached(stack, name, key, l1=l1)
+        assert got == want, f"cache {name} key {key} (L1 {'on' if l1 else 'off'}): got {got}, the table has {want}"
+
+
+def fill(stack, cache, key):
+    """Puts `key` in L1 and L2 and checks that Redis holds it; returns the value."""
+    with stack.cluster.connect() as c:
+        v = cache.call(c, key)
+        assert cache.call(c, key) == v
+    raw = cache.redis_value(str(key))
+    assert raw is not None and json.loads(raw)["ver"] == v["ver"], f"L2 was not filled: {raw!r}"
+    return v
+
+
+def redis_key(stack, name, key):
+    """The Redis key of a cache made here rather than through conftest's Cache."""
+    (version,), = stack.cluster.sql("SELECT version FROM twotier.caches WHERE name = %s", name)
+    return f"twotier:{stack.redis.run_id()[:12]}:postgres:{name}:v{version}:{key}"
+
+
+def update(conn, cache, key=1):
+    conn.execute(f"UPDATE {cache.name} SET ver = ver + 1 WHERE k = %s", (key,))
+
+
+# -- durable invalidation ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("outbox", [True, False], ids=["outbox", "test_no_outbox"])
+def test_commit_while_redis_is_paused(own_stack, outbox):
+    """Key 1 in every tier; Redis stopped (SIGSTOP); another session commits an UPDATE of
+    key 1; Redis resumed; a new session must read the new row, and again once the worker
+    delivered. With the outbox switched off for the writer (the old behaviour) the same
+    sequence serves the old row from L2: this shows that the test can fail."""
+    stack = own_stack
+    cache = stack.cache()
+    old = fill(stack, cache, 1)
+    # A session that has not used Redis yet: its first contact is the PRE_COMMIT marking,
+    # whose connection setup times out, so none of its commands waits in Redis's socket to
+    # be run after SIGCONT. (A marking sent on an open connection would run late, and the
+    # in-flight marker it leaves would hide the old value from readers even without the
+    # outbox.) It stays connected and idle to the end: the old behaviour kept undelivered
+    # keys in the writer's memory until its next use of Redis.
+    w = stack.cluster.connect()
+    try:
+        if not outbox:
+            w.execute("SET twotier.test_no_outbox = on")
+        stack.redis.pause()
+        try:
+            t0 = time.monotonic()
+            update(w, cache)
+            took = time.monotonic() - t0
+            print(f"COMMIT with Redis paused returned after {took:.3f}s")
+            assert took < 1.0, "the commit waits about the read timeout, not for Redis"
+            ob = stack.outbox()
+            if outbox:
+                assert ob["rows"] >= 1 and ob["l2_trusted"] is False, ob
+            else:
+                assert ob["rows"] == 0 and ob["l2_trusted"] is True, ob
+        finally:
+            stack.redis.resume()
+        want = old["ver"] + 1 if outbox else old["ver"]
+        assert cached(stack, cache.name, 1, l1=False)["ver"] == want
+        assert cached(stack, cache.name, 1, l1=True)["ver"] == want
+        if outbox:
+            stack.wait_trusted()
+            assert_fresh(stack, cache.name, 1)
+    finally:
+        w.close()
+
+
+def test_writer_disconnecting_right_after_commit(own_stack):
+    stack = own_stack
+    cache = stack.cache()
+    fill(stack, cache, 1)
+    stack.redis.pause()
+    try:
+        w = stack.cluster.connect()
+        update(w, cache)
+        w.close()  # whatever the backend kept in memory dies with it
+    finally:
+        stack.redis.resume()
+    assert_fresh(stack, cache.name, 1)
+    stack.wait_trusted()
+    assert_fresh(stack, cache.name, 1)
+
+
+def test_session_without_redis_invalidates_through_the_outbox(own_stack):
+    stack = own_stack
+    cache = stack.cache()
+    fill(stack, cache, 1)
+    delivered = stack.outbox()["delivered"]
+    with stack.cluster.connect() as w:
+        w.execute("SET twotier.redis_url = ''")
+        update(w, cache)
+    assert_fresh(stack, cache.name, 1)
+    stack.wait_trusted()
+    assert stack.outbox()["delivered"] > delivered, "the keys went through the outbox"
+    raw = cache.redis_value("1")
+    assert raw is None or raw.startswith("!"), f"Redis still holds a value for key 1: {raw}"
+    assert_fresh(stack, cache.name, 1)
+
+
+def test_status_and_stats_report_the_outbox(own_stack):
+    stack = own_stack
+    cache = stack.cache()
+    fill(stack, cache, 1)
+    skips = cache.stats().get("l2_skips") or 0
+    delivered = stack.outbox()["delivered"]
+    stack.redis.pause()
+    try:
+        with stack.cluster.connect() as w:
+            update(w, cache)
+        ob = stack.outbox()
+        assert ob["rows"] >= 1 and ob["l2_trusted"] is False, ob
+        # The worker may be started on demand: give it a moment.
+        assert wait_for(lambda: isinstance(stack.outbox()["worker_pid"], int)), stack.outbox()
+        (backend_type, datname), = stack.cluster.sql(
+            "SELECT backend_type, datname FROM pg_stat_activity WHERE pid = %s", stack.outbox()["worker_pid"])
+        assert "twotier" in backend_type and datname == "postgres", (backend_type, datname)
+        assert cached(stack, cache.name, 2, l1=False) == row(stack, cache.name, 2)
+        assert cache.stats()["l2_skips"] > skips
+    finally:
+        stack.redis.resume()
+    stack.wait_trusted()
+    ob = stack.outbox()
+    assert ob["rows"] == 0 and ob["l2_trusted"] is True and ob["delivered"] > delivered, ob
+
+
+def test_no_backend_reads_l2_while_invalidations_are_undelivered(own_stack):
+    """A full Redis (noeviction) answers reads but takes no write: the writer cannot mark its
+    key and the worker cannot deliver, while the old value sits in Redis, readable. Only
+    not reading L2 at all keeps it from being served."""
+    stack = own_stack
+    cache = stack.cache()
+    with stack.cluster.connect() as c:
+        c.execute("SET twotier.l1_enabled = off")
+        for k in (1, 2):
+            cache.call(c, k)
+    stack.redis.fill_memory()
+    try:
+        with stack.cluster.connect() as w:
+            update(w, cache)
+        assert json.loads(cache.redis_value("1"))["ver"] == 0, "the old value is still in Redis"
+        assert stack.outbox()["l2_trusted"] is False
+        before = cache.stats()
+        assert cached(stack, cache.name, 1, l1=False)["ver"] == 1
+        assert cached(stack, cache.name, 2, l1=False) == row(stack, cache.name, 2)
+        after = cache.stats()
+        assert after["l2_hits"] == before["l2_hits"], "a backend read L2 with invalidations undelivered"
+        assert after["l2_skips"] >= before["l2_skips"] + 2
+    finally:
+        stack.redis.free_memory()
+    stack.wait_trusted()
+    hits = cache.stats()["l2_hits"]
+    for _ in range(2):  # the first may refill, the second must hit
+        cached(stack, cache.name, 2, l1=False)
+    assert cache.stats()["l2_hits"] > hits, "L2 is used again once the outbox is delivered"
+
+
+def test_tombstones_live_tombstone_ttl_not_the_cache_ttl(own_stack):
+    stack = own_stack
+    cache = stack.cache(ttl="5 min")
+    (ttl_setting, unit), = stack.cluster.sql(
+        "SELECT setting, unit FROM pg_settings WHERE name = 'twotier.tombstone_ttl_s'")
+    assert (ttl_setting, unit) == ("30", "s")
+    fill(stack, cache, 1)
+    with stack.cluster.connect() as w:
+        update(w, cache)
+    r = stack.redis.client()
+    key = cache.redis_key("1")
+    raw = r.get(key)
+    assert raw is not None and raw.startswith(b"!inval"), raw
+    assert 0 < r.ttl(key) <= 30, "the tombstone lives tombstone_ttl_s, not the cache's 5 minutes"
+
+
+# -- Redis incarnations and PostgreSQL restarts -----------------------------------------------
+
+def test_redis_restored_from_an_older_snapshot_serves_nothing_older(own_stack):
+    stack = own_stack
+    cache = stack.cache()
+    old = fill(stack, cache, 1)
+    old_key = cache.redis_key("1")
+    old_run = stack.redis.run_id()
+    snap = stack.redis.save_rdb()
+    with stack.cluster.connect() as w:
+        update(w, cache)
+    stack.redis.restart_from_rdb(snap)
+    # The scenario is real: the outdated value is back in Redis, under the old incarnation.
+    assert json.loads(stack.redis.client().get(old_key))["ver"] == old["ver"]
+    assert stack.redis.run_id()[:12] != old_run[:12]
+    assert_fresh(stack, cache.name, 1)
+    stack.wait_trusted()
+    assert_fresh(stack, cache.name, 1)
+
+
+def test_postgres_restart_with_undelivered_invalidations(own_stack):
+    stack = own_stack
+    cache = stack.cache()
+    fill(stack, cache, 1)
+    stack.redis.pause()
+    try:
+        with stack.cluster.connect() as w:
+            update(w, cache)
+        assert stack.outbox()["rows"] >= 1
+        stack.cluster.restart()
+        # The outbox is a table: the restarted server knows that L2 is not to be trusted.
+        ob = stack.outbox()
+        assert ob["rows"] >= 1 and ob["l2_trusted"] is False, ob
+        assert_fresh(stack, cache.name, 1)
+    finally:
+        stack.redis.resume()
+    stack.wait_trusted()
+    assert_fresh(stack, cache.name, 1)
+
+
+# -- no fill from a transaction that wrote ---------------------------------------------------
+
+WRITING_STATEMENTS = {
+    "INSERT RETURNING": "INSERT INTO {t}(k, v) VALUES ({k}, 'ghost') RETURNING cached_{t}('{k}')",
+    "data-modifying CTE": "WITH ins AS (INSERT INTO {t}(k, v) VALUES ({k}, 'ghost') RETURNING k) "
+                          "SELECT cached_{t}(k::text) FROM ins",
+}
+
+
+@pytest.mark.parametrize("statement", WRITING_STATEMENTS.values(), ids=WRITING_STATEMENTS.keys())
+def test_a_writing_statement_publishes_nothing(own_stack, statement):
+    """The statement's triggers have not run when its own call reads the cache: only the
+    transaction's xid tells that what the source shows is uncommitted."""
+    stack = own_stack
+    cache = stack.cache()
+    a = stack.cluster.connect()
+    try:
+        a.execute("BEGIN")
+        mine = a.execute(statement.format(t=cache.name, k=42)).fetchone()[0]
+        assert mine is not None and mine["v"] == "ghost", "the writer sees its own row"
+        for l1 in (True, False):
+            assert cached(stack, cache.name, 42, l1=l1) is None
+        assert "ghost" not in (cache.redis_value("42") or "")
+        a.execute("ROLLBACK")
+        for l1 in (True, False):
+            assert cached(stack, cache.name, 42, l1=l1) is None
+        assert "ghost" not in (cache.redis_value("42") or "")
+    finally:
+        a.close()
+
+
+# -- triggers see every write ----------------------------------------------------------------
+
+@pytest.fixture
+def partitioned(own_stack):
+    """A cache over a range-partitioned table with one partition (k 1..99), rows 1..5."""
+    n = new_name("part")
+    stack = own_stack
+    stack.cluster.sql(f"CREATE TABLE {n} (k int NOT NULL, v text, ver int NOT NULL DEFAULT 0) PARTITION BY RANGE (k)")
+    stack.cluster.sql(f"CREATE TABLE {n}_a PARTITION OF {n} FOR VALUES FROM (1) TO (100)")
+    stack.cluster.sql(f"INSERT INTO {n}(k, v) SELECT g, 'v' || g FROM generate_series(1, 5) g")
+    stack.cluster.sql(f"""SELECT twotier.define('{n}', $q$SELECT jsonb_build_object('k', k, 'v', v, 'ver', ver)
+                                                      FROM {n} WHERE k = $1::int$q$, '5 min', ARRAY['{n}(k)'])""")
+    return n
+
+
+def writes_reach_the_cache(stack, n, table, keys):
+    """UPDATE, DELETE and INSERT aimed at `table` (a partition of `n`), each after the keys
+    were read into every tier (an absent key as a negative entry)."""
+    update_key, delete_key, insert_key = keys
+    for sql, key in ((f"UPDATE {table} SET ver = ver + 1 WHERE k = {update_key}", update_key),
+                     (f"DELETE FROM {table} WHERE k = {delete_key}", delete_key),
+                     (f"INSERT INTO {table}(k, v) VALUES ({insert_key}, 'v{insert_key}')", insert_key)):
+        for l1 in (True, False):
+            cached(stack, n, key, l1=l1)
+        stack.cluster.sql(sql)
+        assert_fresh(stack, n, key, table=n)
+
+
+def test_dml_aimed_at_a_partition_invalidates(own_stack, partitioned):
+    writes_reach_the_cache(own_stack, partitioned, f"{partitioned}_a", (1, 2, 7))
+
+
+def test_dml_on_a_partition_created_after_define_invalidates(own_stack, partitioned):
+    n = partitioned
+    own_stack.cluster.sql(f"CREATE TABLE {n}_b PARTITION OF {n} FOR VALUES FROM (100) TO (200)")
+    own_stack.cluster.sql(f"INSERT INTO {n}(k, v) VALUES (150, 'v150'), (151, 'v151')")
+    writes_reach_the_cache(own_stack, n, f"{n}_b", (150, 151, 152))
+
+
+def test_dml_on_a_partition_attached_after_define_invalidates(own_stack, partitioned):
+    n = partitioned
+    own_stack.cluster.sql(f"CREATE TABLE {n}_c (k int NOT NULL, v text, ver int NOT NULL DEFAULT 0)")
+    own_stack.cluster.sql(f"INSERT INTO {n}_c(k, v) VALUES (250, 'v250'), (251, 'v251')")
+    # Keys 250..252 are read only after the ATTACH: whether attaching (or detaching) a
+    # partition must invalidate what was cached before is not part of this test.
+    own_stack.cluster.sql(f"ALTER TABLE {n} ATTACH PARTITION {n}_c FOR VALUES FROM (200) TO (300)")
+    writes_reach_the_cache(own_stack, n, f"{n}_c", (250, 251, 252))
+
+
+def test_truncate_of_a_partition_invalidates(own_stack, partitioned):
+    n = partitioned
+    for k in (1, 2, 3):
+        for l1 in (True, False):
+            assert cached(own_stack, n, k, l1=l1) is not None
+    own_stack.cluster.sql(f"TRUNCATE {n}_a")
+    for k in (1, 2, 3):
+        assert_fresh(own_stack, n, k)
+
+
+def test_triggers_fire_under_session_replication_role_replica(own_stack):
+    """Logical replication applies changes with session_replication_role = replica, where
+    ordinary triggers do not fire."""
+    stack = own_stack
+    cache = stack.cache()
+    for k in (1, 2, 99):
+        for l1 in (True, False):
+            cached(stack, cache.name, k, l1=l1)
+    with stack.cluster.connect() as w:
+        w.execute("SET session_replication_role = replica")
+        update(w, cache, 1)
+        w.execute(f"DELETE FROM {cache.name} WHERE k = 2")
+        w.execute(f"INSERT INTO {cache.name}(k, v) VALUES (99, 'v99')")
+    for k in (1, 2, 99):
+        assert_fresh(stack, cache.name, k)
+    for l1 in (True, False):
+        assert cached(stack, cache.name, 3, l1=l1) is not None
+    with stack.cluster.connect() as w:
+        w.execute("SET session_replication_role = replica")
+        w.execute(f"TRUNCATE {cache.name}")
+    assert_fresh(stack, cache.name, 3)
+
+
+def test_keys_do_not_depend_on_the_writers_datestyle_timezone_or_float_digits(own_stack):
+    """The app passes keys in ISO/UTC and shortest-exact float form; a writer with other
+    settings must invalidate those same keys."""
+    stack = own_stack
+    n = new_name("ts")
+    stack.cluster.sql(f"CREATE TABLE {n} (at timestamptz PRIMARY KEY, x float8 UNIQUE, ver int NOT NULL DEFAULT 0)")
+    stack.cluster.sql(f"INSERT INTO {n} VALUES ('2024-01-02 03:04:05+00', 0.1::float8 + 0.2::float8, 0)")
+    for cache_name, column, cast in ((f"{n}_at", "at", "timestamptz"), (f"{n}_x", "x", "float8")):
+        stack.cluster.sql(f"""SELECT twotier.define('{cache_name}', $q$SELECT jsonb_build_object('ver', ver)
+                                FROM {n} WHERE {column} = $1::{cast}$q$, '5 min', ARRAY['{n}({column})'])""")
+    keys = {f"{n}_at": "2024-01-02 03:04:05+00", f"{n}_x": "0.30000000000000004"}
+    for cache_name, key in keys.items():
+        for l1 in (True, False):
+            assert cached(stack, cache_name, key, l1=l1, fields=("ver",)) == {"ver": 0}
+    with stack.cluster.connect() as w:
+        w.execute("SET DateStyle = 'German'")
+        w.execute("SET TimeZone = 'Asia/Tokyo'")
+        w.execute("SET extra_float_digits = 0")
+        # The writer's own text forms differ from the keys: otherwise this test proves nothing.
+        at_text, x_text = w.execute(f"SELECT at::text, x::text FROM {n}").fetchone()
+        assert at_text != keys[f"{n}_at"] and x_text != keys[f"{n}_x"], (at_text, x_text)
+        w.execute(f"UPDATE {n} SET ver = ver + 1")
+    for cache_name, key in keys.items():
+        for l1 in (True, False):
+            assert cached(stack, cache_name, key, l1=l1, fields=("ver",)) == {"ver": 1}, (cache_name, l1)
+
+
+# -- versions resolved at commit --------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["flush", "truncate"])
+def test_flush_or_truncate_while_a_writer_is_open(own_stack, how):
+    """A cache over `n` and `n_side`. A writer updates key 1 of `n` and stays open; a flush
+    (or a TRUNCATE of `n_side`, which flushes too) commits; a reader fills the new version's
+    key 1 from the source, which still shows the old row; then the writer commits. Had it
+    invalidated the keys of the version it saw when it wrote, the new version's entry would
+    stay old."""
+    stack = own_stack
+    n = new_name("fl")
+    stack.cluster.sql(f"CREATE TABLE {n} (k int PRIMARY KEY, v text, ver int NOT NULL DEFAULT 0)")
+    stack.cluster.sql(f"INSERT INTO {n}(k, v) SELECT g, 'v' || g FROM generate_series(1, 3) g")
+    stack.cluster.sql(f"CREATE TABLE {n}_side (k int)")
+    stack.cluster.sql(f"""SELECT twotier.define('{n}', $q$SELECT jsonb_build_object('k', t.k, 'v', t.v, 'ver', t.ver,
+                              'side', (SELECT count(*) FROM {n}_side s WHERE s.k = t.k))
+                            FROM {n} t WHERE t.k = $1::int$q$, '5 min', ARRAY['{n}(k)', '{n}_side(k)'])""")
+    flush = f"SELECT twotier.flush('{n}')" if how == "flush" else f"TRUNCATE {n}_side"
+
+    # The flush commits while the writer is open.
+    for l1 in (True, False):
+        cached(stack, n, 1, l1=l1)
+    a = stack.cluster.connect()
+    try:
+        a.execute("BEGIN")
+        a.execute(f"UPDATE {n} SET ver = ver + 1 WHERE k = 1")
+        stack.cluster.sql(flush)
+        for l1 in (True, False):
+            assert cached(stack, n, 1, l1=l1)["ver"] == 0, "the writer has not committed yet"
+        raw = stack.redis.client().get(redis_key(stack, n, 1))
+        assert raw is not None and json.loads(raw)["ver"] == 0, "the reader filled the new version"
+        a.execute("COMMIT")
+    finally:
+        a.close()
+    assert_fresh(stack, n, 1)
+
+    # The other way round: the flush still open when the writer commits (which may wait for
+    # it: versions are resolved under a lock).
+    for l1 in (True, False):
+        cached(stack, n, 2, l1=l1)
+    a, f = stack.cluster.connect(), stack.cluster.connect()
+    try:
+        a.execute("BEGIN")
+        a.execute(f"UPDATE {n} SET ver = ver + 1 WHERE k = 2")
+        f.execute("BEGIN")
+        f.execute(flush)
+        committed = threading.Thread(target=a.execute, args=("COMMIT",))
+        committed.start()
+        time.sleep(0.2)
+        f.execute("COMMIT")
+        committed.join(10)
+        assert not committed.is_alive(), "the writer's COMMIT hangs"
+    finally:
+        a.close()
+        f.close()
+    assert row(stack, n, 2)["ver"] == 1, "the writer committed"
+    assert_fresh(stack, n, 2)
+    assert_fresh(stack, n, 1)

@@ -206,7 +206,9 @@ class Bench:
             self.redis_get(c)
 
     def redis_get(self, clients):
-        (value_key,), = self.sql("SELECT 'twotier:postgres:widget_config:v' || version || ':' || "
+        # Keys carry the Redis incarnation (the first 12 characters of its run_id).
+        inc = self.redis.client().info("server")["run_id"][:12]
+        (value_key,), = self.sql(f"SELECT 'twotier:{inc}:postgres:widget_config:v' || version || ':' || "
                                  "md5('shop-00001.example.com')::uuid::text FROM twotier.caches WHERE name = 'widget_config'")[0:1]
         self.sql("SELECT cached_widget_config(md5('shop-00001.example.com')::uuid::text)")
         n = 20000 if self.quick else 200000
@@ -495,7 +497,8 @@ class Bench:
         mem1, keys1, l1_1 = r.info("memory")["used_memory"], r.dbsize(), self.l1_entries()
         # Counted last: SCAN also drops the expired keys it visits.
         (version,), = self.sql("SELECT version FROM twotier.caches WHERE name = 'wm'")[0:1]
-        left = sum(1 for _ in r.scan_iter(match=f"twotier:postgres:wm:v{version}:*", count=1000))
+        inc = r.info("server")["run_id"][:12]
+        left = sum(1 for _ in r.scan_iter(match=f"twotier:{inc}:postgres:wm:v{version}:*", count=1000))
         res = {"rows": self.writer_big, "tombstone_ttl_s": ttl, "waited_s": round(time.time() - committed, 1),
                "update_ms": round(update_us / 1000, 1), "used_memory_before": mem0, "used_memory_peak": peak_mem,
                "used_memory_after": mem1, "delta_bytes": mem1 - mem0, "dbsize_before": keys0,

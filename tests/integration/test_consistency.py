@@ -468,3 +468,33 @@ def test_flush_or_truncate_while_a_writer_is_open(own_stack, how):
     assert row(stack, n, 2)["ver"] == 1, "the writer committed"
     assert_fresh(stack, n, 2)
     assert_fresh(stack, n, 1)
+
+
+def test_a_definition_read_in_repeatable_read_is_not_an_old_version(own_stack):
+    """A backend that first meets a cache inside a REPEATABLE READ transaction whose snapshot
+    predates a flush must still load the version the flush made: read under that snapshot, the
+    definition would stay cached with the old version, whose keys no writer invalidates any
+    more, and the session would go on reading old entries after its transaction ended."""
+    stack = own_stack
+    n = new_name("rr")
+    stack.cluster.sql(f"CREATE TABLE {n} (k int PRIMARY KEY, v text, ver int NOT NULL DEFAULT 0)")
+    stack.cluster.sql(f"INSERT INTO {n}(k, v) VALUES (1, 'v1')")
+    stack.cluster.sql(f"""SELECT twotier.define('{n}', $q$SELECT jsonb_build_object('k', k, 'v', v, 'ver', ver)
+                            FROM {n} WHERE k = $1::int$q$, '5 min', ARRAY['{n}(k)'])""")
+    a = stack.cluster.connect()
+    try:
+        # The old version's key 1 is in both tiers.
+        for l1 in (True, False):
+            assert cached(stack, n, 1, l1=l1)["ver"] == 0
+        a.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        a.execute("SELECT 1")  # the snapshot is taken here, before the flush
+        stack.cluster.sql(f"SELECT twotier.flush('{n}')")
+        assert a.execute(f"SELECT cached_{n}('1')->>'ver'").fetchone()[0] == "0"
+        a.execute("COMMIT")
+        # A write now invalidates the new version's key only.
+        stack.cluster.sql(f"UPDATE {n} SET ver = 1 WHERE k = 1")
+        for _ in range(3):
+            assert a.execute(f"SELECT cached_{n}('1')->>'ver'").fetchone()[0] == "1", \
+                "the session kept the version its REPEATABLE READ snapshot showed"
+    finally:
+        a.close()

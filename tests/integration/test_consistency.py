@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+from conftest import wait_for  # noqa: E402
 
 CALL_LIMIT_S = 2.0
 _names = itertools.count(1)
@@ -19,15 +20,6 @@ def healthy(own_stack):
     own_stack.heal()
     yield
     own_stack.heal()
-
-
-def wait_for(predicate, timeout=5.0, step=0.05):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
 
 
 def new_name(prefix: str) -> str:
@@ -228,6 +220,35 @@ def test_tombstones_live_tombstone_ttl_not_the_cache_ttl(own_stack):
     raw = r.get(key)
     assert raw is not None and raw.startswith(b"!inval"), raw
     assert 0 < r.ttl(key) <= 30, "the tombstone lives tombstone_ttl_s, not the cache's 5 minutes"
+
+
+def test_a_fill_after_a_read_older_than_tombstone_ttl_is_refused(own_stack):
+    """What lets tombstones live seconds: a fill whose L2 read is older than
+    twotier.tombstone_ttl_s is refused by Redis's clock. A cache query that sleeps past it
+    (1 s here) answers but stores nothing in L2; a fast one stores as usual."""
+    stack = own_stack
+    n = new_name("age")
+    stack.cluster.sql(f"CREATE TABLE {n} (k int PRIMARY KEY, v text)")
+    stack.cluster.sql(f"INSERT INTO {n} VALUES (1, 'slow'), (2, 'fast')")
+    stack.cluster.sql(f"""SELECT twotier.define('{n}', $q$SELECT jsonb_build_object('v', v,
+                              'slept', CASE WHEN k = 1 THEN pg_sleep(1.5)::text END)
+                            FROM {n} WHERE k = $1::int$q$, '5 min', ARRAY['{n}(k)'])""")
+    stack.cluster.set({"twotier.tombstone_ttl_s": 1})
+    stack.cluster.reload()
+    try:
+        with stack.cluster.connect() as c:
+            c.execute("SET twotier.l1_enabled = off")
+            assert c.execute(f"SELECT cached_{n}('1')->>'v'").fetchone()[0] == "slow"
+            assert c.execute(f"SELECT cached_{n}('2')->>'v'").fetchone()[0] == "fast"
+            fills, rejected = c.execute(
+                "SELECT fills, fills_rejected FROM twotier.stats WHERE cache = %s", (n,)).fetchone()
+        r = stack.redis.client()
+        assert r.get(redis_key(stack, n, 1)) is None, "a fill 1.5 s after its read went through"
+        assert r.get(redis_key(stack, n, 2)) is not None
+        assert (fills, rejected) == (1, 1)
+    finally:
+        stack.cluster.set({"twotier.tombstone_ttl_s": 30})
+        stack.cluster.reload()
 
 
 # -- Redis incarnations and PostgreSQL restarts -----------------------------------------------

@@ -16,18 +16,10 @@ from typing import Callable
 
 import psycopg
 import pytest
+from conftest import wait_for  # noqa: E402
 
 HOLD_S = 1.0  # how long each fault lasts: ten times the read timeout
 CALL_LIMIT_S = 2.0
-
-
-def wait_for(predicate, timeout=5.0, step=0.05):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
 
 
 @dataclass

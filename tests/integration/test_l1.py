@@ -5,6 +5,7 @@ import time
 import pytest
 
 from servers import PgCluster, RedisServer
+from conftest import wait_for  # noqa: E402
 
 
 def call(conn, cache, key):
@@ -13,15 +14,6 @@ def call(conn, cache, key):
 
 def l1_status(conn):
     return conn.execute("SELECT twotier.status()->'l1'").fetchone()[0]
-
-
-def wait_for(predicate, timeout=5.0, step=0.05):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
 
 
 def test_l1_answers_with_redis_stopped(cluster, redis_server, cache):

@@ -660,7 +660,13 @@ pub fn mark_in_flight(keys: &[(String, i64)]) -> Result<(), L2Error> {
     with_connection(|con, ctx| {
         let marker = ctx.tombstone.replacen("!inval:", "!inflight:", 1);
         for chunk in keys.chunks(1000) {
-            let l2: Vec<(String, i64)> = chunk.iter().map(|(k, t)| (ctx.key(k), *t)).collect();
+            // A marker whose tombstone never comes must still outlive every fill that could
+            // race it (tombstone_ttl_s), even for a cache whose TTL is shorter.
+            let ttl_floor = gucs::tombstone_ttl_s();
+            let l2: Vec<(String, i64)> = chunk
+                .iter()
+                .map(|(k, t)| (ctx.key(k), (*t).max(ttl_floor)))
+                .collect();
             con.exchange(&sets(l2.iter().map(|(k, t)| (k.as_str(), *t)), &marker))?;
         }
         Ok(())

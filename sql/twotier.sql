@@ -137,6 +137,8 @@ BEGIN
 
     -- Parse as the caller, with the caller's search_path: the query must be one jsonb column.
     reads := twotier._check_query(query, caller, caller_search_path);
+    -- The ALTER TABLEs below only attach triggers: the event trigger must not flush for them.
+    PERFORM set_config('twotier_internal.defining', 'on', true);
     -- Every caller would get the definer's rows: with row-level security that is a leak.
     SELECT string_agg(c.oid::regclass::text, ', ') INTO rls_tables
       FROM pg_class c WHERE c.oid = ANY (reads) AND c.relrowsecurity;
@@ -236,6 +238,7 @@ BEGIN
         VALUES (name, query, ttl, negative_ttl, coalesce(watch, '{}'), twotier._next_version(), caller,
                 caller_search_path, fn, trig_fns);
     END IF;
+    PERFORM set_config('twotier_internal.defining', 'off', true);
     PERFORM twotier._catalog_changed();
     RETURN fn;
 END
@@ -349,6 +352,24 @@ BEGIN
                 AND c.relkind = 'p' AND (tg.tgtype & 1) = 1 LOOP
         args := string_to_array(encode(t.tgargs, 'escape'), '\000');
         PERFORM twotier._watch_truncate(t.rel, t.tgname || '_trunc', args[1], args[3]);
+    END LOOP;
+    -- ALTER TABLE changes rows that no trigger sees: ATTACH and DETACH PARTITION bring rows in
+    -- and take them out, ALTER COLUMN ... TYPE ... USING rewrites them. The caches watching
+    -- the table are flushed when this transaction commits (define's own ALTERs excepted).
+    IF coalesce(current_setting('twotier_internal.defining', true), '') = 'on' THEN
+        RETURN;
+    END IF;
+    FOR t IN SELECT DISTINCT (string_to_array(encode(tg.tgargs, 'escape'), '\000'))[1] AS cache
+               FROM pg_event_trigger_ddl_commands() d
+               JOIN pg_trigger tg ON tg.tgrelid = d.objid
+              WHERE d.command_tag = 'ALTER TABLE' AND d.object_type = 'table'
+                AND tg.tgfoid = 'twotier._trigger()'::regprocedure LOOP
+        IF EXISTS (SELECT FROM twotier.caches WHERE name = t.cache) THEN
+            PERFORM twotier._lock_cache(t.cache);
+            UPDATE twotier.caches SET version = twotier._next_version(version), updated_at = now()
+             WHERE name = t.cache;
+            PERFORM twotier._catalog_changed();
+        END IF;
     END LOOP;
 END
 $$;

@@ -17,6 +17,9 @@ use pgrx::pg_sys;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+/// How long the subscription may stay silent before the listener checks it with a PING.
+const PING_EVERY: Duration = Duration::from_secs(1);
+
 pub fn channel() -> String {
     format!("{}:invalidations", keys::escape(gucs::key_prefix()))
 }
@@ -118,6 +121,7 @@ fn listen(shared: &l1::L1Shared, url: &str) -> Result<(), String> {
         .set_read_timeout(Some(Duration::from_millis(250)))
         .map_err(|e| e.to_string())?;
     set_subscribed(shared, true);
+    let mut last_heard = Instant::now();
     loop {
         if BackgroundWorker::sigterm_received() {
             return Ok(());
@@ -130,10 +134,21 @@ fn listen(shared: &l1::L1Shared, url: &str) -> Result<(), String> {
         }
         match pubsub.get_message() {
             Ok(msg) => {
+                last_heard = Instant::now();
                 shared.messages.fetch_add(1, Ordering::Relaxed);
                 apply(&String::from_utf8_lossy(msg.get_payload_bytes()));
             }
-            Err(e) if e.is_timeout() || crate::l2_redis::interrupted(&e) => continue,
+            Err(e) if e.is_timeout() || crate::l2_redis::interrupted(&e) => {
+                // A quiet channel and a dead one (Redis paused, a network gone silent) read
+                // the same: after a quiet second, ask. No answer within the read timeout is
+                // a lost subscription.
+                if last_heard.elapsed() >= PING_EVERY {
+                    pubsub
+                        .ping::<redis::Value>()
+                        .map_err(|e| format!("no answer to PING on the subscription: {e}"))?;
+                    last_heard = Instant::now();
+                }
+            }
             Err(e) => return Err(e.to_string()),
         }
     }
@@ -149,6 +164,15 @@ pub unsafe extern "C-unwind" fn twotier_l1_listener_main(_arg: pg_sys::Datum) {
     shared
         .worker_pid
         .store(unsafe { pg_sys::MyProcPid }, Ordering::Relaxed);
+    // A listener that crashed or was terminated missed whatever was published meanwhile: its
+    // successor starts like a lost subscription (at server start L1 is empty: nothing to lose).
+    if shared.subscribed.swap(false, Ordering::AcqRel)
+        || shared.live_entries.load(Ordering::Relaxed) > 0
+    {
+        l1::flush_all();
+        shared.subscription_losses.fetch_add(1, Ordering::Relaxed);
+        pgrx::log!("twotier listener: started after an earlier listener ended; L1 flushed");
+    }
     let mut last_error: Option<String> = None;
     while !BackgroundWorker::sigterm_received() {
         if BackgroundWorker::sighup_received() {
@@ -173,6 +197,10 @@ pub unsafe extern "C-unwind" fn twotier_l1_listener_main(_arg: pg_sys::Datum) {
             break;
         }
     }
-    shared.subscribed.store(false, Ordering::Relaxed);
+    set_subscribed(shared, false);
     shared.worker_pid.store(0, Ordering::Relaxed);
+    // Exit code 1: the postmaster starts a new listener after the restart interval (code 0
+    // would unregister it for good, so pg_terminate_backend would leave the server deaf).
+    // At shutdown nothing is restarted either way.
+    unsafe { pg_sys::proc_exit(1) };
 }

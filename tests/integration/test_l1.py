@@ -1,4 +1,6 @@
 """The shared-memory L1, the listener worker and the stats (issue 3), against real servers."""
+import os
+import signal
 import threading
 import time
 
@@ -149,3 +151,66 @@ def test_an_l1_copy_never_outlives_its_l2_entry(cluster, redis_server, make_cach
     assert cache.stats()["l1_hits"] == 1, "the L2 value was copied into L1"
     time.sleep(2.5)
     assert call(c, cache, "1")["v"] == "v1", "the L1 copy expired with its L2 original"
+
+
+def _listener_stack(name):
+    redis = RedisServer().start()
+    pg = PgCluster(name=name, settings={"twotier.redis_url": redis.url, "twotier.read_timeout_ms": 100,
+                                        "twotier.connect_timeout_ms": 100, "twotier.retry_interval_ms": 200}).start()
+    pg.sql("CREATE EXTENSION twotier")
+    pg.sql("CREATE TABLE ls(k int PRIMARY KEY, v text)")
+    pg.sql("INSERT INTO ls VALUES (1, 'v1')")
+    pg.sql("""SELECT twotier.define('ls', $q$SELECT jsonb_build_object('v', v) FROM ls WHERE k = $1::int$q$,
+                                     '5 min', ARRAY['ls(k)'])""")
+    return redis, pg
+
+
+def test_a_half_open_subscription_is_noticed():
+    """Redis paused: the socket stays open and silent, which a read timeout alone takes for a
+    quiet channel. The listener PINGs after a quiet second; no answer is a lost subscription,
+    and L1 is flushed (it may hold entries the channel would have invalidated)."""
+    redis, pg = _listener_stack("halfopen")
+    try:
+        with pg.connect() as c:
+            assert wait_for(lambda: l1_status(c)["worker"]["subscribed"], timeout=10)
+            c.execute("SELECT cached_ls('1')")
+            before = l1_status(c)
+            assert before["entries"] >= 1
+            redis.pause()
+            t0 = time.time()
+            try:
+                assert wait_for(lambda: not l1_status(c)["worker"]["subscribed"], timeout=5, step=0.05), \
+                    "the listener still believes it is subscribed to a paused Redis"
+                noticed = time.time() - t0
+                after = l1_status(c)
+                assert after["worker"]["subscription_losses"] > before["worker"]["subscription_losses"]
+                assert after["flushes"] > before["flushes"]
+                print(f"half-open subscription noticed after {noticed:.2f}s")
+            finally:
+                redis.resume()
+            assert wait_for(lambda: l1_status(c)["worker"]["subscribed"], timeout=10)
+    finally:
+        pg.destroy()
+        redis.destroy()
+
+
+def test_a_terminated_listener_comes_back_and_flushes():
+    redis, pg = _listener_stack("relisten")
+    try:
+        with pg.connect() as c:
+            assert wait_for(lambda: l1_status(c)["worker"]["subscribed"], timeout=10)
+            c.execute("SELECT cached_ls('1')")
+            assert c.execute("SELECT cached_ls('1')").fetchone()[0] == {"v": "v1"}
+            before = l1_status(c)
+            old = before["worker"]["pid"]
+            # Not in the proc array (no database connection): pg_terminate_backend refuses it.
+            # SIGTERM is what it would send; the cluster is this test's own.
+            os.kill(old, signal.SIGTERM)
+            assert wait_for(lambda: (l1_status(c)["worker"]["pid"] not in (None, old)
+                                     and l1_status(c)["worker"]["subscribed"]), timeout=10), \
+                "no new listener after the old one was terminated"
+            after = l1_status(c)
+            assert after["flushes"] > before["flushes"], "L1 kept entries across the listener's absence"
+    finally:
+        pg.destroy()
+        redis.destroy()

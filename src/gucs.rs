@@ -21,6 +21,7 @@ static L1_MAX_VALUE_KB: GucSetting<i32> = GucSetting::<i32>::new(64);
 static L1_MAX_AGE_S: GucSetting<i32> = GucSetting::<i32>::new(300);
 static L1_ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
 static TOMBSTONE_TTL_S: GucSetting<i32> = GucSetting::<i32>::new(30);
+static TTL_JITTER_PCT: GucSetting<i32> = GucSetting::<i32>::new(5);
 static FLUSH_ABOVE_KEYS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 static TEST_NO_OUTBOX: GucSetting<bool> = GucSetting::<bool>::new(false);
 
@@ -128,6 +129,16 @@ pub fn init() {
         86_400,
         GucContext::Sighup,
         GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"twotier.ttl_jitter_pct",
+        c"Each fill shortens its entry's TTL by a random amount up to this percentage.",
+        c"So that entries filled together (a warm-up, a restart) do not all expire together.",
+        &TTL_JITTER_PCT,
+        0,
+        50,
+        GucContext::Suset,
+        GucFlags::default(),
     );
     GucRegistry::define_int_guc(
         c"twotier.flush_above_keys",
@@ -278,4 +289,34 @@ pub fn server_has_redis() -> bool {
 pub fn flush_above_keys() -> Option<usize> {
     let n = FLUSH_ABOVE_KEYS.get();
     (n > 0).then_some(n as usize)
+}
+
+/// `ttl_s` shortened by a random part of `twotier.ttl_jitter_pct` percent; never below 1 s.
+pub fn jittered_ttl_s(ttl_s: i64) -> i64 {
+    use std::cell::Cell;
+    thread_local! {
+        static SEED: Cell<u64> = Cell::new(
+            (std::process::id() as u64) << 32
+                ^ std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(1)
+                | 1,
+        );
+    }
+    let pct = TTL_JITTER_PCT.get().clamp(0, 50) as i64;
+    let span = ttl_s * pct / 100;
+    if span <= 0 {
+        return ttl_s.max(1);
+    }
+    // xorshift64: a cache's expiry spread needs no better randomness.
+    let r = SEED.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        x
+    });
+    (ttl_s - (r % (span as u64 + 1)) as i64).max(1)
 }

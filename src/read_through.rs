@@ -241,11 +241,12 @@ impl<'a> Call<'a> {
             return value.map(|v| v.datum);
         }
         self.log("MISS", "");
-        let ttl = if value.is_some() {
+        // Jittered, so that entries filled together do not all expire together.
+        let ttl = gucs::jittered_ttl_s(if value.is_some() {
             def.ttl_s
         } else {
             def.negative_ttl_s
-        };
+        });
         let json = value.as_ref().map(|v| v.json.as_str());
         let mut invalidated_meanwhile = false;
         if let L2Miss::Absent { read, trust } = &l2 {

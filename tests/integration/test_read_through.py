@@ -306,3 +306,25 @@ def test_reading_a_cache_needs_an_explicit_grant(cluster, cache):
     cluster.sql(f"REVOKE EXECUTE ON FUNCTION {fn} FROM app_reader")
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         c.execute(f"SELECT twotier.get('{cache.name}', '1')")
+
+
+def test_ttls_are_jittered_so_entries_filled_together_expire_apart(cluster, make_cache):
+    """Fifty keys filled in one go: with twotier.ttl_jitter_pct (5 % by default) their TTLs
+    spread over the last 5 % of the cache TTL instead of all ending in the same second."""
+    cache = make_cache(rows=50, ttl="100 s")
+    r = cache.redis.client()
+    with cluster.connect() as c:
+        c.execute("SET twotier.l1_enabled = off")
+        for k in range(1, 51):
+            call(c, cache, str(k))
+    ttls = [r.ttl(cache.redis_key(str(k))) for k in range(1, 51)]
+    assert all(94 <= t <= 100 for t in ttls), ttls
+    assert max(ttls) - min(ttls) >= 2, f"every entry expires in the same second: {ttls}"
+    other = make_cache(rows=20, ttl="100 s")
+    with cluster.connect() as c:
+        c.execute("SET twotier.l1_enabled = off")
+        c.execute("SET twotier.ttl_jitter_pct = 0")
+        for k in range(1, 21):
+            call(c, other, str(k))
+    ttls = [r.ttl(other.redis_key(str(k))) for k in range(1, 21)]
+    assert max(ttls) - min(ttls) <= 1, "without jitter the TTLs are the cache's"

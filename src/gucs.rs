@@ -21,6 +21,7 @@ static L1_MAX_VALUE_KB: GucSetting<i32> = GucSetting::<i32>::new(64);
 static L1_MAX_AGE_S: GucSetting<i32> = GucSetting::<i32>::new(300);
 static L1_ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
 static TOMBSTONE_TTL_S: GucSetting<i32> = GucSetting::<i32>::new(30);
+static STAMPEDE_WAIT_MS: GucSetting<i32> = GucSetting::<i32>::new(200);
 static TTL_JITTER_PCT: GucSetting<i32> = GucSetting::<i32>::new(5);
 static FLUSH_ABOVE_KEYS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 static TEST_NO_OUTBOX: GucSetting<bool> = GucSetting::<bool>::new(false);
@@ -129,6 +130,17 @@ pub fn init() {
         86_400,
         GucContext::Sighup,
         GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"twotier.stampede_wait_ms",
+        c"How long a miss waits for another backend already running the same source query.",
+        c"Many sessions missing one key at once run its query once; after this wait (or if that \
+          backend ends without filling L1) each runs it itself. 0 turns the wait off.",
+        &STAMPEDE_WAIT_MS,
+        0,
+        60_000,
+        GucContext::Userset,
+        GucFlags::UNIT_MS,
     );
     GucRegistry::define_int_guc(
         c"twotier.ttl_jitter_pct",
@@ -319,4 +331,10 @@ pub fn jittered_ttl_s(ttl_s: i64) -> i64 {
         x
     });
     (ttl_s - (r % (span as u64 + 1)) as i64).max(1)
+}
+
+/// None when misses should not wait for one another.
+pub fn stampede_wait() -> Option<Duration> {
+    let ms = STAMPEDE_WAIT_MS.get();
+    (ms > 0).then(|| Duration::from_millis(ms as u64))
 }

@@ -75,6 +75,9 @@ pub struct L1Shared {
     /// its COMMIT no backend reads or fills L1 for the slot's keys, so there is no moment at
     /// which the new rows are visible while L1 still serves the old value.
     inflight: [std::sync::atomic::AtomicU32; GEN_SLOTS],
+    /// The backend (pid) running the source query for a key of this slot, if any: the other
+    /// backends missing the same key wait for its fill instead of running the query too.
+    fetching: [AtomicI32; GEN_SLOTS],
 }
 
 struct Layout {
@@ -480,6 +483,62 @@ pub fn fill(key: &str, hash: u64, seen_generation: u64, value: Option<&[u8]>, tt
     shared.live_entries.fetch_add(1, Ordering::Relaxed);
     shared.used_bytes.fetch_add(total as i64, Ordering::Relaxed);
     true
+}
+
+/// The right to run the source query for a key of one slot, released on drop (also when an
+/// ERROR unwinds through the fetch). A backend killed while holding it leaves its pid behind,
+/// which the next backend finds dead and takes over.
+pub struct FetchLease {
+    slot: usize,
+    pid: i32,
+}
+
+impl Drop for FetchLease {
+    fn drop(&mut self) {
+        if let Some(shared) = shared() {
+            let _ = shared.fetching[self.slot].compare_exchange(
+                self.pid,
+                0,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
+    }
+}
+
+fn process_alive(pid: i32) -> bool {
+    extern "C" {
+        fn kill(pid: i32, sig: i32) -> i32;
+    }
+    unsafe { kill(pid, 0) == 0 }
+}
+
+/// Takes the fetch lease of `hash`'s slot, or says who holds it (Err(pid)).
+pub fn begin_fetch(hash: u64) -> Result<FetchLease, i32> {
+    let Some(shared) = shared() else {
+        return Err(0);
+    };
+    let slot = gen_slot(hash);
+    let me = unsafe { pg_sys::MyProcPid };
+    loop {
+        match shared.fetching[slot].compare_exchange(0, me, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return Ok(FetchLease { slot, pid: me }),
+            Err(holder) if holder != me && !process_alive(holder) => {
+                let _ = shared.fetching[slot].compare_exchange(
+                    holder,
+                    0,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+            }
+            Err(holder) => return Err(holder),
+        }
+    }
+}
+
+/// Who holds the fetch lease of `hash`'s slot (0: nobody).
+pub fn fetch_holder(hash: u64) -> i32 {
+    shared().map_or(0, |s| s.fetching[gen_slot(hash)].load(Ordering::Acquire))
 }
 
 /// Whether a commit on this server is changing a key of `hash`'s slot right now.

@@ -231,8 +231,55 @@ impl<'a> Call<'a> {
     }
 
     /// The source, then the fills that the contract allows.
+    /// Another backend is running the source query for this key (or one of its slot): wait
+    /// for its L1 fill, a bounded time. `Some(answer)` when it came.
+    fn wait_for_fetch(&self, holder: i32, wait: std::time::Duration) -> Option<Option<Datum>> {
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            pgrx::check_for_interrupts!();
+            unsafe { pg_sys::pg_usleep(500) };
+            let answer = match l1::get(&self.tier_key, self.hash) {
+                Some(L1Value::Value(datum)) => Some(Some(datum)),
+                Some(L1Value::Negative) => Some(None),
+                None => None,
+            };
+            if let Some(answer) = answer {
+                self.def.stats.bump(Counter::StampedeWaits);
+                return Some(self.hit(
+                    Path::L1Hit,
+                    Counter::L1Hits,
+                    " (l1, after waiting for another fetch)",
+                    answer,
+                ));
+            }
+            if l1::fetch_holder(self.hash) != holder {
+                // That fetch ended without filling this key (another key of the slot, or a
+                // value it could not store): run the query here.
+                return None;
+            }
+        }
+        None
+    }
+
     fn try_source(&self, l2: L2Miss) -> Option<Datum> {
         let def = self.def;
+        // Stampede protection on this server: one backend runs the query for a key missing in
+        // many at once, the others wait for its fill. Only a fetch that will fill L1 leads.
+        let mut _lease = None;
+        if let (Some(wait), true) = (
+            gucs::stampede_wait(),
+            self.use_l1 && self.may_fill && !matches!(l2, L2Miss::InFlight),
+        ) {
+            match l1::begin_fetch(self.hash) {
+                Ok(lease) => _lease = Some(lease),
+                Err(holder) if holder != 0 => {
+                    if let Some(answer) = self.wait_for_fetch(holder, wait) {
+                        return answer;
+                    }
+                }
+                Err(_) => {}
+            }
+        }
         def.stats.bump(Counter::Misses);
         let value = source::fetch(def, self.key);
         if matches!(l2, L2Miss::InFlight) {

@@ -34,8 +34,10 @@ pub enum Counter {
     RedisErrors,
     /// Calls that left L2 alone because this server has invalidations not yet in Redis.
     L2Skips,
+    /// Misses answered by waiting for another backend's fetch of the same key.
+    StampedeWaits,
 }
-const COUNTERS: usize = 11;
+const COUNTERS: usize = 12;
 
 #[repr(C)]
 pub struct Latency {
@@ -240,6 +242,7 @@ fn _stats() -> TableIterator<
         name!(invalidations, i64),
         name!(redis_errors, i64),
         name!(l2_skips, i64),
+        name!(stampede_waits, i64),
         name!(l1_hit_mean_us, Option<f64>),
         name!(l1_hit_p99_us, Option<f64>),
         name!(l2_hit_mean_us, Option<f64>),
@@ -271,6 +274,7 @@ fn _stats() -> TableIterator<
             c(Counter::Invalidations),
             c(Counter::RedisErrors),
             c(Counter::L2Skips),
+            c(Counter::StampedeWaits),
             l1m,
             l1p,
             l2m,

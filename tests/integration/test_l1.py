@@ -214,3 +214,41 @@ def test_a_terminated_listener_comes_back_and_flushes():
     finally:
         pg.destroy()
         redis.destroy()
+
+
+def test_a_stampede_on_one_key_runs_the_query_once(cluster, make_cache):
+    """Six sessions miss the same key at the same moment; its query takes 0.3 s. One runs it,
+    the others wait for its L1 fill (twotier.stampede_wait_ms). With the wait off, all six
+    run it."""
+    def stampede(cache, wait_ms):
+        cluster.sql(f"ALTER TABLE {cache.name} ADD COLUMN slow float8 NOT NULL DEFAULT 0.3")
+        cluster.sql(f"""SELECT twotier.define('{cache.name}',
+             $q$SELECT jsonb_build_object('v', v, 'n', nextval('{cache.name}_fetches'), 'z', pg_sleep(slow)::text)
+                  FROM {cache.name} WHERE k = $1::int$q$, '5 min', ARRAY['{cache.name}(k)'])""")
+        barrier = threading.Barrier(6)
+        answers, errors = [], []
+
+        def reader():
+            try:
+                with cluster.connect() as c:
+                    c.execute(f"SET twotier.stampede_wait_ms = {wait_ms}")
+                    barrier.wait()
+                    answers.append(c.execute(f"SELECT cached_{cache.name}('1')->>'v'").fetchone()[0])
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=reader) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not errors, errors
+        assert answers == ["v1"] * 6
+        return cache.fetches()
+
+    protected = stampede(make_cache(), 2000)
+    unprotected = stampede(make_cache(), 0)
+    print(f"source queries for one key missed by 6 sessions at once: {protected} with the wait, "
+          f"{unprotected} without")
+    assert protected <= 2, f"{protected} source queries for one key"
+    assert unprotected >= 4, "without the wait every session runs the query (the test's premise)"

@@ -305,6 +305,32 @@ class Bench:
         print(f"  invalidate_pattern('kv', '*') over {size} keys: {n} keys in {pattern_s * 1000:.0f} ms;"
               f" flush: {flush_s * 1000:.1f} ms", flush=True)
 
+    # -- a hot key expiring under load ---------------------------------------------------
+    def stampede(self):
+        """One hot key with a 1 s TTL and a 20 ms query, read by 8 clients at once: every
+        second the key expires and every client misses together. With the stampede wait one
+        of them runs the query and the others take its L1 fill; without it (stampede_wait_ms
+        = 0) each runs it. Counted from the query's own sequence."""
+        print("\n== a hot key expiring every second under 8 clients (stampede protection)", flush=True)
+        self.sql("CREATE TABLE hot (k int PRIMARY KEY, v text)")
+        self.sql("INSERT INTO hot VALUES (1, 'hot')")
+        self.sql("CREATE SEQUENCE hot_fetches")
+        self.sql("SELECT twotier.define('hot', $q$SELECT jsonb_build_object('v', v, 'n', nextval('hot_fetches'),"
+                 " 'z', pg_sleep(0.02)::text) FROM hot WHERE k = $1::int$q$, '1 second', ARRAY['hot(k)'])")
+        script = self.script("hot", "SELECT cached_hot('1');\n")
+        clients, duration = 8, (3 if self.quick else 10)
+        out = {}
+        for label, options in (("with the stampede wait", ""), ("without (stampede_wait_ms = 0)",
+                                                                "-c twotier.stampede_wait_ms=0")):
+            (before,), = self.sql("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM hot_fetches")[0:1]
+            r = self.pgbench([script], clients, duration=duration, options=options)
+            (after,), = self.sql("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM hot_fetches")[0:1]
+            per_s = (after - before) / duration
+            out[label] = per_s
+            self.record("stampede", f"hot key, TTL 1 s, {label}", clients, r,
+                        json.dumps({"source_queries": after - before, "per_second": round(per_s, 2)}))
+        self.stampede_result = out
+
     # -- what it costs a writer ----------------------------------------------------------
     WRITER_ROWS = 10_000
 
@@ -612,6 +638,9 @@ class Bench:
         scale = getattr(self, "scale", [])
         verdict(f"L1 hit latency at {scale[-1][0] if scale else '?'} keys / at {scale[0][0] if scale else '?'} keys <= 1.2",
                 scale and scale[-1][1] / scale[0][1], 1.2)
+        st = getattr(self, "stampede_result", {})
+        verdict("hot key expiring every second under 8 clients: source queries per second with the"
+                " stampede wait <= 1.5", st.get("with the stampede wait"), 1.5)
         # What it costs a writer. A measurement that did not run (or a build without the
         # outbox or the setting) shows as NOT RUN rather than failing the others.
         wr = getattr(self, "writer_result", {})
@@ -798,6 +827,7 @@ def main():
         b.paths()
         b.mixed()
         b.scaling()
+        b.stampede()
         b.writer()
         b.instructions()
         b.targets()

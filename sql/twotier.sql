@@ -59,6 +59,18 @@ LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
                     (extract(epoch FROM clock_timestamp()) * 1000)::bigint)
 $$;
 
+-- Moves `cache` to a new key version when this transaction commits: flush, TRUNCATE, an
+-- ALTER TABLE no trigger sees, a bulk change. Under the cache's lock, which writers take to
+-- resolve their keys' version at PRE_COMMIT.
+CREATE FUNCTION twotier._new_version(cache text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM twotier._lock_cache(cache);
+    UPDATE twotier.caches SET version = twotier._next_version(version), updated_at = now() WHERE name = cache;
+    PERFORM twotier._catalog_changed();
+END
+$$;
+
 -- Whether the current (outer) user may administer a cache owned by `owner`.
 CREATE FUNCTION twotier._may_administer(caller oid, owner oid) RETURNS boolean
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
@@ -288,9 +300,7 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege', HINT = 'Only its owner or a member of twotier_admin can flush it.';
     END IF;
     -- O(1): readers move to new keys once this commits; the old ones expire on their TTL.
-    PERFORM twotier._lock_cache(cache);
-    UPDATE twotier.caches SET version = twotier._next_version(version), updated_at = now() WHERE name = cache;
-    PERFORM twotier._catalog_changed();
+    PERFORM twotier._new_version(cache);
 END
 $$;
 COMMENT ON FUNCTION twotier.flush(text) IS 'Empty a cache in O(1) by moving it to a new key version, effective at commit.';
@@ -365,10 +375,7 @@ BEGIN
               WHERE d.command_tag = 'ALTER TABLE' AND d.object_type = 'table'
                 AND tg.tgfoid = 'twotier._trigger()'::regprocedure LOOP
         IF EXISTS (SELECT FROM twotier.caches WHERE name = t.cache) THEN
-            PERFORM twotier._lock_cache(t.cache);
-            UPDATE twotier.caches SET version = twotier._next_version(version), updated_at = now()
-             WHERE name = t.cache;
-            PERFORM twotier._catalog_changed();
+            PERFORM twotier._new_version(t.cache);
         END IF;
     END LOOP;
 END
@@ -380,6 +387,7 @@ ALTER EVENT TRIGGER twotier_partitions ENABLE ALWAYS;
 
 -- Internal: only define(), drop() and flush() (running as the extension's owner) call these.
 REVOKE ALL ON FUNCTION twotier._lock_cache(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION twotier._new_version(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION twotier._catalog_changed() FROM PUBLIC;
 REVOKE ALL ON FUNCTION twotier._check_query(text, oid, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION twotier._check_watch_expression(oid, text, oid, text) FROM PUBLIC;

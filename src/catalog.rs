@@ -224,26 +224,19 @@ pub fn truncated(name: &str) {
 }
 
 /// Flushes cache `name` when this transaction commits (TRUNCATE, or a bulk change at
-/// PRE_COMMIT): a new key version, under the cache's lock.
+/// PRE_COMMIT): `twotier._new_version`, as the bootstrap superuser.
 pub fn move_to_new_version(name: &str) {
-    cache_lock(name, pg_sys::ExclusiveLock);
+    // PRE_COMMIT runs after the last statement's snapshot is gone; SPI needs one.
     unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
-    let updated = crate::source::as_owner(
+    let moved = crate::source::as_owner(
         Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
         c"pg_catalog, pg_temp",
-        || {
-            Spi::run_with_args(
-                "UPDATE twotier.caches SET version = twotier._next_version(version), updated_at = pg_catalog.now()
-                  WHERE name = $1",
-                &[name.into()],
-            )
-        },
+        || Spi::run_with_args("SELECT twotier._new_version($1)", &[name.into()]),
     );
     unsafe { pg_sys::PopActiveSnapshot() };
-    updated.unwrap_or_else(|e| {
+    moved.unwrap_or_else(|e| {
         pgrx::error!("twotier: moving cache {name} to a new version failed: {e}")
     });
-    _catalog_changed();
 }
 
 /// Raises an ERROR unless the current role may execute the cache's function: reading a

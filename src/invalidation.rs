@@ -120,26 +120,29 @@ fn announce() {
     }
     // Locks in one order, so that two writers never wait on each other in a cycle.
     pending.sort_by(|a, b| a.0.cmp(&b.0));
-    let bulk = |keys: &[String]| gucs::flush_above_keys().is_some_and(|max| keys.len() > max);
+    let max_keys = gucs::flush_above_keys();
     // Versions are read under the caches' locks, which flush, TRUNCATE and define take
     // exclusively: none of them can commit between this read and this commit. A bulk change
     // takes it exclusively itself, and moves the cache to a new version: O(1) in Redis.
+    let mut batch: Vec<(String, i64)> = Vec::new();
+    let mut flushed = Vec::with_capacity(pending.len());
     for (name, raw_keys) in &pending {
-        if bulk(raw_keys) && catalog::lookup_fresh(name).is_some() {
+        let bulk = max_keys.is_some_and(|max| raw_keys.len() > max)
+            && catalog::lookup_fresh(name).is_some();
+        if bulk {
             catalog::move_to_new_version(name);
         } else {
             catalog::lock_for_invalidation(name);
         }
+        flushed.push(bulk);
     }
     catalog::accept_invalidations();
-    let mut batch: Vec<(String, i64)> = Vec::new();
     let mut resolved = Vec::new();
-    for (name, raw_keys) in pending {
+    for ((name, raw_keys), flushed) in pending.into_iter().zip(flushed) {
         // A cache dropped meanwhile has nothing left to invalidate; its triggers are gone.
         let Some(def) = catalog::lookup_fresh(&name) else {
             continue;
         };
-        let flushed = bulk(&raw_keys);
         if !flushed {
             for k in &raw_keys {
                 batch.push((keys::full_key(&def.key_prefix, k), def.ttl_s));
@@ -152,19 +155,19 @@ fn announce() {
             flushed,
         });
     }
+    let stats: Vec<&'static CacheStats> = resolved.iter().map(|r| r.stats).collect();
+    RESOLVED.with(|r| *r.borrow_mut() = resolved);
     if batch.is_empty() {
-        RESOLVED.with(|r| *r.borrow_mut() = resolved);
         return;
     }
     for (key, _) in &batch {
         l1::begin_invalidation(key);
     }
     ANNOUNCED.with(|a| *a.borrow_mut() = batch.clone());
-    let marked = l2_redis::mark_in_flight(&batch);
-    if let Err(e) = &marked {
+    if let Err(e) = l2_redis::mark_in_flight(&batch) {
         if e.is_fault() {
-            for r in &resolved {
-                r.stats.bump(Counter::RedisErrors);
+            for s in &stats {
+                s.bump(Counter::RedisErrors);
             }
         }
         let no_redis_anywhere = matches!(e, L2Error::Off) && !gucs::server_has_redis();
@@ -172,7 +175,6 @@ fn announce() {
             outbox::record(&batch);
         }
     }
-    RESOLVED.with(|r| *r.borrow_mut() = resolved);
 }
 
 fn deliver(resolved: &[Resolved], announced: &[(String, i64)]) {

@@ -234,14 +234,19 @@ impl Link {
         }
     }
 
-    /// Sends `cmds` in one write and reads one reply each. A server error (OOM, READONLY)
-    /// is returned after every reply has been read, so the stream stays usable.
-    fn exchange(&mut self, cmds: &[redis::Cmd]) -> redis::RedisResult<Vec<redis::Value>> {
+    /// Sends `cmds` in one write, without reading their replies.
+    fn send(&mut self, cmds: &[redis::Cmd]) -> redis::RedisResult<()> {
         let mut packed = Vec::new();
         for c in cmds {
             c.write_packed_command(&mut packed);
         }
-        self.con.send_packed_command(&packed)?;
+        self.con.send_packed_command(&packed)
+    }
+
+    /// Sends `cmds` in one write and reads one reply each. A server error (OOM, READONLY)
+    /// is returned after every reply has been read, so the stream stays usable.
+    fn exchange(&mut self, cmds: &[redis::Cmd]) -> redis::RedisResult<Vec<redis::Value>> {
+        self.send(cmds)?;
         self.receive(cmds.len())
     }
 
@@ -324,8 +329,7 @@ fn tombstone_value(state: &mut State) -> String {
     )
 }
 
-/// `SET key value EX ttl` for each key: how tombstones and in-flight markers are written,
-/// each expiring like the entry it replaces.
+/// `SET key value EX ttl` for each key: how tombstones and in-flight markers are written.
 fn sets<'a>(keys: impl IntoIterator<Item = (&'a str, i64)>, value: &str) -> Vec<redis::Cmd> {
     keys.into_iter()
         .map(|(key, ttl)| {
@@ -345,14 +349,17 @@ fn invalidation_cmds(ctx: &Ctx, chunk: &[(String, i64)], commit_lsn: u64) -> Vec
         l2.iter().map(|k| (k.as_str(), gucs::tombstone_ttl_s())),
         ctx.tombstone,
     );
-    // Every server sharing this Redis drops the keys from its L1.
     let names: Vec<&str> = chunk.iter().map(|(k, _)| k.as_str()).collect();
-    let mut publish = redis::cmd("PUBLISH");
-    publish
-        .arg(crate::worker::channel())
-        .arg(crate::worker::message(commit_lsn, &names));
-    cmds.push(publish);
+    cmds.push(publish(&names, commit_lsn));
     cmds
+}
+
+/// The channel message by which every server sharing this Redis drops `tier_keys` from its L1.
+fn publish(tier_keys: &[&str], commit_lsn: u64) -> redis::Cmd {
+    let mut c = redis::cmd("PUBLISH");
+    c.arg(crate::worker::channel())
+        .arg(crate::worker::message(commit_lsn, tier_keys));
+    c
 }
 
 fn deliver(
@@ -435,7 +442,7 @@ fn with_connection_inner<T>(
             if *unread_replies > 0 {
                 let n = std::mem::take(unread_replies);
                 result = match con.receive(n) {
-                    Err(e) if is_connection_error(Some(&e)) => Err(e),
+                    Err(e) if is_connection_error(&e) => Err(e),
                     _ => Ok(()),
                 };
             }
@@ -473,8 +480,7 @@ fn with_connection_inner<T>(
                     retries += 1;
                 }
                 Err(e) => {
-                    let connection_lost =
-                        e.is_io_error() || e.is_unrecoverable_error() || e.is_timeout();
+                    let connection_lost = is_connection_error(&e);
                     return Err(fail(
                         &mut state,
                         &url_text,
@@ -487,13 +493,14 @@ fn with_connection_inner<T>(
     })
 }
 
+/// Whether the connection itself failed (rather than one command on it).
+fn is_connection_error(e: &redis::RedisError) -> bool {
+    e.is_io_error() || e.is_unrecoverable_error() || e.is_timeout()
+}
+
 /// A read with a timeout is not restarted after a signal handler runs (PostgreSQL signals
 /// backends for cache invalidation and latches all the time): EINTR is not a Redis fault. The
 /// reply may be half read, so the operation is retried on a fresh connection.
-fn is_connection_error(e: Option<&redis::RedisError>) -> bool {
-    e.is_some_and(|e| e.is_io_error() || e.is_unrecoverable_error() || e.is_timeout())
-}
-
 pub fn interrupted(e: &redis::RedisError) -> bool {
     std::error::Error::source(e)
         .and_then(|s| s.downcast_ref::<std::io::Error>())
@@ -627,12 +634,8 @@ pub fn invalidate_async(keys: &[(String, i64)], commit_lsn: u64) -> Result<(), L
     let sent = with_connection(|con, ctx| {
         let mut commands = 0;
         for chunk in keys.chunks(1000) {
-            let mut packed = Vec::new();
             let cmds = invalidation_cmds(ctx, chunk, commit_lsn);
-            for c in &cmds {
-                c.write_packed_command(&mut packed);
-            }
-            con.con.send_packed_command(&packed)?;
+            con.send(&cmds)?;
             commands += cmds.len();
         }
         Ok(commands)
@@ -659,10 +662,10 @@ pub fn mark_in_flight(keys: &[(String, i64)]) -> Result<(), L2Error> {
     }
     with_connection(|con, ctx| {
         let marker = ctx.tombstone.replacen("!inval:", "!inflight:", 1);
+        // A marker whose tombstone never comes must still outlive every fill that could race
+        // it (tombstone_ttl_s), even for a cache whose TTL is shorter.
+        let ttl_floor = gucs::tombstone_ttl_s();
         for chunk in keys.chunks(1000) {
-            // A marker whose tombstone never comes must still outlive every fill that could
-            // race it (tombstone_ttl_s), even for a cache whose TTL is shorter.
-            let ttl_floor = gucs::tombstone_ttl_s();
             let l2: Vec<(String, i64)> = chunk
                 .iter()
                 .map(|(k, t)| (ctx.key(k), (*t).max(ttl_floor)))
@@ -710,11 +713,7 @@ pub fn invalidate_matching(pattern: &str, keep: impl Fn(&str) -> bool) -> Result
                     ctx.tombstone,
                 ));
                 let names: Vec<&str> = matched.iter().map(|(_, t)| t.as_str()).collect();
-                let mut publish = redis::cmd("PUBLISH");
-                publish
-                    .arg(crate::worker::channel())
-                    .arg(crate::worker::message(0, &names));
-                cmds.push(publish);
+                cmds.push(publish(&names, 0));
                 let replies = con.exchange(&cmds)?;
                 live += replies
                     .into_iter()

@@ -123,34 +123,34 @@ fn worker_running(st: &DbState) -> bool {
     st.worker_pid.load(SeqCst) != 0
 }
 
+/// The state's sequence number if nothing is undelivered: no outbox writer in progress and
+/// every outbox write seen delivered.
+fn clean_seq(st: &DbState) -> Option<u64> {
+    let seq = st.dirty_seq.load(SeqCst);
+    (st.pending.load(SeqCst) == 0 && st.clean_seq.load(SeqCst) == seq).then_some(seq)
+}
+
 /// Whether this backend may read and fill L2 now; the sequence number to pass to
 /// [`still_trusted`] before a fill.
 pub fn l2_trust() -> Option<u64> {
     let st = my_state()?;
-    let seq = st.dirty_seq.load(SeqCst);
-    let trusted = st.pending.load(SeqCst) == 0 && st.clean_seq.load(SeqCst) == seq;
     // A standby learns of new outbox rows only from its worker's polling.
     let watched = !in_recovery() || worker_running(st);
-    if trusted && watched {
+    if let (Some(seq), true) = (clean_seq(st), watched) {
         return Some(seq);
     }
     if !watched {
         ensure_worker(st);
     }
-    if !trusted {
+    if clean_seq(st).is_none() {
         verify(st);
     }
-    let seq = st.dirty_seq.load(SeqCst);
-    (st.pending.load(SeqCst) == 0 && st.clean_seq.load(SeqCst) == seq && watched).then_some(seq)
+    clean_seq(st).filter(|_| watched)
 }
 
 /// A fill may follow a read made under `seq` only if nothing was put in the outbox since.
 pub fn still_trusted(seq: u64) -> bool {
-    my_state().is_some_and(|st| {
-        st.pending.load(SeqCst) == 0
-            && st.dirty_seq.load(SeqCst) == seq
-            && st.clean_seq.load(SeqCst) == seq
-    })
+    my_state().and_then(clean_seq) == Some(seq)
 }
 
 /// Checks the table itself, at most every `VERIFY_EVERY` per backend: after a server start,
@@ -182,11 +182,9 @@ fn verify(st: &DbState) {
 /// matters), read with the latest snapshot as the extension's owner. None without the table.
 fn backlog(all: bool) -> Option<i64> {
     let exists = unsafe {
-        pg_sys::get_namespace_oid(c"twotier".as_ptr(), true) != Oid::INVALID
-            && pg_sys::get_relname_relid(
-                c"outbox".as_ptr(),
-                pg_sys::get_namespace_oid(c"twotier".as_ptr(), true),
-            ) != Oid::INVALID
+        let schema = pg_sys::get_namespace_oid(c"twotier".as_ptr(), true);
+        schema != Oid::INVALID
+            && pg_sys::get_relname_relid(c"outbox".as_ptr(), schema) != Oid::INVALID
     };
     if !exists {
         return None;
@@ -334,8 +332,7 @@ pub fn status() -> serde_json::Value {
         });
     };
     let pid = st.worker_pid.load(SeqCst);
-    let seq = st.dirty_seq.load(SeqCst);
-    let trusted = st.pending.load(SeqCst) == 0 && st.clean_seq.load(SeqCst) == seq;
+    let trusted = clean_seq(st).is_some();
     let last = st.last_delivery_ms.load(SeqCst);
     serde_json::json!({
         "available": true,

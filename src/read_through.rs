@@ -166,13 +166,24 @@ impl<'a> Call<'a> {
         if !self.use_l1 {
             return None;
         }
+        self.l1_answer("")
+    }
+
+    /// What L1 holds for the key, counted and logged as a hit (`how` is added to the log).
+    fn l1_answer(&self, how: &str) -> Option<Option<Datum>> {
         match l1::get(&self.tier_key, self.hash)? {
-            L1Value::Value(datum) => {
-                Some(self.hit(Path::L1Hit, Counter::L1Hits, " (l1)", Some(datum)))
-            }
-            L1Value::Negative => {
-                Some(self.hit(Path::L1Hit, Counter::NegativeHits, " (l1, no row)", None))
-            }
+            L1Value::Value(datum) => Some(self.hit(
+                Path::L1Hit,
+                Counter::L1Hits,
+                &format!(" (l1{how})"),
+                Some(datum),
+            )),
+            L1Value::Negative => Some(self.hit(
+                Path::L1Hit,
+                Counter::NegativeHits,
+                &format!(" (l1, no row{how})"),
+                None,
+            )),
         }
     }
 
@@ -230,7 +241,6 @@ impl<'a> Call<'a> {
         }
     }
 
-    /// The source, then the fills that the contract allows.
     /// Another backend is running the source query for this key (or one of its slot): wait
     /// for its L1 fill, a bounded time. `Some(answer)` when it came.
     fn wait_for_fetch(&self, holder: i32, wait: std::time::Duration) -> Option<Option<Datum>> {
@@ -238,19 +248,9 @@ impl<'a> Call<'a> {
         while Instant::now() < deadline {
             pgrx::check_for_interrupts!();
             unsafe { pg_sys::pg_usleep(500) };
-            let answer = match l1::get(&self.tier_key, self.hash) {
-                Some(L1Value::Value(datum)) => Some(Some(datum)),
-                Some(L1Value::Negative) => Some(None),
-                None => None,
-            };
-            if let Some(answer) = answer {
+            if let Some(answer) = self.l1_answer(", after waiting for another fetch") {
                 self.def.stats.bump(Counter::StampedeWaits);
-                return Some(self.hit(
-                    Path::L1Hit,
-                    Counter::L1Hits,
-                    " (l1, after waiting for another fetch)",
-                    answer,
-                ));
+                return Some(answer);
             }
             if l1::fetch_holder(self.hash) != holder {
                 // That fetch ended without filling this key (another key of the slot, or a
@@ -261,25 +261,25 @@ impl<'a> Call<'a> {
         None
     }
 
+    /// The source, then the fills that the contract allows.
     fn try_source(&self, l2: L2Miss) -> Option<Datum> {
         let def = self.def;
         // Stampede protection on this server: one backend runs the query for a key missing in
         // many at once, the others wait for its fill. Only a fetch that will fill L1 leads.
-        let mut _lease = None;
-        if let (Some(wait), true) = (
-            gucs::stampede_wait(),
-            self.use_l1 && self.may_fill && !matches!(l2, L2Miss::InFlight),
-        ) {
-            match l1::begin_fetch(self.hash) {
-                Ok(lease) => _lease = Some(lease),
-                Err(holder) if holder != 0 => {
+        let leads = self.use_l1 && self.may_fill && !matches!(l2, L2Miss::InFlight);
+        let _lease = match gucs::stampede_wait().filter(|_| leads) {
+            None => None,
+            Some(wait) => match l1::begin_fetch(self.hash) {
+                Ok(lease) => Some(lease),
+                Err(0) => None,
+                Err(holder) => {
                     if let Some(answer) = self.wait_for_fetch(holder, wait) {
                         return answer;
                     }
+                    None
                 }
-                Err(_) => {}
-            }
-        }
+            },
+        };
         def.stats.bump(Counter::Misses);
         let value = source::fetch(def, self.key);
         if matches!(l2, L2Miss::InFlight) {

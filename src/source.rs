@@ -20,6 +20,29 @@ pub struct SourceValue {
     pub json: String,
 }
 
+/// Runs `f` with `settings` in force, as a function's SET clause would set them; the previous
+/// values come back after it (and on ERROR, with the (sub)transaction's abort).
+pub fn with_settings<R>(settings: &[(&CStr, &CStr)], f: impl FnOnce() -> R) -> R {
+    unsafe {
+        let nest = pg_sys::NewGUCNestLevel();
+        for (name, value) in settings {
+            pg_sys::set_config_option(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SAVE,
+                true,
+                0,
+                false,
+            );
+        }
+        let result = f();
+        pg_sys::AtEOXact_GUC(true, nest);
+        result
+    }
+}
+
 /// Runs `f` as `owner` with `search_path`, the way a SECURITY DEFINER function with a SET
 /// clause would. On ERROR the (sub)transaction abort restores user and GUC state.
 pub fn as_owner<R>(owner: Oid, search_path: &CStr, f: impl FnOnce() -> R) -> R {
@@ -27,23 +50,11 @@ pub fn as_owner<R>(owner: Oid, search_path: &CStr, f: impl FnOnce() -> R) -> R {
         let mut saved_user = Oid::INVALID;
         let mut saved_sec = 0;
         pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_sec);
-        let nest = pg_sys::NewGUCNestLevel();
         pg_sys::SetUserIdAndSecContext(
             owner,
             saved_sec | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
         );
-        pg_sys::set_config_option(
-            c"search_path".as_ptr(),
-            search_path.as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            0,
-            false,
-        );
-        let result = f();
-        pg_sys::AtEOXact_GUC(true, nest);
+        let result = with_settings(&[(c"search_path", search_path)], f);
         pg_sys::SetUserIdAndSecContext(saved_user, saved_sec);
         result
     }

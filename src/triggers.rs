@@ -95,24 +95,7 @@ pub fn with_pinned_output<R>(f: impl FnOnce() -> R) -> R {
         (c"extra_float_digits", c"1"),
         (c"bytea_output", c"hex"),
     ];
-    unsafe {
-        let nest = pg_sys::NewGUCNestLevel();
-        for (name, value) in PINNED {
-            pg_sys::set_config_option(
-                name.as_ptr(),
-                value.as_ptr(),
-                pg_sys::GucContext::PGC_USERSET,
-                pg_sys::GucSource::PGC_S_SESSION,
-                pg_sys::GucAction::GUC_ACTION_SAVE,
-                true,
-                0,
-                false,
-            );
-        }
-        let result = f();
-        pg_sys::AtEOXact_GUC(true, nest);
-        result
-    }
+    source::with_settings(&PINNED, f)
 }
 
 unsafe fn trigger_args(trigger: *const pg_sys::Trigger) -> Vec<String> {

@@ -39,6 +39,15 @@ def wait_for(predicate, timeout: float = 5.0, step: float = 0.05) -> bool:
     return predicate()
 
 
+def simple_cache(pg, name: str, rows: int = 1) -> None:
+    """Table `name` (k int, v text) with rows k = 1..rows, v = 'v' || k, and cache `name`
+    returning {"v": v}, watching it. No sequence in the query: a standby cannot run nextval()."""
+    pg.sql(f"CREATE TABLE {name}(k int PRIMARY KEY, v text)")
+    pg.sql(f"INSERT INTO {name} SELECT g, 'v' || g FROM generate_series(1, {rows}) g")
+    pg.sql(f"""SELECT twotier.define('{name}', $q$SELECT jsonb_build_object('v', v) FROM {name}
+                                      WHERE k = $1::int$q$, '5 min', ARRAY['{name}(k)'])""")
+
+
 @pytest.fixture(scope="session")
 def redis_server():
     r = RedisServer().start()

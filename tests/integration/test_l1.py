@@ -7,7 +7,7 @@ import time
 import pytest
 
 from servers import PgCluster, RedisServer
-from conftest import wait_for  # noqa: E402
+from conftest import simple_cache, wait_for  # noqa: E402
 
 
 def call(conn, cache, key):
@@ -116,11 +116,7 @@ def test_invalidation_reaches_the_l1_of_a_replica():
     primary = PgCluster(name="primary", settings=settings).start()
     try:
         primary.sql("CREATE EXTENSION twotier")
-        # No sequence in this query: a standby cannot run nextval().
-        primary.sql("CREATE TABLE rep(k int PRIMARY KEY, v text)")
-        primary.sql("INSERT INTO rep VALUES (1, 'v1')")
-        primary.sql("""SELECT twotier.define('rep', $q$SELECT jsonb_build_object('v', v) FROM rep
-                                                   WHERE k = $1::int$q$, '5 min', ARRAY['rep(k)'])""")
+        simple_cache(primary, "rep")
         cache = type("C", (), {"name": "rep"})
         replica = primary.replica()
         replica.start()
@@ -158,10 +154,7 @@ def _listener_stack(name):
     pg = PgCluster(name=name, settings={"twotier.redis_url": redis.url, "twotier.read_timeout_ms": 100,
                                         "twotier.connect_timeout_ms": 100, "twotier.retry_interval_ms": 200}).start()
     pg.sql("CREATE EXTENSION twotier")
-    pg.sql("CREATE TABLE ls(k int PRIMARY KEY, v text)")
-    pg.sql("INSERT INTO ls VALUES (1, 'v1')")
-    pg.sql("""SELECT twotier.define('ls', $q$SELECT jsonb_build_object('v', v) FROM ls WHERE k = $1::int$q$,
-                                     '5 min', ARRAY['ls(k)'])""")
+    simple_cache(pg, "ls")
     return redis, pg
 
 

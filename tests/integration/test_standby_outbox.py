@@ -3,7 +3,7 @@ point 2): while an invalidation is undelivered it neither reads L2 nor keeps the
 within the bound docs/design.md states (the standby's worker polls every 100 ms)."""
 import time
 
-from conftest import wait_for
+from conftest import simple_cache, wait_for
 from servers import PgCluster, RedisServer
 
 # The stated bound is 100 ms of polling after replay; replay itself and a loaded 2-core CI
@@ -28,10 +28,7 @@ def test_a_standby_stops_using_l2_and_its_l1_for_undelivered_keys():
     replica = None
     try:
         primary.sql("CREATE EXTENSION twotier")
-        primary.sql("CREATE TABLE sb(k int PRIMARY KEY, v text)")
-        primary.sql("INSERT INTO sb SELECT g, 'v' || g FROM generate_series(1, 3) g")
-        primary.sql("""SELECT twotier.define('sb', $q$SELECT jsonb_build_object('v', v) FROM sb
-                                                  WHERE k = $1::int$q$, '5 min', ARRAY['sb(k)'])""")
+        simple_cache(primary, "sb", rows=3)
         replica = primary.replica()
         replica.start()
         p, r = primary.connect(), replica.connect()

@@ -20,6 +20,9 @@ CREATE TABLE twotier.caches (
     ttl interval NOT NULL CHECK (ttl >= interval '1 second'),
     negative_ttl interval CHECK (negative_ttl >= interval '1 second'),
     watch text[] NOT NULL DEFAULT '{}',
+    -- What the answer depends on besides the key ('role', setting names): part of every key,
+    -- and the query runs as the caller. Empty: one answer per key, computed as the owner.
+    vary_by text[] NOT NULL DEFAULT '{}',
     -- Part of every Redis key: bumping it is an O(1) flush, and because it is a clock reading
     -- (strictly increasing) a dropped-and-recreated cache never meets its predecessor's keys.
     version bigint NOT NULL,
@@ -89,7 +92,7 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
        AND (string_to_array(encode(t.tgargs, 'escape'), '\000'))[1] = name
 $$;
 
-CREATE FUNCTION twotier._drop_objects(c twotier.caches) RETURNS void
+CREATE FUNCTION twotier._drop_objects(c twotier.caches, drop_function boolean DEFAULT true) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
 DECLARE
     f regprocedure;
@@ -102,62 +105,126 @@ BEGIN
         -- CASCADE takes the triggers that call it; nothing else depends on these functions.
         EXECUTE format('DROP FUNCTION IF EXISTS %s CASCADE', f);
     END LOOP;
-    IF to_regprocedure(c.function::text) IS NOT NULL THEN
+    IF drop_function AND to_regprocedure(c.function::text) IS NOT NULL THEN
         EXECUTE format('DROP FUNCTION %s', c.function);
     END IF;
 END
 $$;
 
+-- The table a watch entry names, resolved without any cast under a caller's search_path:
+-- parse_ident splits the name, and an unqualified one is looked up in `schemas` (the caller's
+-- search_path as define() saw it), in order. NULL if there is no such table.
+CREATE FUNCTION twotier._resolve_table(name text, schemas name[]) RETURNS oid
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    parts text[];
+    found oid;
+BEGIN
+    BEGIN
+        parts := parse_ident(name);
+    EXCEPTION WHEN OTHERS THEN
+        RETURN NULL;
+    END;
+    IF array_length(parts, 1) = 2 THEN
+        SELECT c.oid INTO found FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = parts[1] AND c.relname = parts[2];
+        RETURN found;
+    ELSIF array_length(parts, 1) = 1 THEN
+        SELECT c.oid INTO found
+          FROM unnest(schemas) WITH ORDINALITY AS s(nspname, pos)
+          JOIN pg_namespace n ON n.nspname = s.nspname
+          JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = parts[1]
+         ORDER BY s.pos LIMIT 1;
+        RETURN found;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- define()'s work, as the extension's owner. Everything the caller named is resolved here
+-- under this function's own pinned search_path (catalog lookups, never casts under the
+-- caller's path), and everything that parses the caller's SQL does so as the cache's owner.
 CREATE FUNCTION twotier._define(
-    name text, query text, ttl interval, watch text[], negative_ttl interval, caller_search_path text
+    name text, query text, ttl interval, watch text[], negative_ttl interval, vary_by text[],
+    caller_schemas name[]
 ) RETURNS regprocedure
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $define$
 DECLARE
     caller oid := twotier._outer_user();
+    owner_oid oid;
+    pinned_path text;
     old twotier.caches;
     entry text;
     parts text[];
-    tbl regclass;
+    tbl oid;
     expr text;
     fn regprocedure;
-    trig_fns regprocedure[] := '{}';
-    trig_fn text;
     i int := 0;
-    parsed text[] := '{}';
+    tables oid[] := '{}';
+    exprs text[] := '{}';
+    entries text[] := '{}';
     reads oid[];
     rls_tables text;
     unwatched text;
+    v text;
 BEGIN
     IF name IS NULL OR name !~ '^[a-z_][a-z0-9_]*$' OR length(name) > 48 THEN
         RAISE EXCEPTION 'twotier: invalid cache name %', coalesce(quote_literal(name), 'NULL')
             USING ERRCODE = 'invalid_name',
                   HINT = 'Use 1 to 48 lowercase letters, digits and underscores, starting with a letter or underscore.';
     END IF;
-    IF query IS NULL OR ttl IS NULL OR ttl < interval '1 second' THEN
-        RAISE EXCEPTION 'twotier: cache % needs a query and a ttl of at least 1 second', name
+    IF query IS NULL OR ttl IS NULL OR ttl < interval '1 second' OR ttl > interval '365 days' THEN
+        RAISE EXCEPTION 'twotier: cache % needs a query and a ttl between 1 second and 365 days', name
             USING ERRCODE = 'invalid_parameter_value', HINT = 'For example ttl => interval ''5 minutes''.';
     END IF;
-    IF negative_ttl IS NOT NULL AND negative_ttl < interval '1 second' THEN
-        RAISE EXCEPTION 'twotier: negative_ttl of cache % must be at least 1 second', name
+    IF negative_ttl IS NOT NULL AND (negative_ttl < interval '1 second' OR negative_ttl > interval '365 days') THEN
+        RAISE EXCEPTION 'twotier: negative_ttl of cache % must be between 1 second and 365 days', name
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    FOREACH v IN ARRAY coalesce(vary_by, '{}') LOOP
+        IF v IS NULL OR (v <> 'role' AND v !~ '^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)+$') THEN
+            RAISE EXCEPTION 'twotier: vary_by entry % is neither ''role'' nor a setting name', coalesce(quote_literal(v), 'NULL')
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'For example vary_by => ARRAY[''role'', ''request.jwt.claims''].';
+        END IF;
+    END LOOP;
+
     SELECT * INTO old FROM twotier.caches c WHERE c.name = _define.name FOR UPDATE;
-    IF FOUND AND NOT twotier._may_administer(caller, old.owner) THEN
-        RAISE EXCEPTION 'twotier: cache % belongs to %', name, old.owner
-            USING ERRCODE = 'insufficient_privilege', HINT = 'Only its owner or a member of twotier_admin can redefine it.';
+    IF FOUND THEN
+        -- The query will run as the cache's owner: only a role holding the owner's rights (or
+        -- a superuser) may change what runs. twotier_admin alone may drop it, not redefine it.
+        IF NOT (pg_has_role(caller, old.owner, 'USAGE') OR (SELECT rolsuper FROM pg_roles WHERE oid = caller)) THEN
+            RAISE EXCEPTION 'twotier: cache % belongs to %', name, old.owner
+                USING ERRCODE = 'insufficient_privilege',
+                      HINT = 'Only its owner (or a superuser) can redefine it; twotier.drop() it first to make it yours.';
+        END IF;
+        owner_oid := old.owner;
+    ELSE
+        owner_oid := caller;
     END IF;
 
-    -- Parse as the caller, with the caller's search_path: the query must be one jsonb column.
-    reads := twotier._check_query(query, caller, caller_search_path);
+    -- The path the query and the key expressions run with: the caller's schemas as they are
+    -- now (no "$user" resolved later, no temp schema), then pg_temp, last, so that no session's
+    -- temporary objects can stand in for the source's tables.
+    SELECT coalesce(string_agg(quote_ident(s), ', ' ORDER BY pos) || ', ', '') || 'pg_temp'
+      INTO pinned_path
+      FROM unnest(caller_schemas) WITH ORDINALITY AS t(s, pos)
+     WHERE s !~ '^pg_(toast_)?temp';
+
+    -- Parsed as the owner, with the pinned path: the query must be one jsonb column.
+    reads := twotier._check_query(query, owner_oid, pinned_path);
     -- The ALTER TABLEs below only attach triggers: the event trigger must not flush for them.
     PERFORM set_config('twotier_internal.defining', 'on', true);
-    -- Every caller would get the definer's rows: with row-level security that is a leak.
-    SELECT string_agg(c.oid::regclass::text, ', ') INTO rls_tables
-      FROM pg_class c WHERE c.oid = ANY (reads) AND c.relrowsecurity;
-    IF rls_tables IS NOT NULL THEN
-        RAISE EXCEPTION 'twotier: cache % reads %, which has row-level security', name, rls_tables
-            USING ERRCODE = 'feature_not_supported',
-                  HINT = 'A cache answers every role with the same rows; cache a query over tables without RLS.';
+    -- Every caller would get the owner's rows: with row-level security that is a leak, unless
+    -- the entries vary by what the policies read.
+    IF coalesce(array_length(vary_by, 1), 0) = 0 THEN
+        SELECT string_agg(c.oid::regclass::text, ', ') INTO rls_tables
+          FROM pg_class c WHERE c.oid = ANY (reads) AND c.relrowsecurity;
+        IF rls_tables IS NOT NULL THEN
+            RAISE EXCEPTION 'twotier: cache % reads %, which has row-level security', name, rls_tables
+                USING ERRCODE = 'feature_not_supported',
+                      HINT = 'Declare what the policies depend on, e.g. vary_by => ARRAY[''role'', ''request.jwt.claims''], so that each caller gets its own entries.';
+        END IF;
     END IF;
 
     FOREACH entry IN ARRAY coalesce(watch, '{}') LOOP
@@ -167,73 +234,79 @@ BEGIN
                 USING ERRCODE = 'invalid_parameter_value',
                       HINT = 'Write table(key_expression), e.g. ''widget_configs(domain_id)'' or ''public.domains(lower(domain))''.';
         END IF;
-        -- Resolve the table as the caller would, then pin our own path again.
-        PERFORM set_config('search_path', caller_search_path, true);
-        tbl := parts[1]::regclass;
-        PERFORM set_config('search_path', 'pg_catalog, pg_temp', true);
-        IF (SELECT relkind FROM pg_class WHERE oid = tbl) NOT IN ('r', 'p') THEN
-            RAISE EXCEPTION 'twotier: % is not a table', tbl
-                USING ERRCODE = 'wrong_object_type', HINT = 'Only tables and partitioned tables can be watched.';
+        tbl := twotier._resolve_table(parts[1], caller_schemas);
+        IF tbl IS NULL THEN
+            RAISE EXCEPTION 'twotier: table % of watch entry % does not exist', parts[1], quote_literal(entry)
+                USING ERRCODE = 'undefined_table', HINT = 'Name a table on your search_path, or qualify it with its schema.';
         END IF;
-        IF NOT has_table_privilege(caller, tbl, 'TRIGGER') THEN
-            RAISE EXCEPTION 'twotier: permission denied to watch %', tbl
+        IF (SELECT relkind FROM pg_class WHERE oid = tbl) NOT IN ('r', 'p')
+           OR (SELECT relpersistence FROM pg_class WHERE oid = tbl) = 't' THEN
+            RAISE EXCEPTION 'twotier: % is not a table that can be watched', tbl::regclass
+                USING ERRCODE = 'wrong_object_type', HINT = 'Only permanent tables and partitioned tables can be watched.';
+        END IF;
+        IF NOT has_table_privilege(caller, tbl, 'TRIGGER') OR NOT has_table_privilege(owner_oid, tbl, 'TRIGGER') THEN
+            RAISE EXCEPTION 'twotier: permission denied to watch %', tbl::regclass
                 USING ERRCODE = 'insufficient_privilege', HINT = 'The table owner can GRANT TRIGGER on it.';
         END IF;
-        expr := parts[2];
-        -- The expression is spliced into the generated trigger function: nothing that could
-        -- end a quote, a statement or the line early is accepted.
+        expr := btrim(parts[2]);
+        -- The expression is spliced into a query over the row: nothing that could end a
+        -- quote, a statement or the line early is accepted.
         IF expr ~ '(\$|;|--|/\*)' THEN
             RAISE EXCEPTION 'twotier: watch expression % may not contain $, ;, -- or /*', quote_literal(expr)
                 USING ERRCODE = 'invalid_parameter_value',
                       HINT = 'Use a plain expression over the table''s columns, e.g. lower(domain).';
         END IF;
-        PERFORM twotier._check_watch_expression(tbl, expr, caller, caller_search_path);
-        parsed := parsed || ARRAY[tbl::text, expr];
+        PERFORM twotier._check_watch_expression(tbl, expr, owner_oid, pinned_path);
+        tables := tables || tbl;
+        exprs := exprs || expr;
+        -- Stored schema-qualified (regclass output under this function's path), so that a
+        -- dump restored elsewhere resolves the same table.
+        entries := entries || format('%s(%s)', tbl::regclass, expr);
     END LOOP;
 
     SELECT string_agg(c.oid::regclass::text, ', ') INTO unwatched
       FROM pg_class c
      WHERE c.oid = ANY (reads) AND c.relkind IN ('r', 'p')
        AND c.relnamespace <> 'pg_catalog'::regnamespace
-       AND c.oid::regclass::text <> ALL (parsed);
+       AND c.oid <> ALL (tables);
     IF unwatched IS NOT NULL THEN
         RAISE NOTICE 'twotier: cache % reads % without watching it', name, unwatched
             USING HINT = 'Changes there reach the cache only when entries expire (ttl); add them to watch to invalidate at commit.';
     END IF;
 
     IF old.name IS NOT NULL THEN
-        PERFORM twotier._drop_objects(old);
+        -- Triggers only: the function stays, with its owner and every GRANT on it.
+        PERFORM twotier._drop_objects(old, false);
     END IF;
-    IF to_regprocedure(format('public.%I(text)', 'cached_' || name)) IS NOT NULL THEN
+    fn := to_regprocedure(format('public.%I(text)', 'cached_' || name));
+    IF fn IS NOT NULL AND (old.name IS NULL OR fn <> old.function) THEN
         RAISE EXCEPTION 'twotier: function public.cached_%(text) already exists and is not a twotier cache', name
             USING ERRCODE = 'duplicate_function', HINT = 'Drop or rename it, or choose another cache name.';
     END IF;
-
-    -- An inlinable SQL wrapper: the planner replaces cached_x(k) by twotier.get('x', k), so the
-    -- wrapper costs nothing per call.
-    EXECUTE format($f$CREATE FUNCTION public.%I(key text) RETURNS jsonb
-        LANGUAGE sql STABLE STRICT PARALLEL UNSAFE
-        AS %L$f$, 'cached_' || name, format('SELECT twotier.get(%L, key)', name));
-    fn := format('public.%I(text)', 'cached_' || name)::regprocedure;
-    -- Not an extension member (pg_dump must keep it), but gone with DROP EXTENSION ... CASCADE.
-    EXECUTE format('ALTER FUNCTION %s DEPENDS ON EXTENSION twotier', fn);
-    EXECUTE format('ALTER FUNCTION %s OWNER TO %I', fn, caller::regrole);
-    -- The query runs with the owner's rights: reading the cache is granted explicitly.
-    EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', fn);
+    IF fn IS NULL THEN
+        -- An inlinable SQL wrapper: the planner replaces cached_x(k) by twotier.get('x', k), so
+        -- the wrapper costs nothing per call.
+        EXECUTE format($f$CREATE FUNCTION public.%I(key text) RETURNS jsonb
+            LANGUAGE sql STABLE STRICT PARALLEL UNSAFE
+            AS %L$f$, 'cached_' || name, format('SELECT twotier.get(%L, key)', name));
+        fn := format('public.%I(text)', 'cached_' || name)::regprocedure;
+        -- Not an extension member (pg_dump must keep it), but gone with DROP EXTENSION ... CASCADE.
+        EXECUTE format('ALTER FUNCTION %s DEPENDS ON EXTENSION twotier', fn);
+        EXECUTE format('ALTER FUNCTION %s OWNER TO %s', fn, owner_oid::regrole);
+        -- The query runs with the owner's rights: reading the cache is granted explicitly.
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', fn);
+    END IF;
     EXECUTE format('COMMENT ON FUNCTION %s IS %L', fn, format('twotier cache %s (ttl %s): %s', name, ttl, query));
 
-    FOR i IN 1 .. coalesce(array_length(parsed, 1), 0) / 2 LOOP
-        tbl := parsed[2 * i - 1]::regclass;
-        expr := parsed[2 * i];
-        trig_fn := format('twotier_%s_%s', name, i);
+    FOR i IN 1 .. coalesce(array_length(tables, 1), 0) LOOP
         -- Row triggers are cloned onto every partition, present and future, so DML aimed at a
         -- partition is seen. ENABLE ALWAYS: logical replication apply (and any session with
         -- session_replication_role = replica) changes rows too.
         EXECUTE format('CREATE TRIGGER %I AFTER INSERT OR UPDATE OR DELETE ON %s
                         FOR EACH ROW EXECUTE FUNCTION twotier._trigger(%L, %L, %L)',
-                       trig_fn, tbl, name, tbl::oid, expr);
-        EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER %I', tbl, trig_fn);
-        PERFORM twotier._watch_truncate(tbl, trig_fn || '_trunc', name, expr);
+                       format('twotier_%s_%s', name, i), tables[i]::regclass, name, tables[i], exprs[i]);
+        EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER %I', tables[i]::regclass, format('twotier_%s_%s', name, i));
+        PERFORM twotier._watch_truncate(tables[i]::regclass, format('twotier_%s_%s_trunc', name, i), name, exprs[i]);
     END LOOP;
 
     -- Writers resolve their keys' version at PRE_COMMIT under this cache's lock; taking it
@@ -241,14 +314,14 @@ BEGIN
     PERFORM twotier._lock_cache(name);
     IF old.name IS NOT NULL THEN
         UPDATE twotier.caches c SET query = _define.query, ttl = _define.ttl, negative_ttl = _define.negative_ttl,
-               watch = coalesce(_define.watch, '{}'), version = twotier._next_version(c.version),
-               search_path = caller_search_path, function = fn, trigger_functions = trig_fns,
-               updated_at = now()
+               watch = entries, vary_by = coalesce(_define.vary_by, '{}'),
+               version = twotier._next_version(c.version), search_path = pinned_path, function = fn,
+               trigger_functions = '{}', updated_at = now()
          WHERE c.name = _define.name;
     ELSE
-        INSERT INTO twotier.caches (name, query, ttl, negative_ttl, watch, version, owner, search_path, function, trigger_functions)
-        VALUES (name, query, ttl, negative_ttl, coalesce(watch, '{}'), twotier._next_version(), caller,
-                caller_search_path, fn, trig_fns);
+        INSERT INTO twotier.caches (name, query, ttl, negative_ttl, watch, vary_by, version, owner, search_path, function)
+        VALUES (name, query, ttl, negative_ttl, entries, coalesce(vary_by, '{}'), twotier._next_version(), owner_oid,
+                pinned_path, fn);
     END IF;
     PERFORM set_config('twotier_internal.defining', 'off', true);
     PERFORM twotier._catalog_changed();
@@ -256,13 +329,15 @@ BEGIN
 END
 $define$;
 
-CREATE FUNCTION twotier.define(name text, query text, ttl interval, watch text[], negative_ttl interval DEFAULT NULL)
+CREATE FUNCTION twotier.define(name text, query text, ttl interval, watch text[],
+                               negative_ttl interval DEFAULT NULL, vary_by text[] DEFAULT NULL)
 RETURNS regprocedure LANGUAGE sql VOLATILE AS $$
-    -- Not SECURITY DEFINER, so that the caller's search_path is what gets pinned for the cache.
-    SELECT twotier._define(name, query, ttl, watch, negative_ttl, pg_catalog.current_setting('search_path'))
+    -- Not SECURITY DEFINER: the caller's search_path, as the schemas it names now, is what
+    -- the cache pins (with pg_temp last); names are resolved in those schemas by _define.
+    SELECT twotier._define(name, query, ttl, watch, negative_ttl, vary_by, pg_catalog.current_schemas(false))
 $$;
-COMMENT ON FUNCTION twotier.define(text, text, interval, text[], interval) IS
-    'Create or replace cache NAME: public.cached_NAME(key text) runs QUERY ($1 = key) through the cache, entries live TTL, and changes to WATCH tables (''table(key_expression)'') invalidate them at commit.';
+COMMENT ON FUNCTION twotier.define(text, text, interval, text[], interval, text[]) IS
+    'Create or replace cache NAME: public.cached_NAME(key text) runs QUERY ($1 = key) through the cache, entries live TTL, changes to WATCH tables (''table(key_expression)'') invalidate them at commit, and VARY_BY (''role'' and setting names) gives each caller its own entries, with the query run as the caller.';
 
 CREATE FUNCTION twotier.drop(name text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -305,14 +380,6 @@ END
 $$;
 COMMENT ON FUNCTION twotier.flush(text) IS 'Empty a cache in O(1) by moving it to a new key version, effective at commit.';
 
-REVOKE ALL ON FUNCTION twotier._define(text, text, interval, text[], interval, text) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION twotier._define(text, text, interval, text[], interval, text) TO twotier_admin;
-REVOKE ALL ON FUNCTION twotier.define(text, text, interval, text[], interval) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION twotier.define(text, text, interval, text[], interval) TO twotier_admin;
-REVOKE ALL ON FUNCTION twotier.flush(text) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION twotier.flush(text) TO twotier_admin;
-REVOKE ALL ON FUNCTION twotier.drop(text) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION twotier.drop(text) TO twotier_admin;
 
 CREATE VIEW twotier.stats AS
     SELECT s.*,
@@ -385,10 +452,18 @@ CREATE EVENT TRIGGER twotier_partitions ON ddl_command_end
     EXECUTE FUNCTION twotier._on_ddl();
 ALTER EVENT TRIGGER twotier_partitions ENABLE ALWAYS;
 
--- Internal: only define(), drop() and flush() (running as the extension's owner) call these.
-REVOKE ALL ON FUNCTION twotier._lock_cache(text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION twotier._new_version(text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION twotier._catalog_changed() FROM PUBLIC;
-REVOKE ALL ON FUNCTION twotier._check_query(text, oid, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION twotier._check_watch_expression(oid, text, oid, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION twotier._watch_truncate(regclass, text, text, text) FROM PUBLIC;
+-- Privileges, all in one place. Nothing in this schema is callable by PUBLIC but reading:
+-- get() (whose caller needs EXECUTE on the cache's cached_<name> function), exists() (the
+-- same), status() and the stats view. Administrative calls go to twotier_admin, and each still
+-- checks the caller against the cache's owner. Internal functions stay with the extension's
+-- owner: several switch to a role given as an argument.
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA twotier FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION twotier.get(text, text), twotier.exists(text, text), twotier.status(),
+                          twotier._stats() TO PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    twotier._define(text, text, interval, text[], interval, text[], name[]),
+    twotier.define(text, text, interval, text[], interval, text[]),
+    twotier.flush(text), twotier.drop(text), twotier.invalidate(text, text),
+    twotier.invalidate_pattern(text, text), twotier.set(text, text, jsonb), twotier.warm(text, text),
+    twotier.reset_stats()
+    TO twotier_admin;

@@ -74,7 +74,7 @@ fn set_value(cache: &str, key: &str, value: JsonB) {
     let def = catalog::lookup(cache);
     require_admin(&def, "set entries of");
     let json = serde_json::to_string(&value.0).unwrap_or_default();
-    let l2_key = keys::full_key(&def.key_prefix, key);
+    let l2_key = keys::full_key(&def.key_prefix, &catalog::effective_key(&def, key));
     match l2_redis::set(&l2_key, &json, def.ttl_s) {
         Ok(()) => {
             if gucs::log_events() {
@@ -87,7 +87,9 @@ fn set_value(cache: &str, key: &str, value: JsonB) {
 }
 
 /// Invalidates now and again at commit: the second pass closes the window in which another
-/// session could refill the key from data this transaction has not committed yet.
+/// session could refill the key from data this transaction has not committed yet. Needs
+/// EXECUTE on this function (twotier_admin has it; a DBA grants it to writers) besides the
+/// right to read the cache: reading alone must not let a role evict entries for everyone.
 #[pg_extern(volatile, parallel_unsafe)]
 fn invalidate(cache: &str, key: &str) {
     let def = catalog::lookup(cache);
@@ -138,7 +140,7 @@ fn invalidate_pattern(cache: &str, pattern: &str) -> i64 {
 fn exists_entry(cache: &str, key: &str) -> bool {
     let def = catalog::lookup(cache);
     catalog::require_read(&def);
-    let l2_key = keys::full_key(&def.key_prefix, key);
+    let l2_key = keys::full_key(&def.key_prefix, &catalog::effective_key(&def, key));
     matches!(
         l2_redis::get(&l2_key),
         Ok(l2_redis::Lookup::Value(_) | l2_redis::Lookup::Negative)
@@ -154,6 +156,8 @@ fn status() -> JsonB {
     let is_super = unsafe { pg_sys::superuser() };
     JsonB(serde_json::json!({
         "database": catalog::database_name(),
+        // `<system identifier>.<database oid>`: the part of every Redis key naming this database.
+        "key_scope": catalog::database_scope(),
         "preloaded": crate::shmem::preloaded(),
         "stats_scope": if crate::shmem::preloaded() { "server" } else { "backend" },
         "l2": {

@@ -19,30 +19,72 @@ pub struct CacheDef {
     pub ttl_s: i64,
     pub negative_ttl_s: i64,
     pub owner: Oid,
+    /// The path pinned at define time, always ending in pg_temp.
     pub search_path: CString,
-    /// `<prefix>:<db>:<name>:v<version>:`, the start of every L2 key of this definition.
+    /// What the answer depends on besides the key: part of every key, and the query then runs
+    /// as the caller (`twotier.caches.vary_by`).
+    pub vary_by: Vec<VaryBy>,
+    /// `<prefix>:<cluster>.<db oid>:<name>:v<version>:`, the start of every key of this
+    /// definition (L2 adds the Redis incarnation after the prefix).
     pub key_prefix: String,
     pub stats: &'static CacheStats,
     /// `cached_<name>(text)`: its EXECUTE privilege is the right to read the cache.
     pub function: Oid,
-    /// The last role checked against `function`'s ACL, and the answer.
-    pub allowed: Cell<Option<(Oid, bool)>>,
+    /// The last role checked against `function`'s ACL, the ACL generation, and the answer.
+    pub allowed: Cell<Option<(Oid, u64, bool)>>,
     /// The source query, prepared once per backend on first miss.
     pub plan: Cell<Option<pg_sys::SPIPlanPtr>>,
+    /// The relations the prepared query reads directly (checked for row-level security).
+    pub relations: RefCell<Vec<Oid>>,
 }
 
-impl Drop for CacheDef {
-    fn drop(&mut self) {
-        if let Some(plan) = self.plan.take() {
-            unsafe { pg_sys::SPI_freeplan(plan) };
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VaryBy {
+    /// The current role (`current_user`), which also runs the query.
+    Role,
+    /// The value of a setting, such as `request.jwt.claims`.
+    Setting(CString),
+}
+
+impl VaryBy {
+    fn parse(entry: &str) -> Option<VaryBy> {
+        match entry {
+            "" => None,
+            "role" => Some(VaryBy::Role),
+            other => CString::new(other).ok().map(VaryBy::Setting),
         }
     }
+}
+
+/// The key under which `key` is stored for the current caller: unchanged without vary_by.
+pub fn effective_key(def: &CacheDef, key: &str) -> String {
+    if def.vary_by.is_empty() {
+        return key.to_string();
+    }
+    let parts: Vec<Option<String>> = def
+        .vary_by
+        .iter()
+        .map(|part| match part {
+            VaryBy::Role => Some(unsafe { pg_sys::GetUserId() }.to_u32().to_string()),
+            VaryBy::Setting(name) => {
+                let value = unsafe { pg_sys::GetConfigOption(name.as_ptr(), true, false) };
+                (!value.is_null()).then(|| {
+                    unsafe { CStr::from_ptr(value) }
+                        .to_string_lossy()
+                        .into_owned()
+                })
+            }
+        })
+        .collect();
+    keys::with_variant(&parts, key)
 }
 
 thread_local! {
     static DEFS: RefCell<HashMap<String, Rc<CacheDef>>> = RefCell::new(HashMap::new());
     static DATABASE: RefCell<Option<String>> = const { RefCell::new(None) };
 }
+/// Bumped by any change to roles or memberships: every cached ACL answer is then re-checked.
+static ACL_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 static DEFS_STALE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 static CATALOG_OID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
@@ -65,6 +107,11 @@ extern "C-unwind" {
 unsafe extern "C-unwind" fn on_proc_invalidation(_arg: Datum, _cacheid: i32, _hash: u32) {
     // A GRANT or REVOKE on a cached function changes who may read the cache.
     DEFS_STALE.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+unsafe extern "C-unwind" fn on_role_invalidation(_arg: Datum, _cacheid: i32, _hash: u32) {
+    // REVOKE of a membership, NOINHERIT, DROP ROLE: who holds the right to read has changed.
+    ACL_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
 fn guarded<T>(f: impl FnOnce() -> T) -> T {
@@ -91,6 +138,14 @@ pub fn init() {
             Datum::from(0),
         )
     });
+    for cache in [
+        pg_sys::SysCacheIdentifier::AUTHMEMROLEMEM,
+        pg_sys::SysCacheIdentifier::AUTHOID,
+    ] {
+        guarded(|| unsafe {
+            CacheRegisterSyscacheCallback(cache as i32, Some(on_role_invalidation), Datum::from(0))
+        });
+    }
 }
 
 /// Applies pending shared invalidations now, so a definition changed by a transaction that
@@ -98,6 +153,20 @@ pub fn init() {
 /// when there are none: one unlocked read of a flag in shared memory.
 pub fn accept_invalidations() {
     guarded(|| unsafe { AcceptInvalidationMessages() });
+}
+
+/// `<system identifier>.<database oid>`: the part of every key that names this database. A
+/// standby shares it with its primary (same system identifier); another cluster, or another
+/// database of this one, never does, whatever its name.
+pub fn database_scope() -> &'static str {
+    static SCOPE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SCOPE.get_or_init(|| unsafe {
+        format!(
+            "{:016x}.{}",
+            pg_sys::GetSystemIdentifier(),
+            pg_sys::MyDatabaseId.to_u32()
+        )
+    })
 }
 
 pub fn database_name() -> String {
@@ -159,7 +228,7 @@ fn load(name: &str) -> Option<CacheDef> {
     // version that a flush, TRUNCATE or redefinition has already left.
     let rows = crate::source::query_latest(
         c"SELECT query, extract(epoch FROM ttl)::bigint, extract(epoch FROM negative_ttl)::bigint,
-                 version, owner::oid, search_path, function::oid
+                 version, owner::oid, search_path, function::oid, array_to_string(vary_by, ',')
             FROM twotier.caches WHERE name = $1",
         &[name],
     );
@@ -173,19 +242,34 @@ fn load(name: &str) -> Option<CacheDef> {
             .unwrap_or(Oid::INVALID)
     };
     let version = int(3).unwrap_or(0);
-    let key_prefix = keys::cache_prefix(crate::gucs::key_prefix(), &database_name(), name, version);
+    let key_prefix = keys::cache_prefix(crate::gucs::key_prefix(), database_scope(), name, version);
+    // pg_temp last, whatever the row says (rows written before define pinned it there).
+    let mut search_path = text(5).unwrap_or_default();
+    if !search_path.trim_end().ends_with("pg_temp") {
+        search_path = if search_path.trim().is_empty() {
+            "pg_temp".into()
+        } else {
+            format!("{search_path}, pg_temp")
+        };
+    }
     Some(CacheDef {
         name: name.to_string(),
         query: text(0).unwrap_or_default(),
         ttl_s: int(1).unwrap_or(1),
         negative_ttl_s: int(2).unwrap_or_else(crate::gucs::negative_ttl_s),
         owner: oid(4),
-        search_path: CString::new(text(5).unwrap_or_default()).unwrap_or_default(),
+        search_path: CString::new(search_path).unwrap_or_default(),
+        vary_by: text(7)
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(VaryBy::parse)
+            .collect(),
         key_prefix,
         stats: stats::for_cache(name),
         function: oid(6),
         allowed: Cell::new(None),
         plan: Cell::new(None),
+        relations: RefCell::new(Vec::new()),
     })
 }
 
@@ -243,13 +327,14 @@ pub fn move_to_new_version(name: &str) {
 /// cache, through `cached_<name>` or the generic calls, needs an explicit GRANT.
 pub fn require_read(def: &CacheDef) {
     let user = unsafe { pg_sys::GetUserId() };
+    let generation = ACL_GENERATION.load(std::sync::atomic::Ordering::Relaxed);
     let allowed = match def.allowed.get() {
-        Some((u, ok)) if u == user => ok,
+        Some((u, g, ok)) if u == user && g == generation => ok,
         _ => {
             let ok = unsafe {
                 pg_sys::pg_proc_aclcheck(def.function, user, pg_sys::ACL_EXECUTE as pg_sys::AclMode)
             } == pg_sys::AclResult::ACLCHECK_OK;
-            def.allowed.set(Some((user, ok)));
+            def.allowed.set(Some((user, generation, ok)));
             ok
         }
     };

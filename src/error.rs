@@ -26,6 +26,8 @@ pub enum CallError {
     TooManyRows(String),
     #[error("twotier: cannot PREPARE a transaction that changed tables watched by a cache")]
     PrepareWithInvalidations,
+    #[error("twotier: cache \"{cache}\" reads {table}, which has row-level security")]
+    RowSecurity { cache: String, table: String },
 }
 
 pub trait Raise {
@@ -70,6 +72,7 @@ impl Raise for CallError {
             CallError::KeyTooLong { .. } => PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             CallError::TooManyRows(_) => PgSqlErrorCode::ERRCODE_CARDINALITY_VIOLATION,
             CallError::PrepareWithInvalidations => PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            CallError::RowSecurity { .. } => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
         }
     }
     fn hint(&self) -> Option<String> {
@@ -81,6 +84,10 @@ impl Raise for CallError {
             CallError::PrepareWithInvalidations => {
                 Some("Commit it directly; invalidations cannot be carried across PREPARE TRANSACTION.".into())
             }
+            CallError::RowSecurity { .. } => Some(
+                "One answer for every caller would leak rows across policies: redefine the cache with vary_by => ARRAY['role', ...] naming what the policies depend on."
+                    .into(),
+            ),
         }
     }
 }

@@ -28,14 +28,24 @@ static TEST_NO_OUTBOX: GucSetting<bool> = GucSetting::<bool>::new(false);
 
 pub fn init() {
     init_l1();
-    GucRegistry::define_string_guc(
-        c"twotier.redis_url",
-        c"Redis (L2) URL, e.g. redis://127.0.0.1:6379/0; empty means no L2.",
-        c"May carry a password, so only superusers can read or set it. rediss:// is not supported yet.",
-        &REDIS_URL,
-        GucContext::Suset,
-        GucFlags::SUPERUSER_ONLY,
-    );
+    // Defined by hand for its hooks: the password is never shown (not even to
+    // pg_read_all_settings, which SUPERUSER_ONLY does not keep out), and per-role,
+    // per-database or per-function values, which pg_db_role_setting would show to everyone,
+    // are refused.
+    unsafe {
+        pgrx::pg_sys::DefineCustomStringVariable(
+            c"twotier.redis_url".as_ptr(),
+            c"Redis (L2) URL, e.g. redis://user:password@127.0.0.1:6379/0 or rediss://...; empty means no L2.".as_ptr(),
+            c"Set it in postgresql.conf (or ALTER SYSTEM). Only superusers set it; the password is shown as ***.".as_ptr(),
+            REDIS_URL.as_ptr(),
+            c"".as_ptr(),
+            GucContext::Suset as isize as _,
+            GucFlags::SUPERUSER_ONLY.bits(),
+            Some(check_redis_url),
+            None,
+            Some(show_redis_url),
+        );
+    }
     GucRegistry::define_int_guc(
         c"twotier.connect_timeout_ms",
         c"Timeout for connecting to Redis.",
@@ -223,6 +233,43 @@ fn cstr_setting(setting: &GucSetting<Option<CString>>) -> &'static CStr {
     } else {
         unsafe { CStr::from_ptr(raw) }
     }
+}
+
+unsafe extern "C-unwind" fn check_redis_url(
+    _newval: *mut *mut std::ffi::c_char,
+    _extra: *mut *mut std::ffi::c_void,
+    source: pgrx::pg_sys::GucSource::Type,
+) -> bool {
+    use pgrx::pg_sys::GucSource::*;
+    if matches!(
+        source,
+        PGC_S_TEST | PGC_S_DATABASE | PGC_S_USER | PGC_S_DATABASE_USER
+    ) {
+        unsafe {
+            pgrx::pg_sys::GUC_check_errcode(
+                pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE as i32,
+            );
+            pgrx::pg_sys::GUC_check_errmsg_string = pgrx::pg_sys::pstrdup(
+                c"twotier.redis_url cannot be set per role, per database or per function".as_ptr(),
+            );
+            pgrx::pg_sys::GUC_check_errhint_string = pgrx::pg_sys::pstrdup(
+                c"Its password would be readable by every role in pg_db_role_setting; set it in postgresql.conf or with ALTER SYSTEM.".as_ptr(),
+            );
+        }
+        return false;
+    }
+    true
+}
+
+unsafe extern "C-unwind" fn show_redis_url() -> *const std::ffi::c_char {
+    thread_local! {
+        static SHOWN: std::cell::RefCell<CString> = std::cell::RefCell::new(CString::default());
+    }
+    let masked = crate::l2_redis::redacted(&redis_url().to_string_lossy());
+    SHOWN.with(|s| {
+        *s.borrow_mut() = CString::new(masked).unwrap_or_default();
+        s.borrow().as_ptr()
+    })
 }
 
 /// The Redis URL, borrowed; empty when L2 is off.

@@ -127,8 +127,11 @@ fn announce() {
     let mut batch: Vec<(String, i64)> = Vec::new();
     let mut flushed = Vec::with_capacity(pending.len());
     for (name, raw_keys) in &pending {
-        let bulk = max_keys.is_some_and(|max| raw_keys.len() > max)
-            && catalog::lookup_fresh(name).is_some();
+        // A cache whose entries vary by role or setting has no way to name every variant of
+        // a key: any change to it is a flush.
+        let bulk = catalog::lookup_fresh(name).is_some_and(|def| {
+            !def.vary_by.is_empty() || max_keys.is_some_and(|max| raw_keys.len() > max)
+        });
         if bulk {
             catalog::move_to_new_version(name);
         } else {

@@ -59,6 +59,21 @@ pub fn cache_prefix(prefix: &str, database: &str, cache: &str, version: i64) -> 
     out
 }
 
+/// The key of one variant of `key` (vary_by): each part escaped (so none holds a `|`) or `~`
+/// for an unset setting (escape never yields a bare `~`), each followed by `|`, then the key.
+pub fn with_variant(parts: &[Option<String>], key: &str) -> String {
+    let mut out = String::with_capacity(key.len() + 32);
+    for part in parts {
+        match part {
+            Some(value) => escape_into(&mut out, value),
+            None => out.push('~'),
+        }
+        out.push('|');
+    }
+    out.push_str(key);
+    out
+}
+
 pub fn full_key(cache_prefix: &str, key: &str) -> String {
     let mut out = String::with_capacity(cache_prefix.len() + key.len() + 8);
     out.push_str(cache_prefix);
@@ -144,6 +159,85 @@ impl KeyGlob {
             }
         }
         self.tokens[p..].iter().all(|t| *t == GlobToken::AnyRun)
+    }
+}
+
+/// Properties of the layout, over arbitrary strings: no two distinct (scope, cache, version,
+/// key) tuples share a key, no pattern of one cache matches another's key, and no two
+/// variants of a key coincide.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Redis's glob, as far as our patterns use it: `*`, `?` and `\` quoting.
+    fn redis_glob(pattern: &[u8], s: &[u8]) -> bool {
+        match pattern.split_first() {
+            None => s.is_empty(),
+            Some((b'*', rest)) => (0..=s.len()).any(|i| redis_glob(rest, &s[i..])),
+            Some((b'?', rest)) => !s.is_empty() && redis_glob(rest, &s[1..]),
+            Some((b'\\', rest)) if !rest.is_empty() => {
+                s.first() == Some(&rest[0]) && redis_glob(&rest[1..], &s[1..])
+            }
+            Some((c, rest)) => s.first() == Some(c) && redis_glob(rest, &s[1..]),
+        }
+    }
+
+    /// Splits a full key back into its parts: possible only because no part holds a `:`.
+    fn parse(full: &str) -> Option<(String, String, String, i64, String)> {
+        let parts: Vec<&str> = full.split(':').collect();
+        let [prefix, scope, cache, version, key] = parts.as_slice() else {
+            return None;
+        };
+        Some((
+            unescape(prefix)?,
+            unescape(scope)?,
+            unescape(cache)?,
+            version.strip_prefix('v')?.parse().ok()?,
+            unescape(key)?,
+        ))
+    }
+
+    fn tuple() -> impl Strategy<Value = (String, String, i64, String)> {
+        (".{0,12}", ".{0,12}", any::<i64>(), ".{0,24}")
+    }
+
+    proptest! {
+        #[test]
+        fn every_key_names_exactly_one_tuple((scope, cache, version, key) in tuple()) {
+            let full = full_key(&cache_prefix("twotier", &scope, &cache, version), &key);
+            prop_assert_eq!(parse(&full), Some(("twotier".into(), scope, cache, version, key)));
+        }
+
+        #[test]
+        fn distinct_tuples_never_share_a_key(a in tuple(), b in tuple()) {
+            prop_assume!(a != b);
+            let ka = full_key(&cache_prefix("twotier", &a.0, &a.1, a.2), &a.3);
+            let kb = full_key(&cache_prefix("twotier", &b.0, &b.1, b.2), &b.3);
+            prop_assert_ne!(ka, kb);
+        }
+
+        #[test]
+        fn a_pattern_never_reaches_another_caches_key(
+            a in tuple(), b in tuple(), glob in "[a-z*?:%\\\\]{0,10}",
+        ) {
+            prop_assume!((&a.0, &a.1, a.2) != (&b.0, &b.1, b.2));
+            let pa = cache_prefix("twotier", &a.0, &a.1, a.2);
+            let pb = cache_prefix("twotier", &b.0, &b.1, b.2);
+            let pattern = KeyGlob::parse(&glob).redis_pattern(&pa);
+            let other = full_key(&pb, &b.3);
+            prop_assert!(!redis_glob(pattern.as_bytes(), other.as_bytes()), "{} matched {}", pattern, other);
+        }
+
+        #[test]
+        fn variants_of_keys_never_coincide(
+            a in proptest::collection::vec(proptest::option::of(".{0,8}"), 2),
+            b in proptest::collection::vec(proptest::option::of(".{0,8}"), 2),
+            ka in ".{0,12}", kb in ".{0,12}",
+        ) {
+            prop_assume!((&a, &ka) != (&b, &kb));
+            prop_assert_ne!(with_variant(&a, &ka), with_variant(&b, &kb));
+        }
     }
 }
 

@@ -278,8 +278,50 @@ impl Link {
     }
 }
 
+/// `host` resolved within `timeout`: getaddrinfo has no timeout of its own, and a DNS server
+/// that does not answer must not hold a cache call longer than `twotier.connect_timeout_ms`.
+/// The lookup runs on a short-lived thread that touches nothing of PostgreSQL; if it is late,
+/// it is left to finish on its own.
+fn resolve(host: &str, port: u16, timeout: Duration) -> Result<std::net::SocketAddr, L2Error> {
+    use std::net::ToSocketAddrs;
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return Ok(std::net::SocketAddr::new(ip, port));
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let name = host.to_string();
+    std::thread::Builder::new()
+        .name("twotier-dns".into())
+        .spawn(move || {
+            let _ = tx.send(
+                (name.as_str(), port)
+                    .to_socket_addrs()
+                    .map(|mut a| a.next()),
+            );
+        })
+        .map_err(|e| L2Error::Redis(redis::RedisError::from(e)))?;
+    let failed = |what: String| {
+        L2Error::Redis(redis::RedisError::from((
+            redis::ErrorKind::IoError,
+            "could not resolve the Redis host",
+            what,
+        )))
+    };
+    match rx.recv_timeout(timeout) {
+        Ok(Ok(Some(addr))) => Ok(addr),
+        Ok(Ok(None)) => Err(failed(format!("{host}: no address"))),
+        Ok(Err(e)) => Err(failed(format!("{host}: {e}"))),
+        Err(_) => Err(failed(format!("{host}: no answer within {timeout:?}"))),
+    }
+}
+
 fn connect(url: &str) -> Result<(Link, String), L2Error> {
-    let client = redis::Client::open(url).map_err(|e| L2Error::BadUrl(e.to_string()))?;
+    let mut client = redis::Client::open(url).map_err(|e| L2Error::BadUrl(e.to_string()))?;
+    if let redis::ConnectionAddr::Tcp(host, port) = &client.get_connection_info().addr {
+        let addr = resolve(host, *port, gucs::connect_timeout())?;
+        let mut info = client.get_connection_info().clone();
+        info.addr = redis::ConnectionAddr::Tcp(addr.ip().to_string(), addr.port());
+        client = redis::Client::open(info).map_err(|e| L2Error::BadUrl(e.to_string()))?;
+    }
     let before = socket_fds();
     let con = client.get_connection_with_timeout(gucs::connect_timeout())?;
     let after = socket_fds();

@@ -107,7 +107,7 @@ enum L2Miss {
 
 impl<'a> Call<'a> {
     fn new(def: &'a CacheDef, key: &'a str, started: Instant) -> Self {
-        let tier_key = keys::full_key(&def.key_prefix, key);
+        let tier_key = keys::full_key(&def.key_prefix, &catalog::effective_key(def, key));
         let hash = l1::hash_key(&tier_key);
         let use_l1 = gucs::l1_enabled() && l1::available();
         let generation = if l1::available() {

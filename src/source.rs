@@ -43,6 +43,17 @@ pub fn with_settings<R>(settings: &[(&CStr, &CStr)], f: impl FnOnce() -> R) -> R
     }
 }
 
+/// Settings that change how values are rendered to text and json: a cache's query and its key
+/// expressions run with these, never with the session's, so that what one caller's session
+/// says cannot change what every caller is served.
+pub const PINNED: [(&CStr, &CStr); 5] = [
+    (c"DateStyle", c"ISO, MDY"),
+    (c"TimeZone", c"UTC"),
+    (c"IntervalStyle", c"postgres"),
+    (c"extra_float_digits", c"1"),
+    (c"bytea_output", c"hex"),
+];
+
 /// Runs `f` as `owner` with `search_path`, the way a SECURITY DEFINER function with a SET
 /// clause would. On ERROR the (sub)transaction abort restores user and GUC state.
 pub fn as_owner<R>(owner: Oid, search_path: &CStr, f: impl FnOnce() -> R) -> R {
@@ -135,15 +146,7 @@ pub fn check_query(query: &str, owner: Oid, search_path: &CStr) -> Vec<Oid> {
         if let Err(found) = describe_result(unsafe { (*src).resultDesc }) {
             CatalogError::QueryShape(found).raise();
         }
-        unsafe {
-            let list = (*src).relationOids;
-            if list.is_null() {
-                return Vec::new();
-            }
-            (0..(*list).length as usize)
-                .map(|i| (*(*list).elements.add(i)).oid_value)
-                .collect()
-        }
+        unsafe { relation_oids(src) }
     })
 }
 
@@ -217,53 +220,147 @@ pub fn query_latest(sql: &CStr, args: &[&str]) -> Vec<Vec<Option<String>>> {
     }
 }
 
+/// Whether `relid` has row-level security enabled (a table may get it after define).
+fn has_row_security(relid: Oid) -> bool {
+    unsafe {
+        let tuple = pg_sys::SearchSysCache1(
+            pg_sys::SysCacheIdentifier::RELOID as i32,
+            Datum::from(relid),
+        );
+        if tuple.is_null() {
+            return false;
+        }
+        let data = (*tuple).t_data;
+        let form =
+            (data as *const u8).add((*data).t_hoff as usize) as *const pg_sys::FormData_pg_class;
+        let rls = (*form).relrowsecurity;
+        pg_sys::ReleaseSysCache(tuple);
+        rls
+    }
+}
+
 /// Runs the cache's query for `key`. `None` when it returns no row or a NULL.
+///
+/// Without vary_by it runs as the cache's owner, with row_security off: a policy that would
+/// filter what the owner reads (in a table read directly or inside a function) is an ERROR,
+/// not an answer that other callers would then be served. With vary_by it runs as the
+/// current role, under its policies, and the key carries what they depend on.
 pub fn fetch(def: &CacheDef, key: &str) -> Option<SourceValue> {
     let _spi = SpiConnection::open();
-    as_owner(def.owner, &def.search_path, || unsafe {
-        let plan = match def.plan.get() {
-            Some(plan) => plan,
-            None => {
-                let plan = prepare(&def.query, &mut [pg_sys::TEXTOID]);
-                pg_sys::SPI_keepplan(plan);
-                def.plan.set(Some(plan));
-                plan
+    let shared = def.vary_by.is_empty();
+    let runner = if shared {
+        def.owner
+    } else {
+        unsafe { pg_sys::GetUserId() }
+    };
+    if shared {
+        if let Some(table) = def
+            .relations
+            .borrow()
+            .iter()
+            .find(|r| has_row_security(**r))
+        {
+            CallError::RowSecurity {
+                cache: def.name.clone(),
+                table: unsafe { rel_name(*table) },
             }
-        };
-        let key_text = pg_sys::cstring_to_text_with_len(key.as_ptr().cast(), key.len() as i32);
-        let mut values = [Datum::from(key_text)];
-        let nulls = [b' ' as std::ffi::c_char, 0];
-        // read_only = false: in READ COMMITTED that takes a fresh snapshot, which is what makes a
-        // fill reflect every commit that happened before the L2 read preceding it.
-        let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 2);
-        if rc != pg_sys::SPI_OK_SELECT as i32 {
-            CatalogError::QueryShape(format!("a statement that is not a SELECT (SPI code {rc})"))
+            .raise();
+        }
+    }
+    let row_security: &CStr = if shared { c"off" } else { c"on" };
+    let mut settings = PINNED.to_vec();
+    settings.push((c"row_security", row_security));
+    as_owner(runner, &def.search_path, || {
+        with_settings(&settings, || unsafe {
+            let plan = match def.plan.get() {
+                Some(plan) => plan,
+                None => {
+                    let plan = prepare(&def.query, &mut [pg_sys::TEXTOID]);
+                    pg_sys::SPI_keepplan(plan);
+                    def.plan.set(Some(plan));
+                    if let Some(src) = single_plan_source(plan) {
+                        *def.relations.borrow_mut() = relation_oids(src);
+                        if shared {
+                            if let Some(table) = def
+                                .relations
+                                .borrow()
+                                .iter()
+                                .find(|r| has_row_security(**r))
+                            {
+                                CallError::RowSecurity {
+                                    cache: def.name.clone(),
+                                    table: rel_name(*table),
+                                }
+                                .raise();
+                            }
+                        }
+                    }
+                    plan
+                }
+            };
+            let key_text = pg_sys::cstring_to_text_with_len(key.as_ptr().cast(), key.len() as i32);
+            let mut values = [Datum::from(key_text)];
+            let nulls = [b' ' as std::ffi::c_char, 0];
+            // read_only = false: in READ COMMITTED that takes a fresh snapshot, which is what makes a
+            // fill reflect every commit that happened before the L2 read preceding it.
+            let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 2);
+            if rc != pg_sys::SPI_OK_SELECT as i32 {
+                CatalogError::QueryShape(format!(
+                    "a statement that is not a SELECT (SPI code {rc})"
+                ))
                 .raise();
-        }
-        let processed = pg_sys::SPI_processed;
-        if processed > 1 {
-            CallError::TooManyRows(def.name.clone()).raise();
-        }
-        if processed == 0 {
-            return None;
-        }
-        let table = pg_sys::SPI_tuptable;
-        if let Err(found) = describe_result((*table).tupdesc) {
-            CatalogError::QueryShape(found).raise();
-        }
-        let tuple = *(*table).vals;
-        let mut isnull = false;
-        let raw = pg_sys::SPI_getbinval(tuple, (*table).tupdesc, 1, &mut isnull);
-        if isnull {
-            return None;
-        }
-        let flat = pg_sys::pg_detoast_datum(raw.cast_mut_ptr());
-        let out =
-            pg_sys::DirectFunctionCall1Coll(Some(raw_jsonb_out), Oid::INVALID, Datum::from(flat));
-        let json = CStr::from_ptr(out.cast_mut_ptr())
-            .to_string_lossy()
-            .into_owned();
-        let datum = pg_sys::SPI_datumTransfer(Datum::from(flat), false, -1);
-        Some(SourceValue { datum, json })
+            }
+            let processed = pg_sys::SPI_processed;
+            if processed > 1 {
+                CallError::TooManyRows(def.name.clone()).raise();
+            }
+            if processed == 0 {
+                return None;
+            }
+            let table = pg_sys::SPI_tuptable;
+            if let Err(found) = describe_result((*table).tupdesc) {
+                CatalogError::QueryShape(found).raise();
+            }
+            let tuple = *(*table).vals;
+            let mut isnull = false;
+            let raw = pg_sys::SPI_getbinval(tuple, (*table).tupdesc, 1, &mut isnull);
+            if isnull {
+                return None;
+            }
+            let flat = pg_sys::pg_detoast_datum(raw.cast_mut_ptr());
+            let out = pg_sys::DirectFunctionCall1Coll(
+                Some(raw_jsonb_out),
+                Oid::INVALID,
+                Datum::from(flat),
+            );
+            let json = CStr::from_ptr(out.cast_mut_ptr())
+                .to_string_lossy()
+                .into_owned();
+            let datum = pg_sys::SPI_datumTransfer(Datum::from(flat), false, -1);
+            Some(SourceValue { datum, json })
+        })
     })
+}
+
+unsafe fn relation_oids(src: *mut pg_sys::CachedPlanSource) -> Vec<Oid> {
+    unsafe {
+        let list = (*src).relationOids;
+        if list.is_null() {
+            return Vec::new();
+        }
+        (0..(*list).length as usize)
+            .map(|i| (*(*list).elements.add(i)).oid_value)
+            .collect()
+    }
+}
+
+unsafe fn rel_name(relid: Oid) -> String {
+    unsafe {
+        let name = pg_sys::get_rel_name(relid);
+        if name.is_null() {
+            relid.to_u32().to_string()
+        } else {
+            CStr::from_ptr(name).to_string_lossy().into_owned()
+        }
+    }
 }

@@ -88,14 +88,7 @@ fn output_is_stable(typ: Oid) -> bool {
 
 /// Runs `f` with the settings that shape a value's text pinned to fixed values.
 pub fn with_pinned_output<R>(f: impl FnOnce() -> R) -> R {
-    const PINNED: [(&CStr, &CStr); 5] = [
-        (c"DateStyle", c"ISO, MDY"),
-        (c"TimeZone", c"UTC"),
-        (c"IntervalStyle", c"postgres"),
-        (c"extra_float_digits", c"1"),
-        (c"bytea_output", c"hex"),
-    ];
-    source::with_settings(&PINNED, f)
+    source::with_settings(&source::PINNED, f)
 }
 
 unsafe fn trigger_args(trigger: *const pg_sys::Trigger) -> Vec<String> {

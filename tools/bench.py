@@ -208,7 +208,7 @@ class Bench:
     def redis_get(self, clients):
         # Keys carry the Redis incarnation (the first 12 characters of its run_id).
         inc = self.redis.client().info("server")["run_id"][:12]
-        (value_key,), = self.sql(f"SELECT 'twotier:{inc}:postgres:widget_config:v' || version || ':' || "
+        (value_key,), = self.sql(f"SELECT 'twotier:{inc}:' || (twotier.status()->>'key_scope') || ':widget_config:v' || version || ':' || "
                                  "md5('shop-00001.example.com')::uuid::text FROM twotier.caches WHERE name = 'widget_config'")[0:1]
         self.sql("SELECT cached_widget_config(md5('shop-00001.example.com')::uuid::text)")
         n = 20000 if self.quick else 200000
@@ -524,7 +524,8 @@ class Bench:
         # Counted last: SCAN also drops the expired keys it visits.
         (version,), = self.sql("SELECT version FROM twotier.caches WHERE name = 'wm'")[0:1]
         inc = r.info("server")["run_id"][:12]
-        left = sum(1 for _ in r.scan_iter(match=f"twotier:{inc}:postgres:wm:v{version}:*", count=1000))
+        (scope,), = self.sql("SELECT twotier.status()->>'key_scope'")[0:1]
+        left = sum(1 for _ in r.scan_iter(match=f"twotier:{inc}:{scope}:wm:v{version}:*", count=1000))
         res = {"rows": self.writer_big, "tombstone_ttl_s": ttl, "waited_s": round(time.time() - committed, 1),
                "update_ms": round(update_us / 1000, 1), "used_memory_before": mem0, "used_memory_peak": peak_mem,
                "used_memory_after": mem1, "delta_bytes": mem1 - mem0, "dbsize_before": keys0,

@@ -79,9 +79,14 @@ class RedisServer:
 
     DUMP = "dump.rdb"
 
-    def __init__(self, port: int | None = None, extra: list[str] | None = None, dir: Path | str | None = None):
+    def __init__(self, port: int | None = None, extra: list[str] | None = None, dir: Path | str | None = None,
+                 user: str | None = None, password: str | None = None):
         self.port = port or free_port()
         self.extra = extra or []
+        # An ACL user with a password; the default (password-less) user is then switched off.
+        self.user, self.password = user, password
+        if user:
+            self.extra += ["--user", "default", "off", "--user", user, "on", f">{password}", "~*", "&*", "+@all"]
         self.dir = Path(dir) if dir else Path(tempfile.mkdtemp(prefix="twotier-redis-"))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen | None = None
@@ -93,7 +98,8 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f"{self.user}:{self.password}@" if self.user else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, rdb: Path | str | None = None) -> "RedisServer":
         """Starts empty, or with the data of snapshot `rdb` (a path from `save_rdb`)."""
@@ -131,7 +137,8 @@ class RedisServer:
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=timeout, retry=Retry(NoBackoff(), 0))
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=timeout, retry=Retry(NoBackoff(), 0),
+                           username=self.user, password=self.password)
 
     def run_id(self) -> str:
         """Changes on every start, whatever data the server starts with."""
@@ -341,7 +348,8 @@ class RedisProxy:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f"{self.user}:{self.password}@" if self.user else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> "RedisProxy":
         self._stopping.clear()

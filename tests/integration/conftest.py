@@ -77,6 +77,15 @@ def redis_incarnation(redis_server) -> str:
     return redis_server.run_id()[:12]
 
 
+def database_scope(cluster, dbname: str = "postgres") -> str:
+    """The part of every key that names one database of one cluster: the system identifier
+    (16 hex digits) and the database's OID."""
+    (scope,), = cluster.sql("""SELECT lpad(to_hex(system_identifier), 16, '0') || '.' ||
+                                      (SELECT oid FROM pg_database WHERE datname = current_database())
+                                 FROM pg_control_system()""", dbname=dbname)
+    return scope
+
+
 class Cache:
     """A table `name` (k int, v text, ver int) and a cache `name` over it whose query counts
     its own executions in sequence `<name>_fetches`. Rows are k = 1..rows, v = 'v<k>'."""
@@ -86,6 +95,7 @@ class Cache:
         self.cluster = cluster
         self.redis = redis_server
         self.dbname = "postgres"
+        self.scope = database_scope(cluster, self.dbname)
         self.keys = list(range(1, rows + 1))
         n = self.name
         cluster.sql(f"CREATE TABLE {n}(k int PRIMARY KEY, v text, ver int NOT NULL DEFAULT 0)")
@@ -106,14 +116,14 @@ class Cache:
         return version
 
     def redis_key(self, key: str, incarnation: str | None = None) -> str:
-        """`<prefix>:<incarnation>:<database>:<cache>:v<version>:<key>`; the incarnation of
-        the Redis running now unless another one is given."""
+        """`<prefix>:<incarnation>:<cluster>.<database oid>:<cache>:v<version>:<key>`; the
+        incarnation of the Redis running now unless another one is given."""
         inc = incarnation or redis_incarnation(self.redis)
-        return f"twotier:{inc}:{self.dbname}:{self.name}:v{self.version()}:{key}"
+        return f"twotier:{inc}:{self.scope}:{self.name}:v{self.version()}:{key}"
 
     def redis_pattern(self) -> str:
         """A SCAN pattern for every key of this cache (any version) in the running Redis."""
-        return f"twotier:{redis_incarnation(self.redis)}:{self.dbname}:{self.name}:*"
+        return f"twotier:{redis_incarnation(self.redis)}:{self.scope}:{self.name}:*"
 
     def redis_value(self, key: str, incarnation: str | None = None):
         v = self.redis.client().get(self.redis_key(key, incarnation))

@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from conftest import wait_for  # noqa: E402
+from conftest import database_scope, wait_for  # noqa: E402
 
 CALL_LIMIT_S = 2.0
 _names = itertools.count(1)
@@ -65,7 +65,7 @@ def fill(stack, cache, key):
 def redis_key(stack, name, key):
     """The Redis key of a cache made here rather than through conftest's Cache."""
     (version,), = stack.cluster.sql("SELECT version FROM twotier.caches WHERE name = %s", name)
-    return f"twotier:{stack.redis.run_id()[:12]}:postgres:{name}:v{version}:{key}"
+    return f"twotier:{stack.redis.run_id()[:12]}:{database_scope(stack.cluster)}:{name}:v{version}:{key}"
 
 
 def update(conn, cache, key=1):

@@ -213,6 +213,15 @@ BEGIN
 
     -- Parsed as the owner, with the pinned path: the query must be one jsonb column.
     reads := twotier._check_query(query, owner_oid, pinned_path);
+    -- A query that ignores the key would answer every key alike: a mistake, not a cache.
+    BEGIN
+        PERFORM twotier._check_query(query, owner_oid, pinned_path, false);
+        RAISE EXCEPTION 'twotier: the query of cache % does not use $1, the key', name
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Refer to the key as $1, e.g. WHERE id = $1::int.';
+    EXCEPTION WHEN undefined_parameter THEN
+        NULL;
+    END;
     -- The ALTER TABLEs below only attach triggers: the event trigger must not flush for them.
     PERFORM set_config('twotier_internal.defining', 'on', true);
     -- Every caller would get the owner's rows: with row-level security that is a leak, unless
@@ -287,7 +296,7 @@ BEGIN
         -- An inlinable SQL wrapper: the planner replaces cached_x(k) by twotier.get('x', k), so
         -- the wrapper costs nothing per call.
         EXECUTE format($f$CREATE FUNCTION public.%I(key text) RETURNS jsonb
-            LANGUAGE sql STABLE STRICT PARALLEL UNSAFE
+            LANGUAGE sql STABLE PARALLEL UNSAFE
             AS %L$f$, 'cached_' || name, format('SELECT twotier.get(%L, key)', name));
         fn := format('public.%I(text)', 'cached_' || name)::regprocedure;
         -- Not an extension member (pg_dump must keep it), but gone with DROP EXTENSION ... CASCADE.
@@ -391,7 +400,7 @@ COMMENT ON VIEW twotier.stats IS 'Per-cache counters and latencies (microseconds
 GRANT SELECT ON twotier.stats TO PUBLIC;
 
 CREATE FUNCTION twotier.get(cache text, key text) RETURNS jsonb
-    LANGUAGE c STABLE STRICT PARALLEL UNSAFE AS 'MODULE_PATHNAME', 'twotier_get';
+    LANGUAGE c STABLE PARALLEL UNSAFE AS 'MODULE_PATHNAME', 'twotier_get';
 COMMENT ON FUNCTION twotier.get(text, text) IS 'Read KEY of cache CACHE through the tiers; what every cached_<name>(key) calls.';
 
 -- TRUNCATE fires statement triggers only on the tables it names, and row triggers are not

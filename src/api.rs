@@ -2,6 +2,7 @@
 //! the app-level API, and `twotier.status()`.
 
 use crate::catalog::{self, CacheDef};
+use crate::error::{CallError, Raise};
 use crate::gucs;
 use crate::invalidation;
 use crate::keys::{self, KeyGlob};
@@ -47,7 +48,7 @@ pub extern "C" fn pg_finfo_twotier_get() -> &'static pg_sys::Pg_finfo_record {
 }
 
 /// # Safety
-/// Called by the fmgr with a valid `fcinfo` of two non-null text arguments (STRICT).
+/// Called by the fmgr with a valid `fcinfo` of two text arguments.
 #[no_mangle]
 #[pg_guard]
 pub unsafe extern "C-unwind" fn twotier_get(fcinfo: pg_sys::FunctionCallInfo) -> Datum {
@@ -55,9 +56,9 @@ pub unsafe extern "C-unwind" fn twotier_get(fcinfo: pg_sys::FunctionCallInfo) ->
         let args = (*fcinfo).args.as_slice(2);
         let name = <&str as FromDatum>::from_datum(args[0].value, args[0].isnull);
         let key = <&str as FromDatum>::from_datum(args[1].value, args[1].isnull);
+        // Not STRICT, so that a NULL key is an ERROR rather than a silent NULL.
         let (Some(name), Some(key)) = (name, key) else {
-            (*fcinfo).isnull = true;
-            return Datum::from(0);
+            CallError::NullKey.raise();
         };
         match read_through::get(name, key) {
             Some(d) => d,
@@ -108,6 +109,9 @@ fn invalidate(cache: &str, key: &str) {
 fn invalidate_pattern(cache: &str, pattern: &str) -> i64 {
     let def = catalog::lookup(cache);
     require_admin(&def, "invalidate patterns of");
+    if pattern.is_empty() {
+        CallError::EmptyPattern.raise();
+    }
     let glob = KeyGlob::parse(pattern);
     let redis_pattern = glob.redis_pattern(&def.key_prefix);
     let prefix_len = def.key_prefix.len();
@@ -238,7 +242,7 @@ fn warm(cache: &str, keys_query: &str) -> i64 {
         }
         Ok::<_, pgrx::spi::Error>(out)
     })
-    .unwrap_or_else(|e| pgrx::error!("twotier: warm: the keys query failed: {e}"));
+    .unwrap_or_else(|e| CallError::WarmQuery(e.to_string()).raise());
     for k in &keys {
         read_through::get(cache, k);
     }

@@ -3,7 +3,7 @@
 //! TRUNCATE of a watched table all send that invalidation in their own transaction, so every
 //! backend of the server switches to the new definition (and version) exactly at its commit.
 
-use crate::error::{CatalogError, Raise};
+use crate::error::{CatalogError, InternalError, Raise};
 use crate::keys;
 use crate::stats::{self, CacheStats};
 use pgrx::pg_sys::{self, Datum, Oid};
@@ -319,7 +319,11 @@ pub fn move_to_new_version(name: &str) {
     );
     unsafe { pg_sys::PopActiveSnapshot() };
     moved.unwrap_or_else(|e| {
-        pgrx::error!("twotier: moving cache {name} to a new version failed: {e}")
+        InternalError::NewVersion {
+            cache: name.to_string(),
+            detail: e.to_string(),
+        }
+        .raise()
     });
 }
 
@@ -373,9 +377,14 @@ fn _outer_user() -> Oid {
 
 /// Checks a cache query's shape; returns the relations it reads.
 #[pg_extern(volatile, parallel_unsafe)]
-fn _check_query(query: &str, owner: Oid, search_path: &str) -> Vec<Oid> {
+fn _check_query(
+    query: &str,
+    owner: Oid,
+    search_path: &str,
+    with_key: default!(bool, true),
+) -> Vec<Oid> {
     let path = CString::new(search_path).unwrap_or_default();
-    crate::source::check_query(query, owner, &path)
+    crate::source::check_query(query, owner, &path, with_key)
 }
 
 #[pg_extern(volatile, parallel_unsafe)]

@@ -22,12 +22,22 @@ pub enum CatalogError {
 pub enum CallError {
     #[error("twotier: key of {len} bytes exceeds twotier.max_key_bytes ({max})")]
     KeyTooLong { len: usize, max: usize },
+    #[error("twotier: a cache key cannot be NULL")]
+    NullKey,
+    #[error("twotier: a cache key cannot be empty")]
+    EmptyKey,
+    #[error("twotier: an empty pattern matches no key")]
+    EmptyPattern,
+    #[error("twotier: the keys query of warm() failed: {0}")]
+    WarmQuery(String),
     #[error("twotier: the query of cache \"{0}\" returned more than one row for one key")]
     TooManyRows(String),
     #[error("twotier: cannot PREPARE a transaction that changed tables watched by a cache")]
     PrepareWithInvalidations,
     #[error("twotier: cache \"{cache}\" reads {table}, which has row-level security")]
     RowSecurity { cache: String, table: String },
+    #[error("twotier: cache \"{cache}\" would read the temporary table {table}")]
+    TempRelation { cache: String, table: String },
 }
 
 pub trait Raise {
@@ -70,24 +80,59 @@ impl Raise for CallError {
     fn sqlstate(&self) -> PgSqlErrorCode {
         match self {
             CallError::KeyTooLong { .. } => PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            CallError::NullKey => PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            CallError::EmptyKey | CallError::EmptyPattern | CallError::WarmQuery(_) => {
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE
+            }
             CallError::TooManyRows(_) => PgSqlErrorCode::ERRCODE_CARDINALITY_VIOLATION,
             CallError::PrepareWithInvalidations => PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-            CallError::RowSecurity { .. } => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            CallError::RowSecurity { .. } | CallError::TempRelation { .. } => {
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE
+            }
         }
     }
     fn hint(&self) -> Option<String> {
         match self {
             CallError::KeyTooLong { .. } => Some("Raise twotier.max_key_bytes, or cache by a shorter key such as an id.".into()),
+            CallError::NullKey | CallError::EmptyKey => {
+                Some("Pass the key the cache's query takes as $1; filter NULL or empty keys out before the call.".into())
+            }
+            CallError::EmptyPattern => Some("Use * to invalidate every key of the cache, or twotier.flush(cache) to do it in O(1).".into()),
+            CallError::WarmQuery(_) => Some("Pass a SELECT returning the keys as one text column.".into()),
             CallError::TooManyRows(_) => {
                 Some("A cache query must return at most one row per key: add a unique condition, LIMIT 1 or aggregate.".into())
             }
             CallError::PrepareWithInvalidations => {
                 Some("Commit it directly; invalidations cannot be carried across PREPARE TRANSACTION.".into())
             }
+            CallError::TempRelation { .. } => Some(
+                "A source table of the cache is gone (dropped or renamed) and a session's temporary table has its name: restore the table or redefine the cache."
+                    .into(),
+            ),
             CallError::RowSecurity { .. } => Some(
                 "One answer for every caller would leak rows across policies: redefine the cache with vary_by => ARRAY['role', ...] naming what the policies depend on."
                     .into(),
             ),
         }
+    }
+}
+
+/// Failures of twotier's own machinery (not of a caller's input): the SPI calls that read or
+/// write its catalog and outbox. Not XX000: an operator can act on these (a damaged or
+/// hand-edited catalog, a missing privilege of the extension's owner).
+#[derive(Debug, Error)]
+pub enum InternalError {
+    #[error("twotier: {what} failed (SPI code {code})")]
+    Spi { what: &'static str, code: i32 },
+    #[error("twotier: moving cache {cache} to a new version failed: {detail}")]
+    NewVersion { cache: String, detail: String },
+}
+
+impl Raise for InternalError {
+    fn sqlstate(&self) -> PgSqlErrorCode {
+        PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
+    }
+    fn hint(&self) -> Option<String> {
+        Some("Check that the twotier schema is intact (ALTER EXTENSION twotier UPDATE, or drop and re-create it) and see the server log.".into())
     }
 }

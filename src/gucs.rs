@@ -25,9 +25,38 @@ static STAMPEDE_WAIT_MS: GucSetting<i32> = GucSetting::<i32>::new(200);
 static TTL_JITTER_PCT: GucSetting<i32> = GucSetting::<i32>::new(5);
 static FLUSH_ABOVE_KEYS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 static TEST_NO_OUTBOX: GucSetting<bool> = GucSetting::<bool>::new(false);
+static REDIS_TLS_CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static REDIS_TLS_CERT_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static REDIS_TLS_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 pub fn init() {
     init_l1();
+    for (name, short, setting) in [
+        (
+            c"twotier.redis_tls_ca_file",
+            c"PEM file of the CA that signs the Redis server's certificate (rediss:// URLs); empty: the system's trust store.",
+            &REDIS_TLS_CA_FILE,
+        ),
+        (
+            c"twotier.redis_tls_cert_file",
+            c"PEM client certificate for Redis servers that require one (tls-auth-clients).",
+            &REDIS_TLS_CERT_FILE,
+        ),
+        (
+            c"twotier.redis_tls_key_file",
+            c"PEM private key of twotier.redis_tls_cert_file.",
+            &REDIS_TLS_KEY_FILE,
+        ),
+    ] {
+        GucRegistry::define_string_guc(
+            name,
+            short,
+            c"Read by each backend when it connects; only superusers see or set it.",
+            setting,
+            GucContext::Sighup,
+            GucFlags::SUPERUSER_ONLY,
+        );
+    }
     // Defined by hand for its hooks: the password is never shown (not even to
     // pg_read_all_settings, which SUPERUSER_ONLY does not keep out), and per-role,
     // per-database or per-function values, which pg_db_role_setting would show to everyone,
@@ -36,7 +65,7 @@ pub fn init() {
         pgrx::pg_sys::DefineCustomStringVariable(
             c"twotier.redis_url".as_ptr(),
             c"Redis (L2) URL, e.g. redis://user:password@127.0.0.1:6379/0 or rediss://...; empty means no L2.".as_ptr(),
-            c"Set it in postgresql.conf (or ALTER SYSTEM). Only superusers set it; the password is shown as ***.".as_ptr(),
+            c"Set it in postgresql.conf (or ALTER SYSTEM). Only superusers set it; the password is shown as ***. For rediss://, see twotier.redis_tls_ca_file.".as_ptr(),
             REDIS_URL.as_ptr(),
             c"".as_ptr(),
             GucContext::Suset as isize as _,
@@ -83,7 +112,7 @@ pub fn init() {
         &NEGATIVE_TTL_S,
         1,
         86_400,
-        GucContext::Userset,
+        GucContext::Suset,
         GucFlags::UNIT_S,
     );
     GucRegistry::define_bool_guc(
@@ -275,6 +304,20 @@ unsafe extern "C-unwind" fn show_redis_url() -> *const std::ffi::c_char {
 /// The Redis URL, borrowed; empty when L2 is off.
 pub fn redis_url() -> &'static CStr {
     cstr_setting(&REDIS_URL)
+}
+
+/// The TLS files for rediss:// (CA, client certificate, client key); None where unset.
+pub fn redis_tls_files() -> [Option<String>; 3] {
+    [
+        &REDIS_TLS_CA_FILE,
+        &REDIS_TLS_CERT_FILE,
+        &REDIS_TLS_KEY_FILE,
+    ]
+    .map(|s| {
+        s.get()
+            .map(|v| v.to_string_lossy().into_owned())
+            .filter(|v| !v.is_empty())
+    })
 }
 
 pub fn key_prefix() -> &'static str {

@@ -314,8 +314,49 @@ fn resolve(host: &str, port: u16, timeout: Duration) -> Result<std::net::SocketA
     }
 }
 
+/// A client for `url`: rediss:// URLs get the CA and client certificate of the
+/// `twotier.redis_tls_*` settings (the system trust store when no CA is set).
+fn client_for(url: &str) -> Result<redis::Client, L2Error> {
+    let bad = |e: String| L2Error::BadUrl(e);
+    let info =
+        redis::IntoConnectionInfo::into_connection_info(url).map_err(|e| bad(e.to_string()))?;
+    match info.addr {
+        redis::ConnectionAddr::TcpTls { insecure: true, .. } => {
+            return Err(bad(
+                "rediss:// with #insecure (no certificate verification) is refused".into(),
+            ))
+        }
+        redis::ConnectionAddr::TcpTls { .. } => {}
+        _ => return redis::Client::open(info).map_err(|e| bad(e.to_string())),
+    }
+    let [ca, cert, key] = gucs::redis_tls_files();
+    let read =
+        |path: &str| std::fs::read(path).map_err(|e| bad(format!("cannot read {path}: {e}")));
+    let client_tls = match (cert, key) {
+        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+            client_cert: read(&cert)?,
+            client_key: read(&key)?,
+        }),
+        (None, None) => None,
+        _ => {
+            return Err(bad(
+                "twotier.redis_tls_cert_file and twotier.redis_tls_key_file go together".into(),
+            ))
+        }
+    };
+    let root_cert = ca.map(|ca| read(&ca)).transpose()?;
+    redis::Client::build_with_tls(
+        info,
+        redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        },
+    )
+    .map_err(|e| bad(e.to_string()))
+}
+
 fn connect(url: &str) -> Result<(Link, String), L2Error> {
-    let mut client = redis::Client::open(url).map_err(|e| L2Error::BadUrl(e.to_string()))?;
+    let mut client = client_for(url)?;
     if let redis::ConnectionAddr::Tcp(host, port) = &client.get_connection_info().addr {
         let addr = resolve(host, *port, gucs::connect_timeout())?;
         let mut info = client.get_connection_info().clone();

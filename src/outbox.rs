@@ -15,6 +15,7 @@
 //! that check bumps `dirty_seq` past it. After a server start every database begins untrusted
 //! (`dirty_seq = 1`, `clean_seq = 0`): the state is rebuilt from the table, never assumed.
 
+use crate::error::{InternalError, Raise};
 use crate::gucs;
 use crate::l2_redis;
 use crate::source;
@@ -250,7 +251,11 @@ fn insert(keys: &[(String, i64)]) {
                     types.as_mut_ptr(),
                 );
                 if plan.is_null() {
-                    pgrx::error!("twotier: could not prepare the outbox insert");
+                    InternalError::Spi {
+                        what: "preparing the outbox insert",
+                        code: pg_sys::SPI_result,
+                    }
+                    .raise();
                 }
                 pg_sys::SPI_keepplan(plan);
                 p.set(Some(plan));
@@ -268,9 +273,11 @@ fn insert(keys: &[(String, i64)]) {
         pg_sys::PopActiveSnapshot();
         pg_sys::SPI_finish();
         if rc != pg_sys::SPI_OK_INSERT as i32 {
-            pgrx::error!(
-                "twotier: could not record invalidations in twotier.outbox (SPI code {rc})"
-            );
+            InternalError::Spi {
+                what: "recording invalidations in twotier.outbox",
+                code: rc,
+            }
+            .raise();
         }
     });
 }
@@ -386,7 +393,13 @@ fn delete(ids: Vec<i64>) {
             "DELETE FROM twotier.outbox WHERE id = ANY ($1)",
             &[ids.into()],
         )
-        .unwrap_or_else(|e| pgrx::error!("twotier outbox: delete failed: {e}"));
+        .unwrap_or_else(|_| {
+            InternalError::Spi {
+                what: "deleting delivered rows of twotier.outbox",
+                code: 0,
+            }
+            .raise()
+        });
     });
 }
 

@@ -295,11 +295,19 @@ impl<'a> Call<'a> {
             def.negative_ttl_s
         });
         let json = value.as_ref().map(|v| v.json.as_str());
+        let too_large = json.is_some_and(|j| j.len() > gucs::max_value_bytes());
+        if too_large {
+            def.stats.bump(Counter::TooLarge);
+            self.log(
+                "MISS",
+                " (value over twotier.max_value_kb: not stored in L2)",
+            );
+        }
         let mut invalidated_meanwhile = false;
         if let L2Miss::Absent { read, trust } = &l2 {
             // A standby may lag its primary: what it reads must not become everyone's entry.
             let l2_fill = self.may_fill
-                && json.is_none_or(|j| j.len() <= gucs::max_value_bytes())
+                && !too_large
                 && !unsafe { pg_sys::RecoveryInProgress() }
                 && outbox::still_trusted(*trust);
             if l2_fill {
@@ -329,12 +337,11 @@ impl<'a> Call<'a> {
     }
 }
 
-/// Looks `key` up in cache `name`: returns the jsonb datum, or None for SQL NULL.
-pub fn get(name: &str, key: &str) -> Option<Datum> {
-    let started = Instant::now();
-    catalog::accept_invalidations();
-    let def = catalog::lookup(name);
-    catalog::require_read(&def);
+/// Refuses keys that can name no entry: empty, or longer than twotier.max_key_bytes.
+pub fn check_key(key: &str) {
+    if key.is_empty() {
+        CallError::EmptyKey.raise();
+    }
     if key.len() > gucs::max_key_bytes() {
         CallError::KeyTooLong {
             len: key.len(),
@@ -342,6 +349,15 @@ pub fn get(name: &str, key: &str) -> Option<Datum> {
         }
         .raise();
     }
+}
+
+/// Looks `key` up in cache `name`: returns the jsonb datum, or None for SQL NULL.
+pub fn get(name: &str, key: &str) -> Option<Datum> {
+    let started = Instant::now();
+    catalog::accept_invalidations();
+    let def = catalog::lookup(name);
+    catalog::require_read(&def);
+    check_key(key);
     def.stats.bump(Counter::Calls);
     if let Some(reason) = bypass_reason(&def) {
         def.stats.bump(Counter::Bypasses);

@@ -3,7 +3,7 @@
 //! caller can redirect the query with their own search_path.
 
 use crate::catalog::CacheDef;
-use crate::error::{CallError, CatalogError, Raise};
+use crate::error::{CallError, CatalogError, InternalError, Raise};
 use pgrx::pg_sys::{self, Datum, Oid};
 
 extern "C-unwind" {
@@ -128,7 +128,11 @@ fn prepare(query: &str, argtypes: &mut [Oid]) -> pg_sys::SPIPlanPtr {
         let plan = pg_sys::SPI_prepare(q.as_ptr(), argtypes.len() as i32, argtypes.as_mut_ptr());
         if plan.is_null() {
             let code = pg_sys::SPI_result;
-            pgrx::error!("twotier: could not prepare query: SPI error {code}");
+            InternalError::Spi {
+                what: "preparing a query",
+                code,
+            }
+            .raise();
         }
         plan
     }
@@ -136,10 +140,16 @@ fn prepare(query: &str, argtypes: &mut [Oid]) -> pg_sys::SPIPlanPtr {
 
 /// Parses `query` as the cache owner would run it, checks that it yields one jsonb column,
 /// and returns the relations it reads (through views too), for `define` to check.
-pub fn check_query(query: &str, owner: Oid, search_path: &CStr) -> Vec<Oid> {
+/// Without `with_key` the query is prepared with no parameter at all: it fails (42P02) if and
+/// only if it uses `$1`, which is how define() tells that it does.
+pub fn check_query(query: &str, owner: Oid, search_path: &CStr, with_key: bool) -> Vec<Oid> {
     let _spi = SpiConnection::open();
     as_owner(owner, search_path, || {
-        let plan = prepare(query, &mut [pg_sys::TEXTOID]);
+        let plan = if with_key {
+            prepare(query, &mut [pg_sys::TEXTOID])
+        } else {
+            prepare(query, &mut [])
+        };
         let Some(src) = single_plan_source(plan) else {
             CatalogError::QueryShape("more than one statement".into()).raise();
         };
@@ -201,7 +211,11 @@ pub fn query_latest(sql: &CStr, args: &[&str]) -> Vec<Vec<Option<String>>> {
         );
         pg_sys::PopActiveSnapshot();
         if rc != pg_sys::SPI_OK_SELECT as i32 {
-            pgrx::error!("twotier: internal query failed (SPI code {rc})");
+            InternalError::Spi {
+                what: "reading twotier's catalog",
+                code: rc,
+            }
+            .raise();
         }
         let table = pg_sys::SPI_tuptable;
         let mut rows = Vec::new();
@@ -220,22 +234,40 @@ pub fn query_latest(sql: &CStr, args: &[&str]) -> Vec<Vec<Option<String>>> {
     }
 }
 
-/// Whether `relid` has row-level security enabled (a table may get it after define).
-fn has_row_security(relid: Oid) -> bool {
+/// What makes a relation unfit for an answer: row-level security when the answer is shared
+/// (a table may get it after define), or being a temporary table (a session's own, found on
+/// the pinned path only when the real table is gone: dropped or renamed).
+fn check_relations(def: &CacheDef, shared: bool) {
+    for relid in def.relations.borrow().iter() {
+        let (rls, temp) = rel_flags(*relid);
+        let (cache, table) = (def.name.clone(), unsafe { rel_name(*relid) });
+        if temp {
+            CallError::TempRelation { cache, table }.raise();
+        } else if rls && shared {
+            CallError::RowSecurity { cache, table }.raise();
+        }
+    }
+}
+
+/// (relrowsecurity, temporary) of `relid`.
+fn rel_flags(relid: Oid) -> (bool, bool) {
     unsafe {
         let tuple = pg_sys::SearchSysCache1(
             pg_sys::SysCacheIdentifier::RELOID as i32,
             Datum::from(relid),
         );
         if tuple.is_null() {
-            return false;
+            return (false, false);
         }
         let data = (*tuple).t_data;
         let form =
             (data as *const u8).add((*data).t_hoff as usize) as *const pg_sys::FormData_pg_class;
-        let rls = (*form).relrowsecurity;
+        let flags = (
+            (*form).relrowsecurity,
+            (*form).relpersistence == pg_sys::RELPERSISTENCE_TEMP as std::ffi::c_char,
+        );
         pg_sys::ReleaseSysCache(tuple);
-        rls
+        flags
     }
 }
 
@@ -253,20 +285,7 @@ pub fn fetch(def: &CacheDef, key: &str) -> Option<SourceValue> {
     } else {
         unsafe { pg_sys::GetUserId() }
     };
-    if shared {
-        if let Some(table) = def
-            .relations
-            .borrow()
-            .iter()
-            .find(|r| has_row_security(**r))
-        {
-            CallError::RowSecurity {
-                cache: def.name.clone(),
-                table: unsafe { rel_name(*table) },
-            }
-            .raise();
-        }
-    }
+    check_relations(def, shared);
     let row_security: &CStr = if shared { c"off" } else { c"on" };
     let mut settings = PINNED.to_vec();
     settings.push((c"row_security", row_security));
@@ -278,23 +297,6 @@ pub fn fetch(def: &CacheDef, key: &str) -> Option<SourceValue> {
                     let plan = prepare(&def.query, &mut [pg_sys::TEXTOID]);
                     pg_sys::SPI_keepplan(plan);
                     def.plan.set(Some(plan));
-                    if let Some(src) = single_plan_source(plan) {
-                        *def.relations.borrow_mut() = relation_oids(src);
-                        if shared {
-                            if let Some(table) = def
-                                .relations
-                                .borrow()
-                                .iter()
-                                .find(|r| has_row_security(**r))
-                            {
-                                CallError::RowSecurity {
-                                    cache: def.name.clone(),
-                                    table: rel_name(*table),
-                                }
-                                .raise();
-                            }
-                        }
-                    }
                     plan
                 }
             };
@@ -304,6 +306,12 @@ pub fn fetch(def: &CacheDef, key: &str) -> Option<SourceValue> {
             // read_only = false: in READ COMMITTED that takes a fresh snapshot, which is what makes a
             // fill reflect every commit that happened before the L2 read preceding it.
             let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 2);
+            // The relations as planned for this execution (a replan after DDL updates them):
+            // checked before the answer is returned or stored anywhere.
+            if let Some(src) = single_plan_source(plan) {
+                *def.relations.borrow_mut() = relation_oids(src);
+                check_relations(def, shared);
+            }
             if rc != pg_sys::SPI_OK_SELECT as i32 {
                 CatalogError::QueryShape(format!(
                     "a statement that is not a SELECT (SPI code {rc})"

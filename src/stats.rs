@@ -36,8 +36,10 @@ pub enum Counter {
     L2Skips,
     /// Misses answered by waiting for another backend's fetch of the same key.
     StampedeWaits,
+    /// Values over twotier.max_value_kb: answered, not stored in L2.
+    TooLarge,
 }
-const COUNTERS: usize = 12;
+const COUNTERS: usize = 13;
 
 #[repr(C)]
 pub struct Latency {
@@ -243,6 +245,7 @@ fn _stats() -> TableIterator<
         name!(redis_errors, i64),
         name!(l2_skips, i64),
         name!(stampede_waits, i64),
+        name!(too_large, i64),
         name!(l1_hit_mean_us, Option<f64>),
         name!(l1_hit_p99_us, Option<f64>),
         name!(l2_hit_mean_us, Option<f64>),
@@ -275,6 +278,7 @@ fn _stats() -> TableIterator<
             c(Counter::RedisErrors),
             c(Counter::L2Skips),
             c(Counter::StampedeWaits),
+            c(Counter::TooLarge),
             l1m,
             l1p,
             l2m,

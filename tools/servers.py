@@ -68,6 +68,37 @@ def _stop_all() -> None:
 atexit.register(_stop_all)
 
 
+class TlsFiles:
+    """A CA, a server certificate for 127.0.0.1 signed by it, a client certificate, and a
+    second CA that signed neither (for the untrusted case): made with openssl in `dir`."""
+
+    def __init__(self, dir: Path | str | None = None):
+        self.dir = Path(dir) if dir else Path(tempfile.mkdtemp(prefix="twotier-tls-"))
+        d = self.dir
+        self.ca_cert, self.ca_key = d / "ca.crt", d / "ca.key"
+        self.other_ca_cert = d / "other-ca.crt"
+        self.server_cert, self.server_key = d / "server.crt", d / "server.key"
+        self.client_cert, self.client_key = d / "client.crt", d / "client.key"
+
+        def ssl(*args):
+            subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+        for name in ("ca", "other-ca"):
+            ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN=twotier test {name}",
+                "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.crt"))
+        ext = d / "san.ext"
+        ext.write_text("subjectAltName = IP:127.0.0.1, DNS:localhost\n")
+        for name in ("server", "client"):
+            ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+                "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.csr"))
+            ssl("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(self.ca_cert), "-CAkey", str(self.ca_key),
+                "-CAcreateserial", "-days", "2", "-extfile", str(ext), "-out", str(d / f"{name}.crt"))
+        # The server reads its key as the redis user (us); PostgreSQL reads the client's.
+        _chown_tree(d)
+        for p in d.iterdir():
+            p.chmod(0o644)
+
+
 class RedisServer:
     """A redis-server child process in a directory of its own.
 
@@ -80,13 +111,20 @@ class RedisServer:
     DUMP = "dump.rdb"
 
     def __init__(self, port: int | None = None, extra: list[str] | None = None, dir: Path | str | None = None,
-                 user: str | None = None, password: str | None = None):
+                 user: str | None = None, password: str | None = None, tls: "TlsFiles | None" = None):
         self.port = port or free_port()
         self.extra = extra or []
         # An ACL user with a password; the default (password-less) user is then switched off.
         self.user, self.password = user, password
         if user:
             self.extra += ["--user", "default", "off", "--user", user, "on", f">{password}", "~*", "&*", "+@all"]
+        # TLS on a second port (the plain one stays, for the tests' own client).
+        self.tls = tls
+        self.tls_port = free_port() if tls else None
+        if tls:
+            self.extra += ["--tls-port", str(self.tls_port), "--tls-cert-file", str(tls.server_cert),
+                           "--tls-key-file", str(tls.server_key), "--tls-ca-cert-file", str(tls.ca_cert),
+                           "--tls-auth-clients", "optional"]
         self.dir = Path(dir) if dir else Path(tempfile.mkdtemp(prefix="twotier-redis-"))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen | None = None
@@ -100,6 +138,10 @@ class RedisServer:
     def url(self) -> str:
         auth = f"{self.user}:{self.password}@" if self.user else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def tls_url(self) -> str:
+        return f"rediss://127.0.0.1:{self.tls_port}/0"
 
     def start(self, rdb: Path | str | None = None) -> "RedisServer":
         """Starts empty, or with the data of snapshot `rdb` (a path from `save_rdb`)."""
@@ -348,8 +390,7 @@ class RedisProxy:
 
     @property
     def url(self) -> str:
-        auth = f"{self.user}:{self.password}@" if self.user else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> "RedisProxy":
         self._stopping.clear()

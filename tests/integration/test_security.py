@@ -423,3 +423,46 @@ def test_redis_acl_user_works_and_its_password_is_never_shown(request):
         assert answer(c, "sec_auth_c", "2") == {"v": "v2"}
         assert any("WRONGPASS" in n or "auth" in n.lower() for n in notices), notices
         assert all("wrong" not in n for n in notices), notices
+
+
+# 7c. TLS ----------------------------------------------------------------------------------
+
+def test_rediss_with_a_ca_and_a_client_certificate_and_an_untrusted_server(request):
+    """A real redis-server with --tls-port and certificates made for the test. With the CA,
+    entries reach Redis over TLS; with a CA that did not sign the server's certificate, the
+    connection is refused with a WARNING that says why, and the calls answer from the source."""
+    from conftest import twotier_settings
+    from servers import PgCluster, RedisServer, TlsFiles
+
+    tls = TlsFiles()
+    redis = RedisServer(tls=tls).start()
+    settings = twotier_settings(redis.tls_url)
+    settings.update({"twotier.redis_tls_ca_file": str(tls.ca_cert),
+                     "twotier.redis_tls_cert_file": str(tls.client_cert),
+                     "twotier.redis_tls_key_file": str(tls.client_key),
+                     "twotier.connect_timeout_ms": 2000, "twotier.read_timeout_ms": 1000})
+    pg = PgCluster(settings=settings, name="tls").start()
+    request.addfinalizer(pg.destroy)
+    request.addfinalizer(redis.destroy)
+    pg.sql("CREATE EXTENSION twotier")
+    simple_cache(pg, "sec_tls", rows=3)
+    with pg.connect() as c:
+        c.execute("SET twotier.l1_enabled = off")
+        assert answer(c, "sec_tls", "1") == {"v": "v1"}
+        assert answer(c, "sec_tls", "1") == {"v": "v1"}
+    assert wait_for(lambda: any(True for _ in redis.client().scan_iter(match="twotier:*:sec_tls:*")))
+    (hits,), = pg.sql("SELECT l2_hits FROM twotier.stats WHERE cache = 'sec_tls'")
+    assert hits >= 1
+    clients = redis.client().client_list()
+    assert any(int(cl.get("fd", -1)) >= 0 for cl in clients)
+    # An untrusted server certificate.
+    pg.set({"twotier.redis_tls_ca_file": str(tls.other_ca_cert)})
+    pg.reload()
+    with pg.connect() as c:
+        notices = []
+        c.add_notice_handler(lambda d: notices.append(d.message_primary))
+        c.execute("SET twotier.l1_enabled = off")
+        assert answer(c, "sec_tls", "2") == {"v": "v2"}
+        assert any("certificate" in n.lower() or "tls" in n.lower() for n in notices), notices
+    (errors, l2_hits), = pg.sql("SELECT redis_errors, l2_hits FROM twotier.stats WHERE cache = 'sec_tls'")
+    assert errors >= 1 and l2_hits == hits

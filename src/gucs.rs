@@ -25,6 +25,7 @@ static STAMPEDE_WAIT_MS: GucSetting<i32> = GucSetting::<i32>::new(200);
 static TTL_JITTER_PCT: GucSetting<i32> = GucSetting::<i32>::new(5);
 static FLUSH_ABOVE_KEYS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 static TEST_NO_OUTBOX: GucSetting<bool> = GucSetting::<bool>::new(false);
+static TEST_NO_WAL: GucSetting<bool> = GucSetting::<bool>::new(false);
 static REDIS_TLS_CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static REDIS_TLS_CERT_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static REDIS_TLS_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -210,6 +211,14 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::NO_SHOW_ALL,
     );
+    GucRegistry::define_bool_guc(
+        c"twotier.test_no_wal",
+        c"Test only: invalidations are not written to the WAL for standbys to replay.",
+        c"Turns off the protection the standby consistency test checks, to show that it can fail. Never in production.",
+        &TEST_NO_WAL,
+        GucContext::Suset,
+        GucFlags::NO_SHOW_ALL,
+    );
 }
 
 pub fn init_l1() {
@@ -374,6 +383,10 @@ pub fn l1_enabled() -> bool {
 
 pub fn tombstone_ttl_s() -> i64 {
     TOMBSTONE_TTL_S.get().max(1) as i64
+}
+
+pub fn test_no_wal() -> bool {
+    TEST_NO_WAL.get()
 }
 
 pub fn test_no_outbox() -> bool {

@@ -166,6 +166,9 @@ fn announce() {
     for (key, _) in &batch {
         l1::begin_invalidation(key);
     }
+    // Before the commit record: a standby replays this first and keeps the keys out of its
+    // L1 until it replays the commit.
+    crate::wal::log_invalidation(batch.iter().map(|(k, _)| k.as_str()));
     ANNOUNCED.with(|a| *a.borrow_mut() = batch.clone());
     if let Err(e) = l2_redis::mark_in_flight(&batch) {
         if e.is_fault() {

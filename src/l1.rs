@@ -13,7 +13,7 @@
 use crate::gucs;
 use pgrx::pg_sys;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering};
 
 pub const PARTITIONS: usize = 64;
 const GEN_SLOTS: usize = 1 << 16;
@@ -78,7 +78,22 @@ pub struct L1Shared {
     /// The backend (pid) running the source query for a key of this slot, if any: the other
     /// backends missing the same key wait for its fill instead of running the query too.
     fetching: [AtomicI32; GEN_SLOTS],
+    /// On a standby: the transaction (xid) whose invalidation of a key of this slot was
+    /// replayed from the WAL before its commit. Until the standby replays that commit, no
+    /// backend reads or fills L1 (or reads L2) for the slot's keys. 0: none.
+    replay_xid: [AtomicU32; GEN_SLOTS],
+    /// Replayed xids that found their slot taken by another running xid: while any of these
+    /// runs, L1 is out of play for every key.
+    replay_overflow: [AtomicU32; REPLAY_OVERFLOW],
+    /// Whether `replay_overflow` may hold a running xid: set and cleared by the startup
+    /// process only, so that readers scan the overflow only when it is in use.
+    replay_overflow_active: AtomicBool,
+    /// Set if even the overflow was full: L1 then stays off on this server until a restart,
+    /// rather than risk serving a value older than the standby's tables.
+    pub replay_lost: AtomicBool,
 }
+
+const REPLAY_OVERFLOW: usize = 256;
 
 struct Layout {
     partition_bytes: usize,
@@ -439,6 +454,11 @@ pub fn fill(key: &str, hash: u64, seen_generation: u64, value: Option<&[u8]>, tt
         return false;
     }
     let ttl_ms = ttl_s.min(gucs::l1_max_age_s()).max(1) * 1000;
+    // Replay marks are checked outside the lock (it asks the proc array); one set after this
+    // check moved the generation, which is checked under the lock.
+    if in_flight(hash) {
+        return false;
+    }
     let _g = p.lock(true);
     let slot = gen_slot(hash);
     if shared.gens[slot].load(Ordering::Acquire) != seen_generation
@@ -541,9 +561,82 @@ pub fn fetch_holder(hash: u64) -> i32 {
     shared().map_or(0, |s| s.fetching[gen_slot(hash)].load(Ordering::Acquire))
 }
 
-/// Whether a commit on this server is changing a key of `hash`'s slot right now.
+/// Whether a commit is changing a key of `hash`'s slot right now: on this server (between
+/// PRE_COMMIT and the end of COMMIT), or, on a standby, in a transaction whose invalidation
+/// was replayed and whose commit was not yet.
 pub fn in_flight(hash: u64) -> bool {
-    shared().is_some_and(|s| s.inflight[gen_slot(hash)].load(Ordering::Acquire) > 0)
+    let Some(s) = shared() else { return false };
+    if s.inflight[gen_slot(hash)].load(Ordering::Acquire) > 0 {
+        return true;
+    }
+    if s.replay_lost.load(Ordering::Relaxed) {
+        return true;
+    }
+    still_running(&s.replay_xid[gen_slot(hash)])
+        || (s.replay_overflow_active.load(Ordering::Acquire)
+            && s.replay_overflow.iter().any(still_running))
+}
+
+/// Whether the xid in `mark` is still running as this server sees it; a finished one is
+/// cleared on the way (by whoever sees it first).
+fn still_running(mark: &AtomicU32) -> bool {
+    let xid = mark.load(Ordering::Acquire);
+    if xid == 0 {
+        return false;
+    }
+    if unsafe { pg_sys::TransactionIdIsInProgress(pg_sys::TransactionId::from(xid)) } {
+        return true;
+    }
+    let _ = mark.compare_exchange(xid, 0, Ordering::AcqRel, Ordering::Relaxed);
+    false
+}
+
+/// Replay (startup process) of an invalidation by transaction `xid`, read from the WAL before
+/// its commit record: `key` leaves L1 now and stays out of play until `xid` ends here.
+pub fn replay_invalidation(key: &str, xid: u32) {
+    let Some(shared) = shared() else { return };
+    let hash = hash_key(key);
+    let mark = &shared.replay_xid[gen_slot(hash)];
+    // The startup process is the only writer of marks; readers only clear finished ones.
+    let placed = match mark.load(Ordering::Acquire) {
+        0 => mark
+            .compare_exchange(0, xid, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok(),
+        held if held == xid => true,
+        held => {
+            if unsafe { pg_sys::TransactionIdIsInProgress(pg_sys::TransactionId::from(held)) } {
+                false
+            } else {
+                mark.store(xid, Ordering::Release);
+                true
+            }
+        }
+    };
+    if shared.replay_overflow_active.load(Ordering::Acquire)
+        && !shared.replay_overflow.iter().any(still_running)
+    {
+        shared
+            .replay_overflow_active
+            .store(false, Ordering::Release);
+    }
+    if !placed {
+        let free = shared.replay_overflow.iter().find(|m| {
+            let held = m.load(Ordering::Acquire);
+            held == xid
+                || held == 0
+                || !unsafe { pg_sys::TransactionIdIsInProgress(pg_sys::TransactionId::from(held)) }
+        });
+        match free {
+            Some(m) => {
+                m.store(xid, Ordering::Release);
+                shared.replay_overflow_active.store(true, Ordering::Release);
+            }
+            None => shared.replay_lost.store(true, Ordering::Release),
+        }
+    }
+    // After the mark: a fill that read the generation before this is refused, and one that
+    // reads it after sees the mark.
+    invalidate_hashed(key, hash);
 }
 
 /// First half of a commit-time invalidation, at PRE_COMMIT: drops `key` and keeps L1 out of

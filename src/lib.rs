@@ -17,6 +17,7 @@ mod shmem;
 mod source;
 mod stats;
 mod triggers;
+mod wal;
 mod worker;
 
 ::pgrx::pg_module_magic!();
@@ -27,6 +28,7 @@ extension_sql_file!("../sql/twotier.sql", name = "twotier_catalog", finalize);
 pub extern "C-unwind" fn _PG_init() {
     gucs::init();
     shmem::init();
+    wal::init();
     if shmem::preloaded() && gucs::l1_size_mb() > 0 {
         worker::register();
     }

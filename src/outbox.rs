@@ -424,7 +424,7 @@ pub unsafe extern "C-unwind" fn twotier_outbox_main(arg: pg_sys::Datum) {
     let mut backoff = Duration::from_millis(50);
     let mut idle_since = Instant::now();
     let mut seen = std::collections::HashSet::new();
-    while !BackgroundWorker::sigterm_received() {
+    while !crate::worker::stopping() {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
@@ -494,7 +494,7 @@ pub unsafe extern "C-unwind" fn twotier_outbox_main(arg: pg_sys::Datum) {
                 }
             }
         };
-        if !pause.is_zero() && !BackgroundWorker::wait_latch(Some(pause)) {
+        if !pause.is_zero() && !crate::worker::wait(pause) {
             break;
         }
     }

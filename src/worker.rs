@@ -55,6 +55,27 @@ pub fn register() {
         .load();
 }
 
+static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this background worker was told to stop. pgrx's `sigterm_received` clears its flag
+/// when read, and its `wait_latch` reads it: a SIGTERM seen in one nested wait would be lost
+/// to the loops around it, so it is latched here. Both workers use only these two.
+pub fn stopping() -> bool {
+    if BackgroundWorker::sigterm_received() {
+        STOPPING.store(true, Ordering::Relaxed);
+    }
+    STOPPING.load(Ordering::Relaxed)
+}
+
+/// Waits on the latch up to `timeout`; false when the worker must stop (SIGTERM, or the
+/// postmaster is gone).
+pub fn wait(timeout: Duration) -> bool {
+    if !BackgroundWorker::wait_latch(Some(timeout)) {
+        STOPPING.store(true, Ordering::Relaxed);
+    }
+    !stopping()
+}
+
 fn wait_for_replay(lsn: u64) {
     if !unsafe { pg_sys::RecoveryInProgress() } {
         return;
@@ -63,9 +84,7 @@ fn wait_for_replay(lsn: u64) {
     while unsafe { pg_sys::GetXLogReplayRecPtr(std::ptr::null_mut()) } < lsn
         && Instant::now() < deadline
     {
-        if !BackgroundWorker::wait_latch(Some(Duration::from_millis(1)))
-            || BackgroundWorker::sigterm_received()
-        {
+        if !wait(Duration::from_millis(1)) {
             return;
         }
     }
@@ -123,7 +142,7 @@ fn listen(shared: &l1::L1Shared, url: &str) -> Result<(), String> {
     set_subscribed(shared, true);
     let mut last_heard = Instant::now();
     loop {
-        if BackgroundWorker::sigterm_received() {
+        if stopping() {
             return Ok(());
         }
         if BackgroundWorker::sighup_received() {
@@ -174,7 +193,7 @@ pub unsafe extern "C-unwind" fn twotier_l1_listener_main(_arg: pg_sys::Datum) {
         pgrx::log!("twotier listener: started after an earlier listener ended; L1 flushed");
     }
     let mut last_error: Option<String> = None;
-    while !BackgroundWorker::sigterm_received() {
+    while !stopping() {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
@@ -193,7 +212,7 @@ pub unsafe extern "C-unwind" fn twotier_l1_listener_main(_arg: pg_sys::Datum) {
         }
         let pause =
             gucs::retry_interval().clamp(Duration::from_millis(100), Duration::from_secs(5));
-        if !BackgroundWorker::wait_latch(Some(pause)) {
+        if !wait(pause) {
             break;
         }
     }

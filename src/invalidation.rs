@@ -166,10 +166,8 @@ fn announce() {
     for (key, _) in &batch {
         l1::begin_invalidation(key);
     }
-    // Before the commit record: a standby replays this first and keeps the keys out of its
-    // L1 until it replays the commit.
-    crate::wal::log_invalidation(batch.iter().map(|(k, _)| k.as_str()));
     ANNOUNCED.with(|a| *a.borrow_mut() = batch.clone());
+    let mut to_outbox = false;
     if let Err(e) = l2_redis::mark_in_flight(&batch) {
         if e.is_fault() {
             for s in &stats {
@@ -179,8 +177,12 @@ fn announce() {
         let no_redis_anywhere = matches!(e, L2Error::Off) && !gucs::server_has_redis();
         if !no_redis_anywhere && !gucs::test_no_outbox() {
             outbox::record(&batch);
+            to_outbox = true;
         }
     }
+    // Before the commit record: a standby replays this first, keeps the keys out of its L1
+    // until it replays the commit, and (keys in the outbox) stops trusting L2.
+    crate::wal::log_invalidation(batch.iter().map(|(k, _)| k.as_str()), to_outbox);
 }
 
 fn deliver(resolved: &[Resolved], announced: &[(String, i64)]) {

@@ -53,7 +53,16 @@ pub struct DbState {
     delivered: AtomicU64,
     failures: AtomicU64,
     last_delivery_ms: AtomicI64,
+    /// On a standby: transactions whose outbox insert was replayed from the WAL (twotier's
+    /// record precedes the commit). L2 is untrusted while one runs, and once it has ended the
+    /// worker must look at the table again (its rows are visible only now).
+    replay_xids: [AtomicU32; REPLAY_XIDS],
+    /// Set when more outbox writers were in replay at once than `replay_xids` holds: L2 is
+    /// then never trusted again on this server until a restart.
+    replay_lost: std::sync::atomic::AtomicBool,
 }
+
+const REPLAY_XIDS: usize = 32;
 
 static mut STATES: *const DbState = std::ptr::null();
 
@@ -99,6 +108,29 @@ fn state_of(db: Oid) -> Option<&'static DbState> {
     None
 }
 
+/// Replay (startup process) of an invalidation that went to the outbox of database `db` in
+/// transaction `xid`, read before its commit record.
+pub fn replay_outbox_write(db: Oid, xid: u32) {
+    let Some(st) = state_of(db) else { return };
+    st.dirty_seq.fetch_add(1, SeqCst);
+    let slot = st.replay_xids.iter().find(|m| {
+        let held = m.load(SeqCst);
+        held == 0
+            || held == xid
+            || !unsafe { pg_sys::TransactionIdIsInProgress(pg_sys::TransactionId::from(held)) }
+    });
+    match slot {
+        Some(m) => {
+            let finished = m.swap(xid, SeqCst);
+            if finished != 0 && finished != xid {
+                // Overwrote an ended one nobody had noticed yet: its rows still need a look.
+                st.dirty_seq.fetch_add(1, SeqCst);
+            }
+        }
+        None => st.replay_lost.store(true, SeqCst),
+    }
+}
+
 fn my_state() -> Option<&'static DbState> {
     // A backend stays in one database: find its slot once.
     if let Some(st) = MINE.with(|m| m.get()) {
@@ -127,6 +159,24 @@ fn worker_running(st: &DbState) -> bool {
 /// The state's sequence number if nothing is undelivered: no outbox writer in progress and
 /// every outbox write seen delivered.
 fn clean_seq(st: &DbState) -> Option<u64> {
+    if st.replay_lost.load(SeqCst) {
+        return None;
+    }
+    for mark in &st.replay_xids {
+        let xid = mark.load(SeqCst);
+        if xid == 0 {
+            continue;
+        }
+        if unsafe { pg_sys::TransactionIdIsInProgress(pg_sys::TransactionId::from(xid)) } {
+            return None;
+        }
+        // Its commit (or abort) is replayed: whoever sees that first makes the state dirty
+        // again, so that the worker re-reads the table, now with those rows in it.
+        if mark.compare_exchange(xid, 0, SeqCst, SeqCst).is_ok() {
+            st.dirty_seq.fetch_add(1, SeqCst);
+        }
+        return None;
+    }
     let seq = st.dirty_seq.load(SeqCst);
     (st.pending.load(SeqCst) == 0 && st.clean_seq.load(SeqCst) == seq).then_some(seq)
 }

@@ -37,29 +37,38 @@ pub fn init() {
     }
 }
 
-/// The record: the number of keys (u32), then each key as length (u32) and bytes. The keys
-/// are tier keys (they carry the system identifier and database OID, so a record can only
-/// match the entries it was written for).
-fn encode<'a>(keys: impl Iterator<Item = &'a str>) -> Vec<u8> {
-    let mut out = vec![0u8; 4];
+/// Flag: the keys also went to the database's outbox (Redis could not be told).
+const FLAG_OUTBOX: u32 = 1;
+const HEADER: usize = 12;
+
+/// The record: flags (u32), database OID (u32), the number of keys (u32), then each key as
+/// length (u32) and bytes. The keys are tier keys (they carry the system identifier and
+/// database OID, so a record can only match the entries it was written for).
+fn encode<'a>(flags: u32, db: u32, keys: impl Iterator<Item = &'a str>) -> Vec<u8> {
+    let mut out = vec![0u8; HEADER];
     let mut n = 0u32;
     for k in keys {
         out.extend_from_slice(&(k.len() as u32).to_le_bytes());
         out.extend_from_slice(k.as_bytes());
         n += 1;
     }
-    out[..4].copy_from_slice(&n.to_le_bytes());
+    out[..4].copy_from_slice(&flags.to_le_bytes());
+    out[4..8].copy_from_slice(&db.to_le_bytes());
+    out[8..12].copy_from_slice(&n.to_le_bytes());
     out
 }
 
-fn decode(data: &[u8]) -> Vec<&str> {
+/// (flags, database OID, keys) of a record.
+fn decode(data: &[u8]) -> (u32, u32, Vec<&str>) {
     let take = |at: usize| -> Option<u32> {
         data.get(at..at + 4)
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     };
     let mut keys = Vec::new();
-    let Some(n) = take(0) else { return keys };
-    let mut at = 4;
+    let (Some(flags), Some(db), Some(n)) = (take(0), take(4), take(8)) else {
+        return (0, 0, keys);
+    };
+    let mut at = HEADER;
     for _ in 0..n {
         let Some(len) = take(at) else { break };
         let Some(bytes) = data.get(at + 4..at + 4 + len as usize) else {
@@ -68,12 +77,12 @@ fn decode(data: &[u8]) -> Vec<&str> {
         keys.push(std::str::from_utf8(bytes).unwrap_or(""));
         at += 4 + len as usize;
     }
-    keys
+    (flags, db, keys)
 }
 
 /// At PRE_COMMIT of a writer: one record with every key it invalidates. Only where standbys
 /// can exist (wal_level replica or logical) and L1 is in shared memory.
-pub fn log_invalidation<'a>(keys: impl Iterator<Item = &'a str>) {
+pub fn log_invalidation<'a>(keys: impl Iterator<Item = &'a str>, to_outbox: bool) {
     unsafe {
         if gucs::test_no_wal()
             || pg_sys::wal_level < pg_sys::WalLevel::WAL_LEVEL_REPLICA as i32
@@ -81,8 +90,9 @@ pub fn log_invalidation<'a>(keys: impl Iterator<Item = &'a str>) {
         {
             return;
         }
-        let mut data = encode(keys);
-        if data.len() <= 4 {
+        let flags = if to_outbox { FLAG_OUTBOX } else { 0 };
+        let mut data = encode(flags, pg_sys::MyDatabaseId.to_u32(), keys);
+        if data.len() <= HEADER {
             return;
         }
         pg_sys::XLogBeginInsert();
@@ -109,8 +119,13 @@ unsafe fn record_data<'a>(record: *mut pg_sys::XLogReaderState) -> (&'a [u8], u3
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn redo(record: *mut pg_sys::XLogReaderState) {
     let (data, xid) = unsafe { record_data(record) };
-    // Crash recovery of a primary replays these too: harmless, L1 starts empty there.
-    for key in decode(data) {
+    // Crash recovery of a primary replays these too: harmless, L1 starts empty there, and L2
+    // starts untrusted until the outbox worker has read the table.
+    let (flags, db, keys) = decode(data);
+    if flags & FLAG_OUTBOX != 0 {
+        crate::outbox::replay_outbox_write(pg_sys::Oid::from(db), xid);
+    }
+    for key in keys {
         l1::replay_invalidation(key, xid);
     }
 }
@@ -118,9 +133,14 @@ unsafe extern "C-unwind" fn redo(record: *mut pg_sys::XLogReaderState) {
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn desc(buf: pg_sys::StringInfo, record: *mut pg_sys::XLogReaderState) {
     let (data, _) = unsafe { record_data(record) };
-    let keys = decode(data);
+    let (flags, db, keys) = decode(data);
     let text = format!(
-        "{} keys{}",
+        "db {db}{}, {} keys{}",
+        if flags & FLAG_OUTBOX != 0 {
+            ", outbox"
+        } else {
+            ""
+        },
         keys.len(),
         keys.first()
             .map(|k| format!(", first {k}"))
@@ -146,10 +166,13 @@ mod properties {
 
     proptest! {
         #[test]
-        fn records_decode_to_their_keys(keys in proptest::collection::vec(".{0,40}", 0..20)) {
-            let data = encode(keys.iter().map(|k| k.as_str()));
-            let back: Vec<String> = decode(&data).into_iter().map(String::from).collect();
-            prop_assert_eq!(back, keys);
+        fn records_decode_to_their_keys(
+            flags in any::<u32>(), db in any::<u32>(), keys in proptest::collection::vec(".{0,40}", 0..20),
+        ) {
+            let data = encode(flags, db, keys.iter().map(|k| k.as_str()));
+            let (f, d, back) = decode(&data);
+            let back: Vec<String> = back.into_iter().map(String::from).collect();
+            prop_assert_eq!((f, d, back), (flags, db, keys));
         }
     }
 }

@@ -127,6 +127,19 @@ def test_no_read_older_than_its_own_statement_on_either_server(request):
     assert faulty.reads["standby"] > 50 and faulty.writes > 50, summary
     assert faulty.older == {"primary": [], "standby": []}, f"Redis killed, paused, restarted: {summary}"
 
+    # A standby whose replay lags: paused for 0.7 s at a time while the primary writes and the
+    # channel delivers. It answers as of its own tables, and catches up when replay resumes.
+    def lag():
+        replica.sql("SELECT pg_wal_replay_pause()")
+        time.sleep(0.7)
+        replica.sql("SELECT pg_wal_replay_resume()")
+        time.sleep(0.3)
+
+    lagging = SameStatementCheck(primary, replica, redis, readers=3)
+    summary = lagging.run(SECONDS, chaos=lag)
+    assert lagging.reads["standby"] > 50, summary
+    assert lagging.older == {"primary": [], "standby": []}, f"replay paused and resumed: {summary}"
+
 
 def test_without_the_wal_records_the_standby_serves_older_values(request):
     """The same check with the records turned off on the primary (test-only setting): the

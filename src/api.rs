@@ -116,8 +116,10 @@ fn invalidate_pattern(cache: &str, pattern: &str) -> i64 {
     let redis_pattern = glob.redis_pattern(&def.key_prefix);
     let prefix_len = def.key_prefix.len();
     let matches = |k: &str| {
+        // Only names escape() can produce: not a stampede lease (`...~lease`).
         k.starts_with(&def.key_prefix)
-            && keys::unescape(&k[prefix_len..]).is_some_and(|raw| glob.matches(&raw))
+            && keys::unescape(&k[prefix_len..])
+                .is_some_and(|raw| keys::escape(&raw) == k[prefix_len..] && glob.matches(&raw))
     };
     // L1 too: an entry can outlive its L2 copy (Redis flushed or restarted).
     let in_l1 = l1::invalidate_matching(&def.key_prefix, matches);

@@ -561,6 +561,17 @@ pub fn fetch_holder(hash: u64) -> i32 {
     shared().map_or(0, |s| s.fetching[gen_slot(hash)].load(Ordering::Acquire))
 }
 
+/// Whether L1 may be read and filled here as far as the invalidation channel goes. A standby
+/// learns of the primary's `invalidate_pattern` and `set` only through the channel (its other
+/// invalidations come with the WAL): while a server with a Redis is in recovery and its
+/// listener is not subscribed, it uses no L1 (the listener flushes it when it subscribes).
+pub fn channel_ok() -> bool {
+    let Some(s) = shared() else { return false };
+    s.subscribed.load(Ordering::Acquire)
+        || !unsafe { pg_sys::RecoveryInProgress() }
+        || !gucs::server_has_redis()
+}
+
 /// Whether a commit is changing a key of `hash`'s slot right now: on this server (between
 /// PRE_COMMIT and the end of COMMIT), or, on a standby, in a transaction whose invalidation
 /// was replayed and whose commit was not yet.

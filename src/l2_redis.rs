@@ -64,10 +64,41 @@ end
 local cur = redis.call('GET', KEYS[1])
 if (ARGV[1] == '0' and cur == false) or (ARGV[1] == '1' and cur == ARGV[2]) then
   redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4])
+  redis.call('DEL', KEYS[2])
   return 1
 end
 return 0
 "#;
+
+/// The stampede lease of a key: `~` never occurs in an escaped key, so no entry has this name.
+fn lease_key(l2: &str) -> String {
+    format!("{l2}~lease")
+}
+
+/// Takes the cross-server stampede lease of `key` for `ttl`: servers sharing this Redis that
+/// miss the same key meanwhile wait for this fill instead of running the query too. A fill
+/// deletes it; a backend killed while holding it leaves it to expire.
+pub fn take_lease(key: &str, ttl: Duration) -> Result<bool, L2Error> {
+    with_connection(|con, ctx| {
+        let taken: Option<String> = con.call(
+            redis::cmd("SET")
+                .arg(lease_key(&ctx.key(key)))
+                .arg(std::process::id())
+                .arg("NX")
+                .arg("PX")
+                .arg(ttl.as_millis().max(1) as u64),
+        )?;
+        Ok(taken.is_some())
+    })
+}
+
+/// Whether another server holds the stampede lease of `key`.
+pub fn lease_held(key: &str) -> Result<bool, L2Error> {
+    with_connection(|con, ctx| {
+        let n: i64 = con.call(redis::cmd("EXISTS").arg(lease_key(&ctx.key(key))))?;
+        Ok(n > 0)
+    })
+}
 
 /// What a fill needs to know about the read it follows.
 #[derive(Debug, Clone)]
@@ -665,7 +696,8 @@ pub fn fill(key: &str, read: &Read, value: Option<&str>, ttl_s: i64) -> Result<b
         // EVAL with the body: Redis keeps compiled scripts by their hash, and one command
         // needs no NOSCRIPT round trip.
         let mut eval = redis::cmd("EVAL");
-        eval.arg(FILL_SCRIPT).arg(1).arg(ctx.key(key));
+        let l2 = ctx.key(key);
+        eval.arg(FILL_SCRIPT).arg(2).arg(&l2).arg(lease_key(&l2));
         match &seen {
             None => eval.arg("0").arg(""),
             Some(v) => eval.arg("1").arg(v.as_slice()),

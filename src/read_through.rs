@@ -109,7 +109,7 @@ impl<'a> Call<'a> {
     fn new(def: &'a CacheDef, key: &'a str, started: Instant) -> Self {
         let tier_key = keys::full_key(&def.key_prefix, &catalog::effective_key(def, key));
         let hash = l1::hash_key(&tier_key);
-        let use_l1 = gucs::l1_enabled() && l1::available();
+        let use_l1 = gucs::l1_enabled() && l1::available() && l1::channel_ok();
         let generation = if l1::available() {
             l1::generation(hash)
         } else {
@@ -261,6 +261,32 @@ impl<'a> Call<'a> {
         None
     }
 
+    /// Another server holds this key's stampede lease: poll L2 for its fill, a bounded time.
+    /// `Some(answer)` when the fill came (served like any L2 hit, with every L2 check).
+    fn wait_for_l2_fill(&self, wait: std::time::Duration) -> Option<Option<Datum>> {
+        if !l2_redis::lease_held(&self.tier_key).unwrap_or(false) {
+            return None;
+        }
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            pgrx::check_for_interrupts!();
+            unsafe { pg_sys::pg_usleep(2000) };
+            match self.try_l2() {
+                Ok(answer) => {
+                    self.def.stats.bump(Counter::StampedeWaits);
+                    return Some(answer);
+                }
+                Err(L2Miss::Absent { .. }) => {
+                    if !l2_redis::lease_held(&self.tier_key).unwrap_or(false) {
+                        return None;
+                    }
+                }
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
     /// The source, then the fills that the contract allows.
     fn try_source(&self, l2: L2Miss) -> Option<Datum> {
         let def = self.def;
@@ -280,6 +306,17 @@ impl<'a> Call<'a> {
                 }
             },
         };
+        // Across servers (a primary and its standbys share entries): the primary's leader
+        // takes a lease in Redis; a standby missing the key meanwhile waits for its fill.
+        if let (Some(wait), L2Miss::Absent { .. }) = (gucs::stampede_wait(), &l2) {
+            if unsafe { pg_sys::RecoveryInProgress() } {
+                if let Some(answer) = self.wait_for_l2_fill(wait) {
+                    return answer;
+                }
+            } else if self.may_fill {
+                let _ = l2_redis::take_lease(&self.tier_key, wait * 2);
+            }
+        }
         def.stats.bump(Counter::Misses);
         let value = source::fetch(def, self.key);
         if matches!(l2, L2Miss::InFlight) {

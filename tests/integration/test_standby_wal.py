@@ -148,3 +148,96 @@ def test_without_the_wal_records_the_standby_serves_older_values(request):
     check = SameStatementCheck(primary, replica, redis, writers=2, readers=3)
     summary = check.run(max(SECONDS, 8))
     assert check.older["standby"], f"expected older reads without the WAL records: {summary}"
+
+
+def test_a_standby_uses_no_l1_while_its_listener_is_not_subscribed(request):
+    """What a standby learns only through the channel (`invalidate_pattern`, `set` on the
+    primary) could be missed while its listener is not subscribed: it then answers without
+    L1, and uses L1 again once subscribed (after the flush that comes with subscribing)."""
+    redis, primary, replica = make_stack(request)
+
+    def l1_hits(c):
+        return c.execute("SELECT l1_hits FROM twotier.stats WHERE cache = 'ss'").fetchone()[0]
+
+    def subscribed(c):
+        return c.execute("SELECT (twotier.status()->'l1'->'worker'->>'subscribed')::bool").fetchone()[0]
+
+    with replica.connect() as c:
+        assert wait_for(lambda: subscribed(c), 10)
+        for _ in range(3):
+            c.execute("SELECT cached_ss('1')")
+        assert l1_hits(c) >= 1
+        redis.kill()
+        assert wait_for(lambda: not subscribed(c), 10)
+        before = l1_hits(c)
+        for _ in range(5):
+            assert c.execute("SELECT (cached_ss('1')->>'ver')::int").fetchone()[0] == 0
+        assert l1_hits(c) == before, "L1 served while the channel was lost"
+        redis.start()
+        assert wait_for(lambda: subscribed(c), 15)
+        for _ in range(3):
+            c.execute("SELECT cached_ss('1')")
+        assert l1_hits(c) > before
+
+
+def test_a_standby_missing_a_key_waits_for_the_primarys_fill(request):
+    """Stampede protection across servers: the primary's fetch of a missing key takes a short
+    lease in Redis; a standby missing the same key meanwhile waits for the fill (bounded by
+    twotier.stampede_wait_ms) instead of running the query on its own tables too. Without the
+    wait it runs the query. A backend killed while it holds the lease leaves it to expire."""
+    redis, primary, replica = make_stack(request)
+    primary.sql("""CREATE FUNCTION slow_ver(int) RETURNS int LANGUAGE sql STABLE AS
+                   $$ SELECT pg_sleep(0.6); SELECT ver FROM ss WHERE k = $1 $$""")
+    primary.sql("""SELECT twotier.define('sl', $q$SELECT jsonb_build_object('ver', slow_ver($1::int))$q$,
+                   '5 min', ARRAY['ss(k)'])""")
+    assert wait_for(lambda: replica.sql("SELECT count(*) FROM twotier.caches WHERE name = 'sl'")[0][0] == 1, 10)
+
+    def stats(c):
+        return c.execute("SELECT misses, stampede_waits FROM twotier.stats WHERE cache = 'sl'").fetchone() or (0, 0)
+
+    def primary_call(key, box):
+        with primary.connect() as c:
+            c.execute("SET twotier.stampede_wait_ms = 3000")
+            box["pid"] = c.info.backend_pid
+            try:
+                box["v"] = c.execute("SELECT cached_sl(%s)", (key,)).fetchone()[0]
+            except psycopg.Error as e:
+                box["error"] = e
+
+    with replica.connect() as r:
+        assert wait_for(lambda: r.execute(
+            "SELECT (twotier.status()->'outbox'->>'l2_trusted')::bool").fetchone()[0], 10)
+        r.execute("SET twotier.stampede_wait_ms = 3000")
+        # 1. With the wait: the standby is answered by the primary's fill.
+        box = {}
+        t = threading.Thread(target=primary_call, args=("1", box))
+        t.start()
+        time.sleep(0.2)
+        m0, w0 = stats(r)
+        assert r.execute("SELECT cached_sl('1')").fetchone()[0] == {"ver": 0}
+        t.join()
+        m1, w1 = stats(r)
+        assert (m1 - m0, w1 - w0) == (0, 1), "the standby ran the query instead of waiting"
+        # 2. Without it: the standby runs the query itself.
+        box = {}
+        t = threading.Thread(target=primary_call, args=("2", box))
+        t.start()
+        time.sleep(0.2)
+        r.execute("SET twotier.stampede_wait_ms = 0")
+        assert r.execute("SELECT cached_sl('2')").fetchone()[0] == {"ver": 0}
+        t.join()
+        m2, w2 = stats(r)
+        assert (m2 - m1, w2 - w1) == (1, 0)
+        # 3. The primary's backend is killed holding the lease: the standby waits no longer
+        #    than the lease and its own bound, then answers from its tables.
+        r.execute("SET twotier.stampede_wait_ms = 1000")
+        box = {}
+        t = threading.Thread(target=primary_call, args=("3", box))
+        t.start()
+        time.sleep(0.2)
+        primary.sql("SELECT pg_terminate_backend(%s)", box["pid"])
+        started = time.time()
+        assert r.execute("SELECT cached_sl('3')").fetchone()[0] == {"ver": 0}
+        assert time.time() - started < 3.0
+        t.join()
+        assert "error" in box

@@ -67,6 +67,7 @@ if (ARGV[1] == '0' and cur == false) or (ARGV[1] == '1' and cur == ARGV[2]) then
   redis.call('DEL', KEYS[2])
   return 1
 end
+redis.call('DEL', KEYS[2])
 return 0
 "#;
 
@@ -90,6 +91,14 @@ pub fn take_lease(key: &str, ttl: Duration) -> Result<bool, L2Error> {
         )?;
         Ok(taken.is_some())
     })
+}
+
+/// Gives the lease back without a fill (nothing to store, or L2 no longer trusted), so that
+/// waiting servers go to their source now rather than at the end of their wait.
+pub fn release_lease(key: &str) {
+    let _ = with_connection(|con, ctx| {
+        con.call::<i64>(redis::cmd("DEL").arg(lease_key(&ctx.key(key))))
+    });
 }
 
 /// Whether another server holds the stampede lease of `key`.

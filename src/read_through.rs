@@ -308,13 +308,14 @@ impl<'a> Call<'a> {
         };
         // Across servers (a primary and its standbys share entries): the primary's leader
         // takes a lease in Redis; a standby missing the key meanwhile waits for its fill.
+        let mut leased = false;
         if let (Some(wait), L2Miss::Absent { .. }) = (gucs::stampede_wait(), &l2) {
             if unsafe { pg_sys::RecoveryInProgress() } {
                 if let Some(answer) = self.wait_for_l2_fill(wait) {
                     return answer;
                 }
             } else if self.may_fill {
-                let _ = l2_redis::take_lease(&self.tier_key, wait * 2);
+                leased = l2_redis::take_lease(&self.tier_key, wait * 2).unwrap_or(false);
             }
         }
         def.stats.bump(Counter::Misses);
@@ -347,6 +348,9 @@ impl<'a> Call<'a> {
                 && !too_large
                 && !unsafe { pg_sys::RecoveryInProgress() }
                 && outbox::still_trusted(*trust);
+            if leased && !l2_fill {
+                l2_redis::release_lease(&self.tier_key);
+            }
             if l2_fill {
                 match l2_redis::fill(&self.tier_key, read, json, ttl) {
                     Ok(true) => {

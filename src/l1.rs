@@ -588,18 +588,8 @@ pub fn in_flight(hash: u64) -> bool {
             && s.replay_overflow.iter().any(still_running))
 }
 
-/// Whether the xid in `mark` is still running as this server sees it; a finished one is
-/// cleared on the way (by whoever sees it first).
 fn still_running(mark: &AtomicU32) -> bool {
-    let xid = mark.load(Ordering::Acquire);
-    if xid == 0 {
-        return false;
-    }
-    if unsafe { pg_sys::TransactionIdIsInProgress(pg_sys::TransactionId::from(xid)) } {
-        return true;
-    }
-    let _ = mark.compare_exchange(xid, 0, Ordering::AcqRel, Ordering::Relaxed);
-    false
+    matches!(crate::wal::read_mark(mark), crate::wal::Mark::Running)
 }
 
 /// Replay (startup process) of an invalidation by transaction `xid`, read from the WAL before
@@ -607,22 +597,9 @@ fn still_running(mark: &AtomicU32) -> bool {
 pub fn replay_invalidation(key: &str, xid: u32) {
     let Some(shared) = shared() else { return };
     let hash = hash_key(key);
-    let mark = &shared.replay_xid[gen_slot(hash)];
     // The startup process is the only writer of marks; readers only clear finished ones.
-    let placed = match mark.load(Ordering::Acquire) {
-        0 => mark
-            .compare_exchange(0, xid, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok(),
-        held if held == xid => true,
-        held => {
-            if unsafe { pg_sys::TransactionIdIsInProgress(pg_sys::TransactionId::from(held)) } {
-                false
-            } else {
-                mark.store(xid, Ordering::Release);
-                true
-            }
-        }
-    };
+    let slot = std::slice::from_ref(&shared.replay_xid[gen_slot(hash)]);
+    let placed = crate::wal::claim_mark(slot, xid).is_some();
     if shared.replay_overflow_active.load(Ordering::Acquire)
         && !shared.replay_overflow.iter().any(still_running)
     {
@@ -631,17 +608,8 @@ pub fn replay_invalidation(key: &str, xid: u32) {
             .store(false, Ordering::Release);
     }
     if !placed {
-        let free = shared.replay_overflow.iter().find(|m| {
-            let held = m.load(Ordering::Acquire);
-            held == xid
-                || held == 0
-                || !unsafe { pg_sys::TransactionIdIsInProgress(pg_sys::TransactionId::from(held)) }
-        });
-        match free {
-            Some(m) => {
-                m.store(xid, Ordering::Release);
-                shared.replay_overflow_active.store(true, Ordering::Release);
-            }
+        match crate::wal::claim_mark(&shared.replay_overflow, xid) {
+            Some(_) => shared.replay_overflow_active.store(true, Ordering::Release),
             None => shared.replay_lost.store(true, Ordering::Release),
         }
     }

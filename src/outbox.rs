@@ -113,20 +113,12 @@ fn state_of(db: Oid) -> Option<&'static DbState> {
 pub fn replay_outbox_write(db: Oid, xid: u32) {
     let Some(st) = state_of(db) else { return };
     st.dirty_seq.fetch_add(1, SeqCst);
-    let slot = st.replay_xids.iter().find(|m| {
-        let held = m.load(SeqCst);
-        held == 0
-            || held == xid
-            || !unsafe { pg_sys::TransactionIdIsInProgress(pg_sys::TransactionId::from(held)) }
-    });
-    match slot {
-        Some(m) => {
-            let finished = m.swap(xid, SeqCst);
-            if finished != 0 && finished != xid {
-                // Overwrote an ended one nobody had noticed yet: its rows still need a look.
-                st.dirty_seq.fetch_add(1, SeqCst);
-            }
+    match crate::wal::claim_mark(&st.replay_xids, xid) {
+        // Overwrote an ended one nobody had noticed yet: its rows still need a look.
+        Some(finished) if finished != 0 && finished != xid => {
+            st.dirty_seq.fetch_add(1, SeqCst);
         }
+        Some(_) => {}
         None => st.replay_lost.store(true, SeqCst),
     }
 }
@@ -163,19 +155,18 @@ fn clean_seq(st: &DbState) -> Option<u64> {
         return None;
     }
     for mark in &st.replay_xids {
-        let xid = mark.load(SeqCst);
-        if xid == 0 {
-            continue;
+        match crate::wal::read_mark(mark) {
+            crate::wal::Mark::Empty => continue,
+            crate::wal::Mark::Running => return None,
+            // Its commit (or abort) is replayed: whoever sees that first makes the state dirty
+            // again, so that the worker re-reads the table, now with those rows in it.
+            crate::wal::Mark::Ended { cleared_here } => {
+                if cleared_here {
+                    st.dirty_seq.fetch_add(1, SeqCst);
+                }
+                return None;
+            }
         }
-        if unsafe { pg_sys::TransactionIdIsInProgress(pg_sys::TransactionId::from(xid)) } {
-            return None;
-        }
-        // Its commit (or abort) is replayed: whoever sees that first makes the state dirty
-        // again, so that the worker re-reads the table, now with those rows in it.
-        if mark.compare_exchange(xid, 0, SeqCst, SeqCst).is_ok() {
-            st.dirty_seq.fetch_add(1, SeqCst);
-        }
-        return None;
     }
     let seq = st.dirty_seq.load(SeqCst);
     (st.pending.load(SeqCst) == 0 && st.clean_seq.load(SeqCst) == seq).then_some(seq)

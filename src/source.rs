@@ -285,7 +285,6 @@ pub fn fetch(def: &CacheDef, key: &str) -> Option<SourceValue> {
     } else {
         unsafe { pg_sys::GetUserId() }
     };
-    check_relations(def, shared);
     let row_security: &CStr = if shared { c"off" } else { c"on" };
     let mut settings = PINNED.to_vec();
     settings.push((c"row_security", row_security));

@@ -12,6 +12,7 @@ use crate::gucs;
 use crate::l1;
 use pgrx::pg_sys;
 use std::ffi::c_char;
+use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
 
 const RM_ID: u8 = pg_sys::RM_EXPERIMENTAL_ID as u8;
 const XLOG_TWOTIER_INVALIDATE: u8 = 0x00;
@@ -114,6 +115,46 @@ unsafe fn record_data<'a>(record: *mut pg_sys::XLogReaderState) -> (&'a [u8], u3
         };
         (data, (*decoded).header.xl_xid.into())
     }
+}
+
+/// Whether `xid` is still running as this server sees it: on a standby, whether its commit
+/// (or abort) has not been replayed yet.
+pub fn xid_running(xid: u32) -> bool {
+    unsafe { pg_sys::TransactionIdIsInProgress(pg_sys::TransactionId::from(xid)) }
+}
+
+/// A mark holding the xid of a transaction whose invalidation was replayed (0: none).
+pub enum Mark {
+    Empty,
+    Running,
+    /// Its commit or abort is replayed; `cleared_here` if this call reset the mark to 0.
+    Ended {
+        cleared_here: bool,
+    },
+}
+
+/// Reads a mark; one whose xid has ended is cleared on the way, by whoever sees it first.
+pub fn read_mark(mark: &AtomicU32) -> Mark {
+    let xid = mark.load(SeqCst);
+    if xid == 0 {
+        Mark::Empty
+    } else if xid_running(xid) {
+        Mark::Running
+    } else {
+        Mark::Ended {
+            cleared_here: mark.compare_exchange(xid, 0, SeqCst, SeqCst).is_ok(),
+        }
+    }
+}
+
+/// Replay: puts `xid` in a mark of `marks` that is empty, already holds it, or holds an ended
+/// xid. Returns what it replaced, or None when every mark holds another running xid.
+pub fn claim_mark(marks: &[AtomicU32], xid: u32) -> Option<u32> {
+    let free = marks.iter().find(|m| {
+        let held = m.load(SeqCst);
+        held == 0 || held == xid || !xid_running(held)
+    })?;
+    Some(free.swap(xid, SeqCst))
 }
 
 #[pgrx::pg_guard]

@@ -388,16 +388,31 @@ def test_two_clusters_sharing_a_redis_never_share_entries(cluster, redis_server)
 
 # 7b. Redis AUTH with an ACL user ----------------------------------------------------------
 
-def test_redis_acl_user_works_and_its_password_is_never_shown(request):
+def own_cluster(request, redis, url: str, cache: str, rows: int, name: str, **settings):
+    """A cluster of the test's own on `redis` (reached at `url`), with twotier and
+    `simple_cache(cache)`; both are destroyed after the test."""
     from conftest import twotier_settings
-    from servers import PgCluster, RedisServer
+    from servers import PgCluster
 
-    redis = RedisServer(user="twotier_app", password="s3cret-pw").start()
-    pg = PgCluster(settings=twotier_settings(redis.url), name="auth").start()
+    pg = PgCluster(settings={**twotier_settings(url), **settings}, name=name).start()
     request.addfinalizer(pg.destroy)
     request.addfinalizer(redis.destroy)
     pg.sql("CREATE EXTENSION twotier")
-    simple_cache(pg, "sec_auth_c", rows=2)
+    simple_cache(pg, cache, rows=rows)
+    return pg
+
+
+def collect_notices(conn) -> list:
+    notices = []
+    conn.add_notice_handler(lambda d: notices.append(d.message_primary))
+    return notices
+
+
+def test_redis_acl_user_works_and_its_password_is_never_shown(request):
+    from servers import RedisServer
+
+    redis = RedisServer(user="twotier_app", password="s3cret-pw").start()
+    pg = own_cluster(request, redis, redis.url, "sec_auth_c", 2, "auth")
     with pg.connect() as c:
         c.execute("SET twotier.l1_enabled = off")
         assert answer(c, "sec_auth_c", "1") == {"v": "v1"}
@@ -416,8 +431,7 @@ def test_redis_acl_user_works_and_its_password_is_never_shown(request):
     assert "s3cret" not in pg.log_text()
     # A wrong password: a WARNING that says so, and the source answers.
     with pg.connect() as c:
-        notices = []
-        c.add_notice_handler(lambda d: notices.append(d.message_primary))
+        notices = collect_notices(c)
         c.execute(f"SET twotier.redis_url = 'redis://twotier_app:wrong@127.0.0.1:{redis.port}/0'")
         c.execute("SET twotier.l1_enabled = off")
         assert answer(c, "sec_auth_c", "2") == {"v": "v2"}
@@ -431,21 +445,15 @@ def test_rediss_with_a_ca_and_a_client_certificate_and_an_untrusted_server(reque
     """A real redis-server with --tls-port and certificates made for the test. With the CA,
     entries reach Redis over TLS; with a CA that did not sign the server's certificate, the
     connection is refused with a WARNING that says why, and the calls answer from the source."""
-    from conftest import twotier_settings
-    from servers import PgCluster, RedisServer, TlsFiles
+    from servers import RedisServer, TlsFiles
 
     tls = TlsFiles()
     redis = RedisServer(tls=tls).start()
-    settings = twotier_settings(redis.tls_url)
-    settings.update({"twotier.redis_tls_ca_file": str(tls.ca_cert),
-                     "twotier.redis_tls_cert_file": str(tls.client_cert),
-                     "twotier.redis_tls_key_file": str(tls.client_key),
-                     "twotier.connect_timeout_ms": 2000, "twotier.read_timeout_ms": 1000})
-    pg = PgCluster(settings=settings, name="tls").start()
-    request.addfinalizer(pg.destroy)
-    request.addfinalizer(redis.destroy)
-    pg.sql("CREATE EXTENSION twotier")
-    simple_cache(pg, "sec_tls", rows=3)
+    pg = own_cluster(request, redis, redis.tls_url, "sec_tls", 3, "tls", **{
+        "twotier.redis_tls_ca_file": str(tls.ca_cert),
+        "twotier.redis_tls_cert_file": str(tls.client_cert),
+        "twotier.redis_tls_key_file": str(tls.client_key),
+        "twotier.connect_timeout_ms": 2000, "twotier.read_timeout_ms": 1000})
     with pg.connect() as c:
         c.execute("SET twotier.l1_enabled = off")
         assert answer(c, "sec_tls", "1") == {"v": "v1"}
@@ -459,8 +467,7 @@ def test_rediss_with_a_ca_and_a_client_certificate_and_an_untrusted_server(reque
     pg.set({"twotier.redis_tls_ca_file": str(tls.other_ca_cert)})
     pg.reload()
     with pg.connect() as c:
-        notices = []
-        c.add_notice_handler(lambda d: notices.append(d.message_primary))
+        notices = collect_notices(c)
         c.execute("SET twotier.l1_enabled = off")
         assert answer(c, "sec_tls", "2") == {"v": "v2"}
         assert any("certificate" in n.lower() or "tls" in n.lower() for n in notices), notices

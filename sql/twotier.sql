@@ -23,12 +23,21 @@ CREATE TABLE twotier.caches (
     -- What the answer depends on besides the key ('role', setting names): part of every key,
     -- and the query runs as the caller. Empty: one answer per key, computed as the owner.
     vary_by text[] NOT NULL DEFAULT '{}',
+    -- The types of the key's parts ($1, $2, ... of the query) and the names the generated
+    -- functions give them. A key is stored as its canonical text: each part rendered by its
+    -- type's output function under pinned settings, several parts joined by twotier.key_text.
+    key_types regtype[] NOT NULL DEFAULT '{text}' CHECK (cardinality(key_types) BETWEEN 1 AND 8),
+    key_names text[] NOT NULL DEFAULT '{key}' CHECK (cardinality(key_names) BETWEEN 1 AND 8),
+    -- What cached_<name> returns: jsonb, or json (the canonical text, passed through as is).
+    returns text NOT NULL DEFAULT 'jsonb' CHECK (returns IN ('jsonb', 'json')),
     -- Part of every Redis key: bumping it is an O(1) flush, and because it is a clock reading
     -- (strictly increasing) a dropped-and-recreated cache never meets its predecessor's keys.
     version bigint NOT NULL,
     owner regrole NOT NULL,
     search_path text NOT NULL,
     function regprocedure NOT NULL,
+    -- cached_<name>_many(keys[]): many keys in one call.
+    many_function regprocedure,
     trigger_functions regprocedure[] NOT NULL DEFAULT '{}',
     created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
     updated_at timestamptz NOT NULL DEFAULT pg_catalog.now()
@@ -105,6 +114,9 @@ BEGIN
         -- CASCADE takes the triggers that call it; nothing else depends on these functions.
         EXECUTE format('DROP FUNCTION IF EXISTS %s CASCADE', f);
     END LOOP;
+    IF drop_function AND c.many_function IS NOT NULL AND to_regprocedure(c.many_function::text) IS NOT NULL THEN
+        EXECUTE format('DROP FUNCTION %s', c.many_function);
+    END IF;
     IF drop_function AND to_regprocedure(c.function::text) IS NOT NULL THEN
         EXECUTE format('DROP FUNCTION %s', c.function);
     END IF;
@@ -146,7 +158,7 @@ $$;
 -- caller's path), and everything that parses the caller's SQL does so as the cache's owner.
 CREATE FUNCTION twotier._define(
     name text, query text, ttl interval, watch text[], negative_ttl interval, vary_by text[],
-    caller_schemas name[]
+    caller_schemas name[], key_types text[], key_names text[], returns text, schema name
 ) RETURNS regprocedure
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $define$
 DECLARE
@@ -159,6 +171,7 @@ DECLARE
     tbl oid;
     expr text;
     fn regprocedure;
+    many regprocedure;
     i int := 0;
     tables oid[] := '{}';
     exprs text[] := '{}';
@@ -167,6 +180,20 @@ DECLARE
     rls_tables text;
     unwatched text;
     v text;
+    types oid[];
+    names text[];
+    n int;
+    problem text;
+    fn_schema name := coalesce(_define.schema, 'public');
+    fn_name text := 'cached_' || _define.name;
+    args text;
+    many_args text;
+    key_expr text;
+    many_keys text;
+    out_cols text;
+    getter text;
+    acl aclitem[];
+    grant_row record;
 BEGIN
     IF name IS NULL OR name !~ '^[a-z_][a-z0-9_]*$' OR length(name) > 48 THEN
         RAISE EXCEPTION 'twotier: invalid cache name %', coalesce(quote_literal(name), 'NULL')
@@ -188,6 +215,16 @@ BEGIN
                       HINT = 'For example vary_by => ARRAY[''role'', ''request.jwt.claims''].';
         END IF;
     END LOOP;
+    IF returns IS NULL OR returns NOT IN ('jsonb', 'json') THEN
+        RAISE EXCEPTION 'twotier: returns must be ''jsonb'' or ''json'', not %', coalesce(quote_literal(returns), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'json hands the cached text to the client as it is; jsonb suits callers that use -> and ->> in SQL.';
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_namespace WHERE nspname = fn_schema)
+       OR fn_schema IN ('pg_catalog', 'information_schema', 'twotier') OR fn_schema ~ '^pg_(toast|temp|toast_temp)' THEN
+        RAISE EXCEPTION 'twotier: cannot create cache functions in schema %', quote_ident(fn_schema)
+            USING ERRCODE = 'invalid_schema_name', HINT = 'Name an existing schema of your own, such as public or api.';
+    END IF;
 
     SELECT * INTO old FROM twotier.caches c WHERE c.name = _define.name FOR UPDATE;
     IF FOUND THEN
@@ -202,6 +239,12 @@ BEGIN
     ELSE
         owner_oid := caller;
     END IF;
+    -- public keeps working as it always did; any other schema takes the right to create in it.
+    IF fn_schema <> 'public' AND NOT (has_schema_privilege(caller, fn_schema, 'CREATE')
+                                      AND has_schema_privilege(owner_oid, fn_schema, 'CREATE')) THEN
+        RAISE EXCEPTION 'twotier: permission denied to create cache functions in schema %', quote_ident(fn_schema)
+            USING ERRCODE = 'insufficient_privilege', HINT = 'The schema''s owner can GRANT CREATE ON SCHEMA to the cache''s owner.';
+    END IF;
 
     -- The path the query and the key expressions run with: the caller's schemas as they are
     -- now (no "$user" resolved later, no temp schema), then pg_temp, last, so that no session's
@@ -211,14 +254,64 @@ BEGIN
       FROM unnest(caller_schemas) WITH ORDINALITY AS t(s, pos)
      WHERE s !~ '^pg_(toast_)?temp';
 
-    -- Parsed as the owner, with the pinned path: the query must be one jsonb column.
-    reads := twotier._check_query(query, owner_oid, pinned_path);
-    -- A query that ignores the key would answer every key alike: a mistake, not a cache.
+    -- The key's types: as given (resolved as the owner, on the pinned path), or as the query
+    -- uses its parameters. An inferred single type without a canonical text form (float8,
+    -- numeric, ...) leaves the key text, as it was before keys had types.
+    IF key_types IS NOT NULL THEN
+        IF cardinality(key_types) NOT BETWEEN 1 AND 8 THEN
+            RAISE EXCEPTION 'twotier: cache % needs 1 to 8 key types, not %', name, cardinality(key_types)
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        types := twotier._resolve_key_types(key_types, owner_oid, pinned_path);
+    ELSE
+        BEGIN
+            types := twotier._infer_key_types(query, owner_oid, pinned_path);
+        EXCEPTION WHEN OTHERS THEN
+            types := NULL;
+        END;
+        IF coalesce(cardinality(types), 0) NOT BETWEEN 1 AND 8
+           OR (cardinality(types) = 1 AND twotier._key_type_problem(types[1]) IS NOT NULL) THEN
+            types := ARRAY['text'::regtype::oid];
+        END IF;
+    END IF;
+    n := cardinality(types);
+    FOR i IN 1 .. n LOOP
+        problem := twotier._key_type_problem(types[i]);
+        IF problem IS NOT NULL THEN
+            RAISE EXCEPTION 'twotier: key type % of cache % cannot be a key: %', types[i]::regtype, name, problem
+                USING ERRCODE = 'feature_not_supported',
+                      HINT = 'Keys can be int, bigint, smallint, oid, text, varchar, name, uuid, boolean, date, timestamp, timestamptz, an enum, or a domain over one of these; pass others as text you normalize yourself.';
+        END IF;
+    END LOOP;
+    names := coalesce(key_names, CASE WHEN n = 1 THEN ARRAY['key']
+                                      ELSE (SELECT array_agg('key' || g ORDER BY g) FROM generate_series(1, n) g) END);
+    IF cardinality(names) <> n OR EXISTS (SELECT FROM unnest(names) k WHERE k IS NULL OR k !~ '^[a-z_][a-z0-9_]*$' OR k = 'value')
+       OR (SELECT count(DISTINCT k) FROM unnest(names) k) <> n THEN
+        RAISE EXCEPTION 'twotier: cache % needs % distinct key names (lowercase identifiers, not "value")', name, n
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'For example key_names => ARRAY[''tenant'', ''locale''].';
+    END IF;
+
+    -- Parsed as the owner, with the pinned path and the key's types: one jsonb column.
     BEGIN
-        PERFORM twotier._check_query(query, owner_oid, pinned_path, false);
-        RAISE EXCEPTION 'twotier: the query of cache % does not use $1, the key', name
+        reads := twotier._check_query(query, owner_oid, pinned_path, types);
+    EXCEPTION
+        WHEN datatype_mismatch OR undefined_table OR undefined_column OR syntax_error OR insufficient_privilege THEN
+            RAISE;
+        WHEN OTHERS THEN
+            IF key_types IS NULL THEN
+                RAISE;
+            END IF;
+            RAISE EXCEPTION 'twotier: the query of cache % does not take its key as (%): %', name,
+                    (SELECT string_agg(t::regtype::text, ', ') FROM unnest(types) t), SQLERRM
+                USING ERRCODE = 'datatype_mismatch',
+                      HINT = 'key_types must match how the query uses $1, $2, ...: e.g. key_types => ARRAY[''uuid''] for WHERE domain_id = $1.';
+    END;
+    -- A query that ignores (the last part of) the key would answer many keys alike: a mistake.
+    BEGIN
+        PERFORM twotier._check_query(query, owner_oid, pinned_path, types[1:n - 1]);
+        RAISE EXCEPTION 'twotier: the query of cache % does not use $%, the key''s last part', name, n
             USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Refer to the key as $1, e.g. WHERE id = $1::int.';
+                  HINT = 'Refer to the key as $1 (and its other parts as $2, ...), e.g. WHERE id = $1.';
     EXCEPTION WHEN undefined_parameter THEN
         NULL;
     END;
@@ -265,7 +358,7 @@ BEGIN
                 USING ERRCODE = 'invalid_parameter_value',
                       HINT = 'Use a plain expression over the table''s columns, e.g. lower(domain).';
         END IF;
-        PERFORM twotier._check_watch_expression(tbl, expr, owner_oid, pinned_path);
+        PERFORM twotier._check_watch_expression(tbl, expr, owner_oid, pinned_path, types);
         tables := tables || tbl;
         exprs := exprs || expr;
         -- Stored schema-qualified (regclass output under this function's path), so that a
@@ -284,28 +377,93 @@ BEGIN
     END IF;
 
     IF old.name IS NOT NULL THEN
-        -- Triggers only: the function stays, with its owner and every GRANT on it.
+        -- Triggers only: the functions stay, with their owner and every GRANT on them, unless
+        -- their signature changes below.
         PERFORM twotier._drop_objects(old, false);
     END IF;
-    fn := to_regprocedure(format('public.%I(text)', 'cached_' || name));
-    IF fn IS NOT NULL AND (old.name IS NULL OR fn <> old.function) THEN
-        RAISE EXCEPTION 'twotier: function public.cached_%(text) already exists and is not a twotier cache', name
+
+    -- The generated functions. Types print schema-qualified where they need it (regtype
+    -- output under this function's path).
+    SELECT string_agg(format('%I %s', names[k], types[k]::regtype), ', ' ORDER BY k),
+           string_agg(format('%I %s[]', CASE WHEN n = 1 THEN 'keys' ELSE names[k] || 's' END, types[k]::regtype), ', ' ORDER BY k),
+           string_agg(format('%I %s', names[k], types[k]::regtype), ', ' ORDER BY k)
+      INTO args, many_args, out_cols
+      FROM generate_series(1, n) k;
+    -- Settings-free types render with their own cast; the others (and several parts) go
+    -- through key_text, which pins what their text depends on.
+    IF n = 1 AND NOT twotier._key_type_pinned(types[1]) THEN
+        key_expr := format('%I::text', names[1]);
+        many_keys := format('%s.keys::text[]', quote_ident(fn_name || '_many'));
+    ELSE
+        key_expr := format('twotier.key_text(%s)', (SELECT string_agg(quote_ident(x), ', ') FROM unnest(names) x));
+        many_keys := format('ARRAY(SELECT twotier.key_text(%s) FROM unnest(%s) WITH ORDINALITY AS u(%s, ord) ORDER BY ord)',
+                            (SELECT string_agg(format('u.c%s', k), ', ') FROM generate_series(1, n) k),
+                            (SELECT string_agg(format('%I.%I', fn_name || '_many', CASE WHEN n = 1 THEN 'keys' ELSE names[k] || 's' END), ', ')
+                               FROM generate_series(1, n) k),
+                            (SELECT string_agg(format('c%s', k), ', ') FROM generate_series(1, n) k));
+    END IF;
+    getter := CASE _define.returns WHEN 'json' THEN 'twotier.get_json' ELSE 'twotier.get' END;
+
+    -- Any function of these names in the schema that is not this cache's: even with other
+    -- argument types it would make calls with untyped literals ambiguous.
+    SELECT p.oid::regprocedure INTO fn FROM pg_proc p
+     WHERE p.pronamespace = fn_schema::regnamespace AND p.proname IN (fn_name, fn_name || '_many')
+       AND (old.name IS NULL OR p.oid NOT IN (old.function, coalesce(old.many_function, 0)))
+     LIMIT 1;
+    IF fn IS NOT NULL THEN
+        RAISE EXCEPTION 'twotier: function % already exists and is not a twotier cache', fn
             USING ERRCODE = 'duplicate_function', HINT = 'Drop or rename it, or choose another cache name.';
     END IF;
+    fn := to_regprocedure(format('%I.%I(%s)', fn_schema, fn_name,
+                                 (SELECT string_agg(t::regtype::text, ', ') FROM unnest(types) t)));
+    many := to_regprocedure(format('%I.%I(%s)', fn_schema, fn_name || '_many',
+                                   (SELECT string_agg(t::regtype::text || '[]', ', ') FROM unnest(types) t)));
+    IF old.name IS NOT NULL AND (fn IS NULL OR old.returns <> _define.returns) THEN
+        -- Another signature, schema or return type: the old functions go, their grants come
+        -- over to the new ones. A view using the old function stops this (DROP without CASCADE).
+        SELECT proacl INTO acl FROM pg_proc WHERE oid = old.function;
+        PERFORM twotier._drop_objects(old, true);
+        fn := NULL;
+        many := NULL;
+    END IF;
     IF fn IS NULL THEN
-        -- An inlinable SQL wrapper: the planner replaces cached_x(k) by twotier.get('x', k), so
-        -- the wrapper costs nothing per call.
-        EXECUTE format($f$CREATE FUNCTION public.%I(key text) RETURNS jsonb
-            LANGUAGE sql STABLE PARALLEL UNSAFE
-            AS %L$f$, 'cached_' || name, format('SELECT twotier.get(%L, key)', name));
-        fn := format('public.%I(text)', 'cached_' || name)::regprocedure;
+        -- An inlinable SQL wrapper: the planner replaces cached_x(k) by twotier.get('x', k::text),
+        -- so the wrapper costs nothing per call.
+        EXECUTE format('CREATE FUNCTION %I.%I(%s) RETURNS %s LANGUAGE sql STABLE PARALLEL UNSAFE AS %L',
+                       fn_schema, fn_name, args, _define.returns, format('SELECT %s(%L, %s)', getter, name, key_expr));
+        fn := to_regprocedure(format('%I.%I(%s)', fn_schema, fn_name,
+                                     (SELECT string_agg(t::regtype::text, ', ') FROM unnest(types) t)));
         -- Not an extension member (pg_dump must keep it), but gone with DROP EXTENSION ... CASCADE.
         EXECUTE format('ALTER FUNCTION %s DEPENDS ON EXTENSION twotier', fn);
         EXECUTE format('ALTER FUNCTION %s OWNER TO %s', fn, owner_oid::regrole);
         -- The query runs with the owner's rights: reading the cache is granted explicitly.
         EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', fn);
+        FOR grant_row IN SELECT a.grantee, a.is_grantable FROM aclexplode(acl) a
+                          WHERE a.privilege_type = 'EXECUTE' AND a.grantee <> owner_oid LOOP
+            EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s%s', fn,
+                           CASE WHEN grant_row.grantee = 0 THEN 'PUBLIC' ELSE grant_row.grantee::regrole::text END,
+                           CASE WHEN grant_row.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
+        END LOOP;
+    END IF;
+    IF many IS NULL THEN
+        -- get_many checks EXECUTE on cached_<name> itself: one GRANT governs both functions.
+        EXECUTE format('CREATE FUNCTION %I.%I(%s) RETURNS TABLE (%s, value %s) LANGUAGE sql STABLE PARALLEL UNSAFE ROWS 10 AS %L',
+                       fn_schema, fn_name || '_many', many_args, out_cols, _define.returns,
+                       format('SELECT %s, m.value FROM unnest(%s) WITH ORDINALITY AS u(%s, ord) JOIN %s(%L, %s) WITH ORDINALITY AS m(key, value, ord) USING (ord) ORDER BY ord',
+                              (SELECT string_agg(format('u.c%s', k), ', ') FROM generate_series(1, n) k),
+                              (SELECT string_agg(format('%I.%I', fn_name || '_many', CASE WHEN n = 1 THEN 'keys' ELSE names[k] || 's' END), ', ')
+                                 FROM generate_series(1, n) k),
+                              (SELECT string_agg(format('c%s', k), ', ') FROM generate_series(1, n) k),
+                              CASE _define.returns WHEN 'json' THEN 'twotier.get_many_json' ELSE 'twotier.get_many' END,
+                              name, many_keys));
+        many := to_regprocedure(format('%I.%I(%s)', fn_schema, fn_name || '_many',
+                                       (SELECT string_agg(t::regtype::text || '[]', ', ') FROM unnest(types) t)));
+        EXECUTE format('ALTER FUNCTION %s DEPENDS ON EXTENSION twotier', many);
+        EXECUTE format('ALTER FUNCTION %s OWNER TO %s', many, owner_oid::regrole);
     END IF;
     EXECUTE format('COMMENT ON FUNCTION %s IS %L', fn, format('twotier cache %s (ttl %s): %s', name, ttl, query));
+    EXECUTE format('COMMENT ON FUNCTION %s IS %L', many,
+                   format('twotier cache %s, many keys in one call (reading needs EXECUTE on %s)', name, fn));
 
     FOR i IN 1 .. coalesce(array_length(tables, 1), 0) LOOP
         -- Row triggers are cloned onto every partition, present and future, so DML aimed at a
@@ -324,13 +482,15 @@ BEGIN
     IF old.name IS NOT NULL THEN
         UPDATE twotier.caches c SET query = _define.query, ttl = _define.ttl, negative_ttl = _define.negative_ttl,
                watch = entries, vary_by = coalesce(_define.vary_by, '{}'),
+               key_types = types::regtype[], key_names = names, returns = _define.returns,
                version = twotier._next_version(c.version), search_path = pinned_path, function = fn,
-               trigger_functions = '{}', updated_at = now()
+               many_function = many, trigger_functions = '{}', updated_at = now()
          WHERE c.name = _define.name;
     ELSE
-        INSERT INTO twotier.caches (name, query, ttl, negative_ttl, watch, vary_by, version, owner, search_path, function)
-        VALUES (name, query, ttl, negative_ttl, entries, coalesce(vary_by, '{}'), twotier._next_version(), owner_oid,
-                pinned_path, fn);
+        INSERT INTO twotier.caches (name, query, ttl, negative_ttl, watch, vary_by, key_types, key_names, returns,
+                                    version, owner, search_path, function, many_function)
+        VALUES (name, query, ttl, negative_ttl, entries, coalesce(vary_by, '{}'), types::regtype[], names, _define.returns,
+                twotier._next_version(), owner_oid, pinned_path, fn, many);
     END IF;
     PERFORM set_config('twotier_internal.defining', 'off', true);
     PERFORM twotier._catalog_changed();
@@ -339,14 +499,17 @@ END
 $define$;
 
 CREATE FUNCTION twotier.define(name text, query text, ttl interval, watch text[],
-                               negative_ttl interval DEFAULT NULL, vary_by text[] DEFAULT NULL)
+                               negative_ttl interval DEFAULT NULL, vary_by text[] DEFAULT NULL,
+                               key_types text[] DEFAULT NULL, key_names text[] DEFAULT NULL,
+                               returns text DEFAULT 'jsonb', schema name DEFAULT 'public')
 RETURNS regprocedure LANGUAGE sql VOLATILE AS $$
     -- Not SECURITY DEFINER: the caller's search_path, as the schemas it names now, is what
     -- the cache pins (with pg_temp last); names are resolved in those schemas by _define.
-    SELECT twotier._define(name, query, ttl, watch, negative_ttl, vary_by, pg_catalog.current_schemas(false))
+    SELECT twotier._define(name, query, ttl, watch, negative_ttl, vary_by, pg_catalog.current_schemas(false),
+                           key_types, key_names, returns, schema)
 $$;
-COMMENT ON FUNCTION twotier.define(text, text, interval, text[], interval, text[]) IS
-    'Create or replace cache NAME: public.cached_NAME(key text) runs QUERY ($1 = key) through the cache, entries live TTL, changes to WATCH tables (''table(key_expression)'') invalidate them at commit, and VARY_BY (''role'' and setting names) gives each caller its own entries, with the query run as the caller.';
+COMMENT ON FUNCTION twotier.define(text, text, interval, text[], interval, text[], text[], text[], text, name) IS
+    'Create or replace cache NAME: SCHEMA.cached_NAME(key) runs QUERY ($1 = key; $1, $2, ... for a key of several KEY_TYPES) through the cache and returns RETURNS (jsonb or json); SCHEMA.cached_NAME_many(keys[]) reads many keys at once. Entries live TTL, changes to WATCH tables (''table(key_expression)'') invalidate them at commit, and VARY_BY (''role'' and setting names) gives each caller its own entries, with the query run as the caller. KEY_TYPES default to how the query uses its parameters.';
 
 CREATE FUNCTION twotier.drop(name text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -401,7 +564,25 @@ GRANT SELECT ON twotier.stats TO PUBLIC;
 
 CREATE FUNCTION twotier.get(cache text, key text) RETURNS jsonb
     LANGUAGE c STABLE PARALLEL UNSAFE AS 'MODULE_PATHNAME', 'twotier_get';
-COMMENT ON FUNCTION twotier.get(text, text) IS 'Read KEY of cache CACHE through the tiers; what every cached_<name>(key) calls.';
+COMMENT ON FUNCTION twotier.get(text, text) IS 'Read KEY (canonical text) of cache CACHE through the tiers; what every cached_<name>(key) calls.';
+
+CREATE FUNCTION twotier.get_json(cache text, key text) RETURNS json
+    LANGUAGE c STABLE PARALLEL UNSAFE AS 'MODULE_PATHNAME', 'twotier_get_json';
+COMMENT ON FUNCTION twotier.get_json(text, text) IS 'Read KEY of cache CACHE as json text, the form a json-mode cache stores: what cached_<name>(key) of such a cache calls.';
+
+CREATE FUNCTION twotier.get_many(cache text, keys text[]) RETURNS TABLE (key text, value jsonb)
+    LANGUAGE c STABLE PARALLEL UNSAFE ROWS 10 AS 'MODULE_PATHNAME', 'twotier_get_many';
+COMMENT ON FUNCTION twotier.get_many(text, text[]) IS 'Read many KEYS of cache CACHE: L1 first, one pipelined Redis round trip for the rest, the source for what is left; one row per key, in order.';
+
+CREATE FUNCTION twotier.get_many_json(cache text, keys text[]) RETURNS TABLE (key text, value json)
+    LANGUAGE c STABLE PARALLEL UNSAFE ROWS 10 AS 'MODULE_PATHNAME', 'twotier_get_many_json';
+COMMENT ON FUNCTION twotier.get_many_json(text, text[]) IS 'get_many, with values as json text.';
+
+-- The canonical text of a key: each part by its type's output function with the settings
+-- that shape text pinned (DateStyle ISO, TimeZone UTC, ...), several parts joined with
+-- commas, a part quoted ("...") when it holds a comma, a quote or a backslash.
+CREATE FUNCTION twotier.key_text(VARIADIC parts "any") RETURNS text
+    LANGUAGE c STABLE PARALLEL SAFE AS 'MODULE_PATHNAME', 'twotier_key_text';
 
 -- TRUNCATE fires statement triggers only on the tables it names, and row triggers are not
 -- cloned for it: the TRUNCATE trigger goes on the table and on each of its partitions, and
@@ -467,11 +648,13 @@ ALTER EVENT TRIGGER twotier_partitions ENABLE ALWAYS;
 -- checks the caller against the cache's owner. Internal functions stay with the extension's
 -- owner: several switch to a role given as an argument.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA twotier FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION twotier.get(text, text), twotier.exists(text, text), twotier.status(),
+GRANT EXECUTE ON FUNCTION twotier.get(text, text), twotier.get_json(text, text),
+                          twotier.get_many(text, text[]), twotier.get_many_json(text, text[]),
+                          twotier.key_text("any"), twotier.exists(text, text), twotier.status(),
                           twotier._stats() TO PUBLIC;
 GRANT EXECUTE ON FUNCTION
-    twotier._define(text, text, interval, text[], interval, text[], name[]),
-    twotier.define(text, text, interval, text[], interval, text[]),
+    twotier._define(text, text, interval, text[], interval, text[], name[], text[], text[], text, name),
+    twotier.define(text, text, interval, text[], interval, text[], text[], text[], text, name),
     twotier.flush(text), twotier.drop(text), twotier.invalidate(text, text),
     twotier.invalidate_pattern(text, text), twotier.set(text, text, jsonb), twotier.warm(text, text),
     twotier.reset_stats()

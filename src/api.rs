@@ -52,6 +52,25 @@ pub extern "C" fn pg_finfo_twotier_get() -> &'static pg_sys::Pg_finfo_record {
 #[no_mangle]
 #[pg_guard]
 pub unsafe extern "C-unwind" fn twotier_get(fcinfo: pg_sys::FunctionCallInfo) -> Datum {
+    unsafe { get_one(fcinfo, false) }
+}
+
+/// `twotier.get_json(cache, key)`: what a json-mode `cached_<name>(key)` calls.
+#[no_mangle]
+pub extern "C" fn pg_finfo_twotier_get_json() -> &'static pg_sys::Pg_finfo_record {
+    static V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// # Safety
+/// Called by the fmgr with a valid `fcinfo` of two text arguments.
+#[no_mangle]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn twotier_get_json(fcinfo: pg_sys::FunctionCallInfo) -> Datum {
+    unsafe { get_one(fcinfo, true) }
+}
+
+unsafe fn get_one(fcinfo: pg_sys::FunctionCallInfo, want_json: bool) -> Datum {
     unsafe {
         let args = (*fcinfo).args.as_slice(2);
         let name = <&str as FromDatum>::from_datum(args[0].value, args[0].isnull);
@@ -60,13 +79,76 @@ pub unsafe extern "C-unwind" fn twotier_get(fcinfo: pg_sys::FunctionCallInfo) ->
         let (Some(name), Some(key)) = (name, key) else {
             CallError::NullKey.raise();
         };
-        match read_through::get(name, key) {
+        match read_through::get(name, key, want_json) {
             Some(d) => d,
             None => {
                 (*fcinfo).isnull = true;
                 Datum::from(0)
             }
         }
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn pg_finfo_twotier_get_many() -> &'static pg_sys::Pg_finfo_record {
+    static V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// `twotier.get_many(cache, keys)`: one row (key, value) per key, in order.
+///
+/// # Safety
+/// Called by the fmgr as a set-returning function of (text, text[]).
+#[no_mangle]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn twotier_get_many(fcinfo: pg_sys::FunctionCallInfo) -> Datum {
+    unsafe { get_many(fcinfo, false) }
+}
+
+#[no_mangle]
+pub extern "C" fn pg_finfo_twotier_get_many_json() -> &'static pg_sys::Pg_finfo_record {
+    static V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// # Safety
+/// Called by the fmgr as a set-returning function of (text, text[]).
+#[no_mangle]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn twotier_get_many_json(fcinfo: pg_sys::FunctionCallInfo) -> Datum {
+    unsafe { get_many(fcinfo, true) }
+}
+
+unsafe fn get_many(fcinfo: pg_sys::FunctionCallInfo, want_json: bool) -> Datum {
+    unsafe {
+        let args = (*fcinfo).args.as_slice(2);
+        let name = <&str as FromDatum>::from_datum(args[0].value, args[0].isnull);
+        let keys = <pgrx::Array<&str> as FromDatum>::from_datum(args[1].value, args[1].isnull);
+        let (Some(name), Some(keys)) = (name, keys) else {
+            CallError::NullKey.raise();
+        };
+        let keys: Vec<Option<&str>> = keys.iter().collect();
+        let keys = read_through::check_many(&keys);
+        let values = read_through::get_many(name, &keys, want_json);
+        pg_sys::InitMaterializedSRF(fcinfo, 0);
+        let rsinfo = (*fcinfo).resultinfo as *mut pg_sys::ReturnSetInfo;
+        for (key, value) in keys.iter().zip(values) {
+            let mut datums = [
+                Datum::from(pg_sys::cstring_to_text_with_len(
+                    key.as_ptr().cast(),
+                    key.len() as i32,
+                )),
+                value.unwrap_or(Datum::from(0)),
+            ];
+            let mut nulls = [false, value.is_none()];
+            pg_sys::tuplestore_putvalues(
+                (*rsinfo).setResult,
+                (*rsinfo).setDesc,
+                datums.as_mut_ptr(),
+                nulls.as_mut_ptr(),
+            );
+        }
+        Datum::from(0)
     }
 }
 
@@ -175,6 +257,8 @@ fn status() -> JsonB {
             "last_error": h.last_error,
             "undelivered_invalidations": h.undelivered,
             "incarnation": if h.incarnation.is_empty() { serde_json::Value::Null } else { h.incarnation.into() },
+            // Requests this session sent to Redis (a pipeline of many commands counts once).
+            "round_trips_in_session": l2_redis::round_trips(),
             "connect_timeout_ms": gucs::connect_timeout().as_millis() as u64,
             "read_timeout_ms": gucs::read_timeout().as_millis() as u64,
             "retry_interval_ms": gucs::retry_interval().as_millis() as u64,
@@ -246,7 +330,7 @@ fn warm(cache: &str, keys_query: &str) -> i64 {
     })
     .unwrap_or_else(|e| CallError::WarmQuery(e.to_string()).raise());
     for k in &keys {
-        read_through::get(cache, k);
+        read_through::get(cache, k, def.returns_json);
     }
     keys.len() as i64
 }

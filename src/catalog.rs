@@ -6,6 +6,7 @@
 use crate::error::{CatalogError, InternalError, Raise};
 use crate::keys;
 use crate::stats::{self, CacheStats};
+use crate::typed_keys::KeyType;
 use pgrx::pg_sys::{self, Datum, Oid};
 use pgrx::prelude::*;
 use std::cell::{Cell, RefCell};
@@ -36,6 +37,11 @@ pub struct CacheDef {
     pub plan: Cell<Option<pg_sys::SPIPlanPtr>>,
     /// The relations the prepared query reads directly (checked for row-level security).
     pub relations: RefCell<Vec<Oid>>,
+    /// The types of the key's parts, `$1`, `$2`, ... of the query.
+    pub key_types: Vec<KeyType>,
+    /// `returns => 'json'`: every tier holds the value's canonical JSON text, and a hit hands
+    /// it over as it is.
+    pub returns_json: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -228,7 +234,8 @@ fn load(name: &str) -> Option<CacheDef> {
     // version that a flush, TRUNCATE or redefinition has already left.
     let rows = crate::source::query_latest(
         c"SELECT query, extract(epoch FROM ttl)::bigint, extract(epoch FROM negative_ttl)::bigint,
-                 version, owner::oid, search_path, function::oid, array_to_string(vary_by, ',')
+                 version, owner::oid, search_path, function::oid, array_to_string(vary_by, ','),
+                 array_to_string(key_types::oid[], ','), returns
             FROM twotier.caches WHERE name = $1",
         &[name],
     );
@@ -242,6 +249,15 @@ fn load(name: &str) -> Option<CacheDef> {
             .unwrap_or(Oid::INVALID)
     };
     let version = int(3).unwrap_or(0);
+    let mut key_types: Vec<KeyType> = text(8)
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|t| t.parse::<u32>().ok())
+        .map(|t| KeyType::of(Oid::from(t)))
+        .collect();
+    if key_types.is_empty() {
+        key_types.push(KeyType::of(pg_sys::TEXTOID));
+    }
     let key_prefix = keys::cache_prefix(crate::gucs::key_prefix(), database_scope(), name, version);
     // pg_temp last, whatever the row says (rows written before define pinned it there).
     let mut search_path = text(5).unwrap_or_default();
@@ -270,6 +286,8 @@ fn load(name: &str) -> Option<CacheDef> {
         allowed: Cell::new(None),
         plan: Cell::new(None),
         relations: RefCell::new(Vec::new()),
+        key_types,
+        returns_json: text(9).as_deref() == Some("json"),
     })
 }
 
@@ -349,8 +367,8 @@ pub fn require_read(def: &CacheDef) {
             "twotier",
         )
         .set_hint(format!(
-            "Its owner can GRANT EXECUTE ON FUNCTION cached_{}(text) TO the role.",
-            def.name
+            "Its owner can GRANT EXECUTE ON FUNCTION {} TO the role.",
+            unsafe { CStr::from_ptr(pg_sys::format_procedure(def.function)).to_string_lossy() }
         ))
         .report(PgLogLevel::ERROR);
     }
@@ -377,20 +395,21 @@ fn _outer_user() -> Oid {
 
 /// Checks a cache query's shape; returns the relations it reads.
 #[pg_extern(volatile, parallel_unsafe)]
-fn _check_query(
-    query: &str,
-    owner: Oid,
-    search_path: &str,
-    with_key: default!(bool, true),
-) -> Vec<Oid> {
+fn _check_query(query: &str, owner: Oid, search_path: &str, key_types: Vec<Oid>) -> Vec<Oid> {
     let path = CString::new(search_path).unwrap_or_default();
-    crate::source::check_query(query, owner, &path, with_key)
+    crate::source::check_query(query, owner, &path, &key_types)
 }
 
 #[pg_extern(volatile, parallel_unsafe)]
-fn _check_watch_expression(table: Oid, expression: &str, owner: Oid, search_path: &str) {
+fn _check_watch_expression(
+    table: Oid,
+    expression: &str,
+    owner: Oid,
+    search_path: &str,
+    key_types: Vec<Oid>,
+) {
     let path = CString::new(search_path).unwrap_or_default();
-    crate::source::check_watch_expression(table, expression, owner, &path);
+    crate::source::check_watch_expression(table, expression, owner, &path, &key_types);
 }
 
 /// Queues a relcache invalidation of the catalog: every backend drops its definitions when

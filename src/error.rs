@@ -15,6 +15,12 @@ pub enum CatalogError {
         "twotier: the cache query must return exactly one column of type jsonb, it returns {0}"
     )]
     QueryShape(String),
+    #[error("twotier: watch expression {expression:?} gives {found} value(s), the key has {parts} part(s)")]
+    WatchArity {
+        expression: String,
+        found: usize,
+        parts: usize,
+    },
 }
 
 /// Problems with the arguments of a cache call.
@@ -38,6 +44,29 @@ pub enum CallError {
     RowSecurity { cache: String, table: String },
     #[error("twotier: cache \"{cache}\" would read the temporary table {table}")]
     TempRelation { cache: String, table: String },
+    #[error("twotier: key {key:?} is not the canonical text of its value{}", canonical.as_ref().map(|c| format!(" (that is {c:?})")).unwrap_or_default())]
+    KeyNotCanonical {
+        key: String,
+        canonical: Option<String>,
+    },
+    #[error("twotier: key {key:?} does not have the {parts} parts of this cache's key")]
+    KeyParts { key: String, parts: usize },
+    #[error(
+        "twotier: key_text takes the key's parts as separate arguments, not as a VARIADIC array"
+    )]
+    KeyTextArray,
+    #[error("twotier: values of type {typ} cannot be cache keys: {why}")]
+    KeyType { typ: String, why: &'static str },
+    #[error("twotier: key type {0} does not exist")]
+    UnknownKeyType(String),
+    #[error("twotier: the query does not use ${0}")]
+    UnusedParameter(usize),
+    #[error("twotier: key {0} of a many-key call is NULL")]
+    ManyNull(usize),
+    #[error("twotier: key {0:?} appears more than once in a many-key call")]
+    ManyDuplicate(String),
+    #[error("twotier: {n} keys in one call exceed twotier.max_many_keys ({max})")]
+    ManyTooMany { n: usize, max: usize },
 }
 
 pub trait Raise {
@@ -60,7 +89,9 @@ impl Raise for CatalogError {
     fn sqlstate(&self) -> PgSqlErrorCode {
         match self {
             CatalogError::UnknownCache(_) => PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
-            CatalogError::QueryShape(_) => PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+            CatalogError::QueryShape(_) | CatalogError::WatchArity { .. } => {
+                PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH
+            }
         }
     }
     fn hint(&self) -> Option<String> {
@@ -70,6 +101,10 @@ impl Raise for CatalogError {
             }
             CatalogError::QueryShape(_) => Some(
                 "Select a single jsonb expression, e.g. SELECT to_jsonb(t) FROM t WHERE id = $1::int or jsonb_build_object(...)."
+                    .into(),
+            ),
+            CatalogError::WatchArity { .. } => Some(
+                "List the row's values that make up the key, in the key's order, e.g. 'translations(tenant_id, locale)'."
                     .into(),
             ),
         }
@@ -89,6 +124,17 @@ impl Raise for CallError {
             CallError::RowSecurity { .. } | CallError::TempRelation { .. } => {
                 PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE
             }
+            CallError::KeyNotCanonical { .. } | CallError::KeyParts { .. } => {
+                PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION
+            }
+            CallError::KeyTextArray | CallError::KeyType { .. } => {
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED
+            }
+            CallError::UnknownKeyType(_) => PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            CallError::UnusedParameter(_) => PgSqlErrorCode::ERRCODE_INDETERMINATE_DATATYPE,
+            CallError::ManyNull(_) => PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            CallError::ManyDuplicate(_) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            CallError::ManyTooMany { .. } => PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
         }
     }
     fn hint(&self) -> Option<String> {
@@ -109,6 +155,17 @@ impl Raise for CallError {
                 "A source table of the cache is gone (dropped or renamed) and a session's temporary table has its name: restore the table or redefine the cache."
                     .into(),
             ),
+            CallError::KeyNotCanonical { .. } | CallError::KeyParts { .. } => Some(
+                "Call the cache's cached_<name>(...) function with typed arguments, or twotier.key_text(...) to get a key's text: the triggers invalidate only that form."
+                    .into(),
+            ),
+            CallError::KeyTextArray => Some("Write twotier.key_text(a, b), not twotier.key_text(VARIADIC ARRAY[a, b]).".into()),
+            CallError::KeyType { .. } => Some("Cast the value to a type with one text per value (int, bigint, text, uuid, date, timestamptz, ...).".into()),
+            CallError::UnknownKeyType(_) => Some("Name a type visible on your search_path, e.g. ARRAY['uuid'] or ARRAY['int', 'text'].".into()),
+            CallError::UnusedParameter(_) => Some("Refer to every part of the key in the query: $1, $2, ... in order.".into()),
+            CallError::ManyNull(_) => Some("Filter NULL keys out before the call (array_remove(keys, NULL)).".into()),
+            CallError::ManyDuplicate(_) => Some("Pass each key once (ARRAY(SELECT DISTINCT unnest(keys)))".into()),
+            CallError::ManyTooMany { .. } => Some("Split the keys into several calls, or raise twotier.max_many_keys.".into()),
             CallError::RowSecurity { .. } => Some(
                 "One answer for every caller would leak rows across policies: redefine the cache with vary_by => ARRAY['role', ...] naming what the policies depend on."
                     .into(),

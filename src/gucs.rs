@@ -15,6 +15,7 @@ static KEY_PREFIX: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"twotier"));
 static ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
 static MAX_KEY_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024);
+static MAX_MANY_KEYS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 static MAX_VALUE_KB: GucSetting<i32> = GucSetting::<i32>::new(512);
 static L1_SIZE_MB: GucSetting<i32> = GucSetting::<i32>::new(64);
 static L1_MAX_VALUE_KB: GucSetting<i32> = GucSetting::<i32>::new(64);
@@ -149,6 +150,16 @@ pub fn init() {
         65_536,
         GucContext::Suset,
         GucFlags::UNIT_BYTE,
+    );
+    GucRegistry::define_int_guc(
+        c"twotier.max_many_keys",
+        c"Most keys one cached_<name>_many or twotier.get_many call accepts.",
+        c"A call with more is refused with an ERROR: its answers, held until it ends, and its source queries are bounded.",
+        &MAX_MANY_KEYS,
+        1,
+        100_000,
+        GucContext::Userset,
+        GucFlags::default(),
     );
     GucRegistry::define_int_guc(
         c"twotier.max_value_kb",
@@ -355,6 +366,10 @@ pub fn log_events() -> bool {
 
 pub fn enabled() -> bool {
     ENABLED.get()
+}
+
+pub fn max_many_keys() -> usize {
+    MAX_MANY_KEYS.get() as usize
 }
 
 pub fn max_key_bytes() -> usize {

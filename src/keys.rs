@@ -74,6 +74,82 @@ pub fn with_variant(parts: &[Option<String>], key: &str) -> String {
     out
 }
 
+/// The canonical text of a key of several parts (each already its type's canonical text):
+/// the parts joined by `,`, a part quoted (`"..."`, with `"` doubled) when it holds a `,` or a
+/// `"`. A key of one part is that part, unchanged, so a text key stays what the app passed.
+/// Several parts of a fixed count never share a text: see [`split`].
+pub fn compose<S: AsRef<str>>(parts: &[S]) -> String {
+    if let [only] = parts {
+        return only.as_ref().to_string();
+    }
+    let mut out = String::with_capacity(parts.iter().map(|p| p.as_ref().len() + 1).sum());
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let part = part.as_ref();
+        if part.contains([',', '"']) {
+            out.push('"');
+            out.push_str(&part.replace('"', "\"\""));
+            out.push('"');
+        } else {
+            out.push_str(part);
+        }
+    }
+    out
+}
+
+/// Inverse of [`compose`] for `n` parts; None for a text that `compose` cannot have made.
+pub fn split(key: &str, n: usize) -> Option<Vec<String>> {
+    if n == 1 {
+        return Some(vec![key.to_string()]);
+    }
+    let mut parts = Vec::with_capacity(n);
+    let mut rest = key;
+    loop {
+        let part;
+        if let Some(quoted) = rest.strip_prefix('"') {
+            let mut value = String::new();
+            let mut chars = quoted.char_indices();
+            let mut end = None;
+            while let Some((i, c)) = chars.next() {
+                if c == '"' {
+                    if quoted[i + 1..].starts_with('"') {
+                        value.push('"');
+                        chars.next();
+                    } else {
+                        end = Some(i + 1);
+                        break;
+                    }
+                } else {
+                    value.push(c);
+                }
+            }
+            let end = end?;
+            // Quoted only when it had to be: otherwise compose would not have quoted it.
+            if !value.contains([',', '"']) {
+                return None;
+            }
+            part = value;
+            rest = &quoted[end..];
+        } else {
+            let cut = rest.find(',').unwrap_or(rest.len());
+            if rest[..cut].contains('"') {
+                return None;
+            }
+            part = rest[..cut].to_string();
+            rest = &rest[cut..];
+        }
+        parts.push(part);
+        match rest.strip_prefix(',') {
+            Some(r) => rest = r,
+            None if rest.is_empty() => break,
+            None => return None,
+        }
+    }
+    (parts.len() == n).then_some(parts)
+}
+
 pub fn full_key(cache_prefix: &str, key: &str) -> String {
     let mut out = String::with_capacity(cache_prefix.len() + key.len() + 8);
     out.push_str(cache_prefix);
@@ -237,6 +313,23 @@ mod properties {
         ) {
             prop_assume!((&a, &ka) != (&b, &kb));
             prop_assert_ne!(with_variant(&a, &ka), with_variant(&b, &kb));
+        }
+
+        #[test]
+        fn composite_keys_split_back_into_their_parts(
+            parts in proptest::collection::vec("[a,\"x ]{0,6}|.{0,6}", 1..5),
+        ) {
+            let key = compose(&parts);
+            prop_assert_eq!(split(&key, parts.len()), Some(parts));
+        }
+
+        #[test]
+        fn distinct_composite_keys_never_coincide(
+            a in proptest::collection::vec("[a,\"]{0,4}", 2),
+            b in proptest::collection::vec("[a,\"]{0,4}", 2),
+        ) {
+            prop_assume!(a != b);
+            prop_assert_ne!(compose(&a), compose(&b));
         }
     }
 }

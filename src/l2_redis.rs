@@ -109,6 +109,16 @@ pub fn lease_held(key: &str) -> Result<bool, L2Error> {
     })
 }
 
+thread_local! {
+    /// Requests this backend sent to Redis and waited on, each one round trip however many
+    /// commands it pipelined: `twotier.status()` shows it, tests and the bench count with it.
+    static ROUND_TRIPS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+pub fn round_trips() -> u64 {
+    ROUND_TRIPS.with(|n| n.get())
+}
+
 /// What a fill needs to know about the read it follows.
 #[derive(Debug, Clone)]
 pub struct Read {
@@ -286,6 +296,7 @@ impl Link {
     /// Sends `cmds` in one write and reads one reply each. A server error (OOM, READONLY)
     /// is returned after every reply has been read, so the stream stays usable.
     fn exchange(&mut self, cmds: &[redis::Cmd]) -> redis::RedisResult<Vec<redis::Value>> {
+        ROUND_TRIPS.with(|n| n.set(n.get() + 1));
         self.send(cmds)?;
         self.receive(cmds.len())
     }
@@ -677,6 +688,39 @@ pub fn read(key: &str) -> Result<Read, L2Error> {
             remaining_s: (pttl > 0).then(|| (pttl + 999) / 1000),
             at_us: secs * 1_000_000 + micros,
         })
+    })
+}
+
+/// [`read`] for many keys in one round trip: GET and PTTL of each, pipelined, and one TIME.
+pub fn read_many(keys: &[&str]) -> Result<Vec<Read>, L2Error> {
+    with_connection(|con, ctx| {
+        let mut cmds = Vec::with_capacity(keys.len() * 2 + 1);
+        for key in keys {
+            let l2 = ctx.key(key);
+            let mut get = redis::cmd("GET");
+            get.arg(&l2);
+            let mut pttl = redis::cmd("PTTL");
+            pttl.arg(&l2);
+            cmds.push(get);
+            cmds.push(pttl);
+        }
+        cmds.push(redis::cmd("TIME"));
+        let mut replies = con.exchange(&cmds)?;
+        let time = replies.pop().unwrap_or(redis::Value::Nil);
+        let (secs, micros): (i64, i64) = redis::from_owned_redis_value(time)?;
+        let at_us = secs * 1_000_000 + micros;
+        let mut out = Vec::with_capacity(keys.len());
+        let mut replies = replies.into_iter();
+        while let (Some(raw), Some(pttl)) = (replies.next(), replies.next()) {
+            let raw: Option<Vec<u8>> = redis::from_owned_redis_value(raw)?;
+            let pttl: i64 = redis::from_owned_redis_value(pttl)?;
+            out.push(Read {
+                lookup: classify(raw),
+                remaining_s: (pttl > 0).then(|| (pttl + 999) / 1000),
+                at_us,
+            });
+        }
+        Ok(out)
     })
 }
 

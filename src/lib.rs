@@ -17,6 +17,7 @@ mod shmem;
 mod source;
 mod stats;
 mod triggers;
+mod typed_keys;
 mod wal;
 mod worker;
 

@@ -14,9 +14,11 @@ use crate::stats::{Counter, Path};
 use pgrx::pg_sys::{self, Datum, Oid};
 
 extern "C-unwind" {
-    // The fmgr entry point itself (pg_sys wraps it in a Rust fn), for DirectFunctionCall.
+    // The fmgr entry points themselves (pg_sys wraps them in Rust fns), for DirectFunctionCall.
     #[link_name = "jsonb_in"]
     fn raw_jsonb_in(fcinfo: pg_sys::FunctionCallInfo) -> Datum;
+    #[link_name = "jsonb_out"]
+    fn raw_jsonb_out(fcinfo: pg_sys::FunctionCallInfo) -> Datum;
 }
 use pgrx::PgTryBuilder;
 use std::time::Instant;
@@ -59,6 +61,52 @@ fn jsonb_from_text(text: &[u8]) -> Option<Datum> {
     })
     .catch_others(|_| None)
     .execute()
+}
+
+/// JSON text from L2 as a json datum, handed over as it is: an L2 hit of a json-mode cache
+/// parses nothing. Only what cannot be text (not UTF-8, a NUL) is refused, as a miss.
+fn json_from_text(text: &[u8]) -> Option<Datum> {
+    if std::str::from_utf8(text).is_err() || text.contains(&0) || text.is_empty() {
+        return None;
+    }
+    unsafe {
+        Some(Datum::from(pg_sys::cstring_to_text_with_len(
+            text.as_ptr().cast(),
+            text.len() as i32,
+        )))
+    }
+}
+
+/// L2's text as the datum the cache hands out (jsonb, or json for a json-mode cache).
+fn native_from_text(text: &[u8], json: bool) -> Option<Datum> {
+    if json {
+        json_from_text(text)
+    } else {
+        jsonb_from_text(text)
+    }
+}
+
+/// A value in the cache's own form converted to the form the caller asked for: a jsonb
+/// cache read through get_json, or a json cache through get (or a `->` in SQL).
+pub fn convert(value: Datum, stored_json: bool, want_json: bool) -> Datum {
+    if stored_json == want_json {
+        return value;
+    }
+    unsafe {
+        if want_json {
+            let out = pg_sys::DirectFunctionCall1Coll(Some(raw_jsonb_out), Oid::INVALID, value);
+            pg_sys::cstring_to_text(out.cast_mut_ptr()).into()
+        } else {
+            let text = pgrx::varlena_to_byte_slice(value.cast_mut_ptr::<pg_sys::varlena>());
+            jsonb_from_text(text).unwrap_or_else(|| {
+                crate::error::InternalError::Spi {
+                    what: "reading a json entry as jsonb",
+                    code: 0,
+                }
+                .raise()
+            })
+        }
+    }
 }
 
 /// The flat bytes of a jsonb datum (4-byte varlena header, not toasted), as L1 stores them.
@@ -210,9 +258,14 @@ impl<'a> Call<'a> {
                 return Err(L2Miss::Unused);
             }
         };
+        self.l2_answer(read, trust)
+    }
+
+    /// What an L2 read says for this key: `Ok(answer)` on a hit, `Err(why not)` otherwise.
+    fn l2_answer(&self, read: l2_redis::Read, trust: u64) -> Result<Option<Datum>, L2Miss> {
         let def = self.def;
         match &read.lookup {
-            Lookup::Value(text) => match jsonb_from_text(text) {
+            Lookup::Value(text) => match native_from_text(text, def.returns_json) {
                 Some(datum) => {
                     let ttl = read.remaining_s.unwrap_or(def.ttl_s).min(def.ttl_s);
                     self.fill_l1(Some(datum), ttl);
@@ -392,27 +445,156 @@ pub fn check_key(key: &str) {
     }
 }
 
-/// Looks `key` up in cache `name`: returns the jsonb datum, or None for SQL NULL.
-pub fn get(name: &str, key: &str) -> Option<Datum> {
+/// Looks `key` up in cache `name`: returns the value (json text if `want_json`, else jsonb),
+/// or None for SQL NULL.
+pub fn get(name: &str, key: &str, want_json: bool) -> Option<Datum> {
     let started = Instant::now();
     catalog::accept_invalidations();
     let def = catalog::lookup(name);
     catalog::require_read(&def);
     check_key(key);
     def.stats.bump(Counter::Calls);
-    if let Some(reason) = bypass_reason(&def) {
+    let value = if let Some(reason) = bypass_reason(&def) {
         def.stats.bump(Counter::Bypasses);
         log_event("BYPASS", &def, key, &format!(" ({reason})"));
-        return source::fetch(&def, key).map(|v| v.datum);
+        source::fetch(&def, key).map(|v| v.datum)
+    } else {
+        let call = Call::new(&def, key, started);
+        match call.try_l1() {
+            Some(answer) => answer,
+            None => match call.try_l2() {
+                Ok(answer) => answer,
+                Err(miss) => call.try_source(miss),
+            },
+        }
+    };
+    value.map(|v| convert(v, def.returns_json, want_json))
+}
+
+/// Refuses what a many-key call cannot answer key by key: NULLs, a key given twice (one row
+/// each would be ambiguous), more keys than twotier.max_many_keys.
+pub fn check_many(keys: &[Option<&str>]) -> Vec<String> {
+    if keys.len() > gucs::max_many_keys() {
+        CallError::ManyTooMany {
+            n: keys.len(),
+            max: gucs::max_many_keys(),
+        }
+        .raise();
     }
-    let call = Call::new(&def, key, started);
-    if let Some(answer) = call.try_l1() {
-        return answer;
+    let mut seen = std::collections::HashSet::with_capacity(keys.len());
+    let mut out = Vec::with_capacity(keys.len());
+    for (i, key) in keys.iter().enumerate() {
+        let Some(key) = key else {
+            CallError::ManyNull(i + 1).raise();
+        };
+        check_key(key);
+        if !seen.insert(*key) {
+            CallError::ManyDuplicate(key.to_string()).raise();
+        }
+        out.push(key.to_string());
     }
-    match call.try_l2() {
-        Ok(answer) => answer,
-        Err(miss) => call.try_source(miss),
+    out
+}
+
+/// Many keys of cache `name` in one call: L1 for each, then one pipelined round trip to L2
+/// for every key L1 lacked, then the source (its prepared plan) for the rest, each fill under
+/// the same guards as a single read. Answers in the order of `keys`.
+pub fn get_many(name: &str, keys: &[String], want_json: bool) -> Vec<Option<Datum>> {
+    let started = Instant::now();
+    catalog::accept_invalidations();
+    let def = catalog::lookup(name);
+    catalog::require_read(&def);
+    def.stats.add(Counter::Calls, keys.len() as u64);
+    let out = |values: Vec<Option<Datum>>| -> Vec<Option<Datum>> {
+        values
+            .into_iter()
+            .map(|v| v.map(|v| convert(v, def.returns_json, want_json)))
+            .collect()
+    };
+    if let Some(reason) = bypass_reason(&def) {
+        def.stats.add(Counter::Bypasses, keys.len() as u64);
+        return out(keys
+            .iter()
+            .map(|key| {
+                log_event("BYPASS", &def, key, &format!(" ({reason})"));
+                source::fetch(&def, key).map(|v| v.datum)
+            })
+            .collect());
     }
+    let calls: Vec<Call> = keys.iter().map(|k| Call::new(&def, k, started)).collect();
+    let mut answers: Vec<Option<Option<Datum>>> = calls.iter().map(Call::try_l1).collect();
+    let pending: Vec<usize> = (0..calls.len()).filter(|&i| answers[i].is_none()).collect();
+    let mut misses: Vec<(usize, L2Miss)> = Vec::with_capacity(pending.len());
+    if !pending.is_empty() {
+        for (i, result) in pending.iter().zip(l2_batch(&def, &calls, &pending)) {
+            match result {
+                Ok(answer) => answers[*i] = Some(answer),
+                Err(miss) => misses.push((*i, miss)),
+            }
+        }
+    }
+    for (i, miss) in misses {
+        answers[i] = Some(calls[i].try_source(miss));
+    }
+    out(answers.into_iter().map(Option::flatten).collect())
+}
+
+/// L2 for the keys `pending` of `calls`, in one round trip: each answer as `try_l2` gives it.
+fn l2_batch(
+    def: &CacheDef,
+    calls: &[Call],
+    pending: &[usize],
+) -> Vec<Result<Option<Datum>, L2Miss>> {
+    // A commit in flight on this server for a key: not asked, and filled nowhere (see try_l2).
+    let in_flight: Vec<bool> = pending
+        .iter()
+        .map(|&i| l1::in_flight(calls[i].hash))
+        .collect();
+    let answer_unasked = || -> Vec<Result<Option<Datum>, L2Miss>> {
+        in_flight
+            .iter()
+            .map(|&f| Err(if f { L2Miss::InFlight } else { L2Miss::Unused }))
+            .collect()
+    };
+    if gucs::redis_url().is_empty() {
+        return answer_unasked();
+    }
+    let Some(trust) = outbox::l2_trust() else {
+        def.stats.add(Counter::L2Skips, pending.len() as u64);
+        return answer_unasked();
+    };
+    let tier_keys: Vec<&str> = pending
+        .iter()
+        .zip(&in_flight)
+        .filter(|(_, f)| !**f)
+        .map(|(&i, _)| calls[i].tier_key.as_str())
+        .collect();
+    let mut reads = if tier_keys.is_empty() {
+        Vec::new().into_iter()
+    } else {
+        match l2_redis::read_many(&tier_keys) {
+            Ok(reads) => reads.into_iter(),
+            Err(e) => {
+                if e.is_fault() {
+                    def.stats.bump(Counter::RedisErrors);
+                }
+                return answer_unasked();
+            }
+        }
+    };
+    pending
+        .iter()
+        .zip(&in_flight)
+        .map(|(&i, &f)| {
+            if f {
+                return Err(L2Miss::InFlight);
+            }
+            match reads.next() {
+                Some(read) => calls[i].l2_answer(read, trust),
+                None => Err(L2Miss::Unused),
+            }
+        })
+        .collect()
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -13,8 +13,9 @@ extern "C-unwind" {
 }
 use std::ffi::{CStr, CString};
 
-/// A row fetched from the source: the jsonb (flat, in the caller's memory context) and its
-/// JSON text, which is what L2 stores.
+/// A row fetched from the source: the value as the cache hands it out (a flat jsonb, or for
+/// a json-mode cache the json text, in the caller's memory context) and its canonical JSON
+/// text, which is what L2 stores.
 pub struct SourceValue {
     pub datum: Datum,
     pub json: String,
@@ -138,18 +139,14 @@ fn prepare(query: &str, argtypes: &mut [Oid]) -> pg_sys::SPIPlanPtr {
     }
 }
 
-/// Parses `query` as the cache owner would run it, checks that it yields one jsonb column,
-/// and returns the relations it reads (through views too), for `define` to check.
-/// Without `with_key` the query is prepared with no parameter at all: it fails (42P02) if and
-/// only if it uses `$1`, which is how define() tells that it does.
-pub fn check_query(query: &str, owner: Oid, search_path: &CStr, with_key: bool) -> Vec<Oid> {
+/// Parses `query` as the cache owner would run it, with `$1`, `$2`, ... of `key_types`,
+/// checks that it yields one jsonb column, and returns the relations it reads (through views
+/// too), for `define` to check. A query using a `$n` past `key_types` fails (42P02): that is
+/// how define() tells that it uses the key's last part.
+pub fn check_query(query: &str, owner: Oid, search_path: &CStr, key_types: &[Oid]) -> Vec<Oid> {
     let _spi = SpiConnection::open();
     as_owner(owner, search_path, || {
-        let plan = if with_key {
-            prepare(query, &mut [pg_sys::TEXTOID])
-        } else {
-            prepare(query, &mut [])
-        };
+        let plan = prepare(query, &mut key_types.to_vec());
         let Some(src) = single_plan_source(plan) else {
             CatalogError::QueryShape("more than one statement".into()).raise();
         };
@@ -160,8 +157,15 @@ pub fn check_query(query: &str, owner: Oid, search_path: &CStr, with_key: bool) 
     })
 }
 
-/// Parses a watch entry's key expression against its table, as the owner, without running it.
-pub fn check_watch_expression(table: Oid, expression: &str, owner: Oid, search_path: &CStr) {
+/// Parses a watch entry's key expression against its table, as the owner, without running
+/// it: it must give as many values as the key has parts, each castable to its part's type.
+pub fn check_watch_expression(
+    table: Oid,
+    expression: &str,
+    owner: Oid,
+    search_path: &CStr,
+    key_types: &[Oid],
+) {
     let _spi = SpiConnection::open();
     as_owner(owner, search_path, || {
         let table_name = unsafe {
@@ -171,13 +175,24 @@ pub fn check_watch_expression(table: Oid, expression: &str, owner: Oid, search_p
             );
             CStr::from_ptr(qualified).to_string_lossy().into_owned()
         };
-        let plan = prepare(
-            &format!("SELECT ({expression})::text FROM ONLY {table_name}"),
+        let from = format!("ONLY {table_name}");
+        let plan = prepare(&format!("SELECT {expression} FROM {from}"), &mut []);
+        let Some(src) = single_plan_source(plan) else {
+            CatalogError::QueryShape("a watch expression with several statements".into()).raise();
+        };
+        let found = unsafe { (*(*src).resultDesc).natts } as usize;
+        if found != key_types.len() {
+            CatalogError::WatchArity {
+                expression: expression.to_string(),
+                found,
+                parts: key_types.len(),
+            }
+            .raise();
+        }
+        prepare(
+            &crate::typed_keys::key_select(expression, key_types, &from),
             &mut [],
         );
-        if single_plan_source(plan).is_none() {
-            CatalogError::QueryShape("a watch expression with several statements".into()).raise();
-        }
     });
 }
 
@@ -293,15 +308,16 @@ pub fn fetch(def: &CacheDef, key: &str) -> Option<SourceValue> {
             let plan = match def.plan.get() {
                 Some(plan) => plan,
                 None => {
-                    let plan = prepare(&def.query, &mut [pg_sys::TEXTOID]);
+                    let mut types: Vec<Oid> = def.key_types.iter().map(|t| t.oid).collect();
+                    let plan = prepare(&def.query, &mut types);
                     pg_sys::SPI_keepplan(plan);
                     def.plan.set(Some(plan));
                     plan
                 }
             };
-            let key_text = pg_sys::cstring_to_text_with_len(key.as_ptr().cast(), key.len() as i32);
-            let mut values = [Datum::from(key_text)];
-            let nulls = [b' ' as std::ffi::c_char, 0];
+            let mut values = crate::typed_keys::parameters(&def.key_types, key);
+            let mut nulls = vec![b' ' as std::ffi::c_char; values.len()];
+            nulls.push(0);
             // read_only = false: in READ COMMITTED that takes a fresh snapshot, which is what makes a
             // fill reflect every commit that happened before the L2 read preceding it.
             let rc = pg_sys::SPI_execute_plan(plan, values.as_mut_ptr(), nulls.as_ptr(), false, 2);
@@ -343,7 +359,20 @@ pub fn fetch(def: &CacheDef, key: &str) -> Option<SourceValue> {
             let json = CStr::from_ptr(out.cast_mut_ptr())
                 .to_string_lossy()
                 .into_owned();
-            let datum = pg_sys::SPI_datumTransfer(Datum::from(flat), false, -1);
+            let datum = if def.returns_json {
+                // In the caller's context (SPI_palloc): SPI's own goes with SPI_finish.
+                let size = json.len() + pg_sys::VARHDRSZ;
+                let text = pg_sys::SPI_palloc(size) as *mut pg_sys::varlena;
+                pgrx::set_varsize_4b(text, size as i32);
+                std::ptr::copy_nonoverlapping(
+                    json.as_ptr(),
+                    (text as *mut u8).add(pg_sys::VARHDRSZ),
+                    json.len(),
+                );
+                Datum::from(text)
+            } else {
+                pg_sys::SPI_datumTransfer(Datum::from(flat), false, -1)
+            };
             Some(SourceValue { datum, json })
         })
     })

@@ -15,6 +15,7 @@
 use crate::catalog;
 use crate::invalidation;
 use crate::source;
+use crate::typed_keys::{self, KeyType};
 use pgrx::pg_sys::{self, Datum, Oid};
 use pgrx::prelude::*;
 use std::cell::RefCell;
@@ -36,6 +37,7 @@ enum KeyPlan {
         plan: pg_sys::SPIPlanPtr,
         owner: Oid,
         search_path: CString,
+        key_types: Vec<KeyType>,
     },
 }
 
@@ -146,6 +148,10 @@ unsafe fn plan_for(td: *const pg_sys::TriggerData) -> Rc<Fired> {
             }
         }
         let desc = (*rel).rd_att;
+        let key_type = match def.key_types.as_slice() {
+            [one] => Some(one.oid),
+            _ => None,
+        };
         let column = is_plain_column(expression).and_then(|name| {
             let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
             attrs
@@ -155,6 +161,8 @@ unsafe fn plan_for(td: *const pg_sys::TriggerData) -> Rc<Fired> {
                         && CStr::from_ptr(a.attname.data.as_ptr()).to_bytes() == name.as_bytes()
                 })
                 .map(|i| (i as i32 + 1, attrs[i].atttypid))
+                // Read straight from the row only if no cast to the key's type is needed.
+                .filter(|(_, typ)| key_type == Some(pg_sys::TEXTOID) || key_type == Some(*typ))
         });
         let plan = match column {
             Some((attnum, typ)) => {
@@ -173,9 +181,11 @@ unsafe fn plan_for(td: *const pg_sys::TriggerData) -> Rc<Fired> {
                 let table_name = CStr::from_ptr(pg_sys::get_rel_name(watched))
                     .to_string_lossy()
                     .into_owned();
-                let sql = format!(
-                    "SELECT DISTINCT ({expression})::text FROM (SELECT ($1).*) AS {}",
-                    quote_ident(&table_name)
+                let types: Vec<Oid> = def.key_types.iter().map(|t| t.oid).collect();
+                let sql = typed_keys::key_select(
+                    expression,
+                    &types,
+                    &format!("(SELECT ($1).*) AS {}", quote_ident(&table_name)),
                 );
                 let sql = CString::new(sql).unwrap_or_default();
                 let mut types = [(*(*rel).rd_rel).reltype];
@@ -197,6 +207,7 @@ unsafe fn plan_for(td: *const pg_sys::TriggerData) -> Rc<Fired> {
                     plan,
                     owner: def.owner,
                     search_path: def.search_path.clone(),
+                    key_types: def.key_types.clone(),
                 }
             }
         };
@@ -267,6 +278,7 @@ unsafe fn key_of(plan: &KeyPlan, slot: *mut pg_sys::TupleTableSlot, out: &mut Ve
                 plan,
                 owner,
                 search_path,
+                key_types,
             } => {
                 let row = pg_sys::ExecFetchSlotHeapTupleDatum(slot);
                 source::as_owner(*owner, search_path, || {
@@ -283,15 +295,24 @@ unsafe fn key_of(plan: &KeyPlan, slot: *mut pg_sys::TupleTableSlot, out: &mut Ve
                         );
                         if rc == pg_sys::SPI_OK_SELECT as i32 {
                             let table = pg_sys::SPI_tuptable;
-                            for r in 0..pg_sys::SPI_processed as usize {
-                                let v = pg_sys::SPI_getvalue(
-                                    *(*table).vals.add(r),
-                                    (*table).tupdesc,
-                                    1,
-                                );
-                                if !v.is_null() {
-                                    out.push(CStr::from_ptr(v).to_string_lossy().into_owned());
+                            'rows: for r in 0..pg_sys::SPI_processed as usize {
+                                let tuple = *(*table).vals.add(r);
+                                let mut parts = Vec::with_capacity(key_types.len());
+                                for (i, kt) in key_types.iter().enumerate() {
+                                    let mut isnull = false;
+                                    let v = pg_sys::SPI_getbinval(
+                                        tuple,
+                                        (*table).tupdesc,
+                                        i as i32 + 1,
+                                        &mut isnull,
+                                    );
+                                    // A key with a NULL part names no entry.
+                                    if isnull {
+                                        continue 'rows;
+                                    }
+                                    parts.push(kt.render(v));
                                 }
+                                out.push(crate::keys::compose(&parts));
                             }
                         }
                         pg_sys::SPI_finish();

@@ -35,7 +35,7 @@ SELECT twotier.define('ok', 'SELECT to_jsonb(t) FROM t WHERE id = $1::int', '1 m
 SELECT twotier.get('nosuch', 'k');
 SELECT twotier.drop('nosuch');
 SELECT twotier.flush('nosuch');
-SELECT cached_ok(repeat('x', 2000));
+SELECT twotier.get('ok', repeat('x', 2000));
 CREATE TABLE dup (k int, v text);
 INSERT INTO dup VALUES (1, 'a'), (1, 'b');
 SELECT twotier.define('dup', 'SELECT to_jsonb(d) FROM dup d WHERE k = $1::int', '1 min', ARRAY['dup(k)']);

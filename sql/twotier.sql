@@ -447,15 +447,23 @@ BEGIN
     END IF;
     IF many IS NULL THEN
         -- get_many checks EXECUTE on cached_<name> itself: one GRANT governs both functions.
+        -- One key part: get_many's rows come back in the order given, and the canonical text
+        -- reads back as the same value. Several parts: the rows are joined to the arguments.
         EXECUTE format('CREATE FUNCTION %I.%I(%s) RETURNS TABLE (%s, value %s) LANGUAGE sql STABLE PARALLEL UNSAFE ROWS 10 AS %L',
                        fn_schema, fn_name || '_many', many_args, out_cols, _define.returns,
-                       format('SELECT %s, m.value FROM unnest(%s) WITH ORDINALITY AS u(%s, ord) JOIN %s(%L, %s) WITH ORDINALITY AS m(key, value, ord) USING (ord) ORDER BY ord',
+                       CASE WHEN n = 1 THEN
+                           format('SELECT m.key::%s, m.value FROM %s(%L, %s) AS m', types[1]::regtype,
+                                  CASE _define.returns WHEN 'json' THEN 'twotier.get_many_json' ELSE 'twotier.get_many' END,
+                                  name, many_keys)
+                       ELSE
+                           format('SELECT %s, m.value FROM unnest(%s) WITH ORDINALITY AS u(%s, ord) JOIN %s(%L, %s) WITH ORDINALITY AS m(key, value, ord) USING (ord) ORDER BY ord',
                               (SELECT string_agg(format('u.c%s', k), ', ') FROM generate_series(1, n) k),
                               (SELECT string_agg(format('%I.%I', fn_name || '_many', CASE WHEN n = 1 THEN 'keys' ELSE names[k] || 's' END), ', ')
                                  FROM generate_series(1, n) k),
                               (SELECT string_agg(format('c%s', k), ', ') FROM generate_series(1, n) k),
                               CASE _define.returns WHEN 'json' THEN 'twotier.get_many_json' ELSE 'twotier.get_many' END,
-                              name, many_keys));
+                              name, many_keys)
+                       END);
         many := to_regprocedure(format('%I.%I(%s)', fn_schema, fn_name || '_many',
                                        (SELECT string_agg(t::regtype::text || '[]', ', ') FROM unnest(types) t)));
         EXECUTE format('ALTER FUNCTION %s DEPENDS ON EXTENSION twotier', many);

@@ -156,7 +156,12 @@ unsafe fn get_many(fcinfo: pg_sys::FunctionCallInfo, want_json: bool) -> Datum {
 fn set_value(cache: &str, key: &str, value: JsonB) {
     let def = catalog::lookup(cache);
     require_admin(&def, "set entries of");
-    let json = serde_json::to_string(&value.0).unwrap_or_default();
+    // jsonb's own text, as a fill stores it: a json-mode cache hands these bytes out as they are.
+    let json = Spi::get_one_with_args::<String>("SELECT $1::pg_catalog.text", &[value.into()])
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    let key = &crate::typed_keys::canonical(&def.key_types, key);
     let l2_key = keys::full_key(&def.key_prefix, &catalog::effective_key(&def, key));
     match l2_redis::set(&l2_key, &json, def.ttl_s) {
         Ok(()) => {
@@ -177,6 +182,7 @@ fn set_value(cache: &str, key: &str, value: JsonB) {
 fn invalidate(cache: &str, key: &str) {
     let def = catalog::lookup(cache);
     catalog::require_read(&def);
+    let key = &crate::typed_keys::canonical(&def.key_types, key);
     let l2_key = keys::full_key(&def.key_prefix, key);
     if let Err(e) = l2_redis::invalidate(&[(l2_key.clone(), def.ttl_s)], 0) {
         if e.is_fault() {
@@ -184,7 +190,7 @@ fn invalidate(cache: &str, key: &str) {
         }
     }
     l1::invalidate(&l2_key);
-    invalidation::collect(cache, [key]);
+    invalidation::collect(cache, [key.as_str()]);
 }
 
 #[pg_extern(volatile, parallel_unsafe)]
@@ -228,6 +234,7 @@ fn invalidate_pattern(cache: &str, pattern: &str) -> i64 {
 fn exists_entry(cache: &str, key: &str) -> bool {
     let def = catalog::lookup(cache);
     catalog::require_read(&def);
+    let key = &crate::typed_keys::canonical(&def.key_types, key);
     let l2_key = keys::full_key(&def.key_prefix, &catalog::effective_key(&def, key));
     matches!(
         l2_redis::get(&l2_key),

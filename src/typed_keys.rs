@@ -156,6 +156,33 @@ pub fn parameters(types: &[KeyType], key: &str) -> Vec<Datum> {
     values
 }
 
+/// The canonical text of the key that `key` spells (`007` → `7`, an upper-case uuid → lower
+/// case), for the calls that name a key to act on it (invalidate, set, exists): acting on a
+/// spelling no trigger or fill uses would silently do nothing. Raises the type's input ERROR
+/// for a text that is no value of it.
+pub fn canonical(types: &[KeyType], key: &str) -> String {
+    if let [only] = types {
+        if only.oid == pg_sys::TEXTOID {
+            return key.to_string();
+        }
+    }
+    let parts = keys::split(key, types.len()).unwrap_or_else(|| {
+        CallError::KeyParts {
+            key: key.to_string(),
+            parts: types.len(),
+        }
+        .raise()
+    });
+    let render = || -> Vec<String> {
+        types
+            .iter()
+            .zip(&parts)
+            .map(|(kt, part)| kt.render(kt.read(part)))
+            .collect()
+    };
+    keys::compose(&source::with_settings(&source::PINNED, render))
+}
+
 #[no_mangle]
 pub extern "C" fn pg_finfo_twotier_key_text() -> &'static pg_sys::Pg_finfo_record {
     static V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
@@ -336,4 +363,116 @@ pub fn key_select(expression: &str, types: &[Oid], from: &str) -> String {
         casts.join(", "),
         columns.join(", ")
     )
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use super::*;
+
+    #[pg_test]
+    fn only_types_with_one_text_per_value_can_be_keys() {
+        Spi::run(
+            "CREATE TYPE tk_mood AS ENUM ('a', 'b');
+             CREATE DOMAIN tk_id AS int CHECK (VALUE > 0);
+             CREATE DOMAIN tk_money AS numeric;",
+        )
+        .unwrap();
+        let oid = |t: &str| {
+            Spi::get_one::<Oid>(&format!("SELECT '{t}'::regtype::oid"))
+                .unwrap()
+                .unwrap()
+        };
+        for ok in [
+            "int",
+            "bigint",
+            "text",
+            "uuid",
+            "timestamptz",
+            "date",
+            "tk_mood",
+            "tk_id",
+        ] {
+            assert_eq!(problem(oid(ok)), None, "{ok}");
+        }
+        for bad in [
+            "numeric", "float8", "interval", "jsonb", "char(3)", "tk_money", "int[]", "point",
+        ] {
+            assert!(problem(oid(bad)).is_some(), "{bad}");
+        }
+        assert!(pinned(oid("timestamptz")) && !pinned(oid("uuid")));
+    }
+
+    #[pg_test]
+    fn key_text_does_not_depend_on_the_callers_settings() {
+        Spi::run("SET TimeZone = 'Asia/Tokyo'; SET DateStyle = 'SQL, DMY'").unwrap();
+        let text = Spi::get_one::<String>(
+            "SELECT twotier.key_text('2024-01-02 12:04:05.5+09'::timestamptz, 'a,b'::text, 7)",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(text, "2024-01-02 03:04:05.5+00,\"a,b\",7");
+        let date = Spi::get_one::<String>("SELECT twotier.key_text('2024-03-01'::date)")
+            .unwrap()
+            .unwrap();
+        assert_eq!(date, "2024-03-01");
+        let zone = Spi::get_one::<String>("SELECT current_setting('TimeZone')")
+            .unwrap()
+            .unwrap();
+        assert_eq!(zone, "Asia/Tokyo", "the session's settings come back");
+    }
+
+    #[pg_test]
+    fn parameters_read_each_part_and_check_its_text() {
+        let types = [KeyType::of(pg_sys::INT4OID), KeyType::of(pg_sys::TEXTOID)];
+        let values = source::with_settings(&source::PINNED, || parameters(&types, "42,\"x,y\""));
+        assert_eq!(values.len(), 2);
+        assert_eq!(
+            unsafe { i32::from_datum(values[0], false) },
+            Some(42),
+            "the int part"
+        );
+        assert_eq!(
+            unsafe { String::from_datum(values[1], false) }.as_deref(),
+            Some("x,y")
+        );
+    }
+
+    #[pg_test(
+        error = "twotier: key \"007\" is not the canonical text of its value (that is \"7\")"
+    )]
+    fn a_key_text_that_is_not_canonical_is_refused() {
+        parameters(&[KeyType::of(pg_sys::INT4OID)], "007");
+    }
+
+    #[pg_test]
+    fn typed_composite_and_json_caches_answer_through_their_functions() {
+        Spi::run(
+            "CREATE TABLE tk_faq(tenant int, locale text, q text);
+             INSERT INTO tk_faq VALUES (1, 'en', 'How?'), (1, 'de', 'Wie?');
+             SELECT twotier.define('tk_faq', $q$SELECT jsonb_agg(q) FROM tk_faq WHERE tenant = $1 AND locale = $2$q$,
+                                   '1 min', ARRAY['tk_faq(tenant, locale)'], returns => 'json')",
+        )
+        .unwrap();
+        let sig = Spi::get_one::<String>(
+            "SELECT function::text || ' ' || many_function::text FROM twotier.caches WHERE name = 'tk_faq'",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            sig,
+            "cached_tk_faq(integer,text) cached_tk_faq_many(integer[],text[])"
+        );
+        let one = Spi::get_one::<String>("SELECT cached_tk_faq(1, 'de')::text")
+            .unwrap()
+            .unwrap();
+        assert_eq!(one, "[\"Wie?\"]");
+        let many = Spi::get_one::<String>(
+            "SELECT string_agg(key1 || '/' || key2 || '=' || coalesce(value::text, 'NULL'), ' ')
+               FROM cached_tk_faq_many(ARRAY[1, 2, 1], ARRAY['en', 'en', 'de'])",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(many, "1/en=[\"How?\"] 2/en=NULL 1/de=[\"Wie?\"]");
+    }
 }

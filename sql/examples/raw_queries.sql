@@ -36,7 +36,7 @@ CREATE OR REPLACE FUNCTION raw_widget_config_heavy(key text) RETURNS jsonb LANGU
                'theme', w.theme || jsonb_build_object('brand_color', c.brand_color, 'logo', c.logo_url),
                'greeting', w.greeting, 'features', w.features, 'version', w.version,
                'faq', (SELECT jsonb_agg(jsonb_build_object('q', f.question, 'a', f.answer) ORDER BY f.position)
-                         FROM faq_entries f WHERE f.domain_id = w.domain_id),
+                         FROM faq_entries f WHERE f.domain_id = w.domain_id AND f.locale = 'en'),
                'activity', (SELECT jsonb_object_agg(kind, n) FROM (
                                 SELECT e.kind, count(*) AS n FROM widget_events e
                                  WHERE e.domain_id = w.domain_id GROUP BY e.kind) k))

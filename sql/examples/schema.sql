@@ -39,11 +39,12 @@ CREATE TABLE IF NOT EXISTS customer_configs (
 CREATE TABLE IF NOT EXISTS faq_entries (
     id        bigserial PRIMARY KEY,
     domain_id uuid NOT NULL REFERENCES domains(id) ON DELETE CASCADE,
+    locale    text NOT NULL DEFAULT 'en',   -- one of the widget's languages
     question  text NOT NULL,
     answer    text NOT NULL,
     position  int NOT NULL
 );
-CREATE INDEX IF NOT EXISTS faq_entries_domain ON faq_entries(domain_id, position);
+CREATE INDEX IF NOT EXISTS faq_entries_domain ON faq_entries(domain_id, locale, position);
 
 CREATE TABLE IF NOT EXISTS widget_events (
     id         bigserial PRIMARY KEY,
@@ -96,10 +97,14 @@ BEGIN
       JOIN LATERAL (SELECT substring(d.domain FROM 'shop-(\d+)')::int AS g) s ON true
      WHERE s.g >= first;
 
-    INSERT INTO faq_entries (domain_id, question, answer, position)
-    SELECT d.id, format('Question %s about shipping?', q), format('Answer %s: we ship within %s days.', q, 1 + q % 5), q
+    -- 8 entries in each of the widget's languages.
+    INSERT INTO faq_entries (domain_id, locale, question, answer, position)
+    SELECT d.id, l.locale, format('[%s] Question %s about shipping?', l.locale, q),
+           format('[%s] Answer %s: we ship within %s days.', l.locale, q, 1 + q % 5), q
       FROM domains d
       JOIN LATERAL (SELECT substring(d.domain FROM 'shop-(\d+)')::int AS g) s ON true
+      JOIN widget_configs w ON w.domain_id = d.id
+     CROSS JOIN LATERAL unnest(w.languages) AS l(locale)
      CROSS JOIN generate_series(1, 8) q
      WHERE s.g >= first;
 

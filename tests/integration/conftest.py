@@ -90,8 +90,9 @@ class Cache:
     """A table `name` (k int, v text, ver int) and a cache `name` over it whose query counts
     its own executions in sequence `<name>_fetches`. Rows are k = 1..rows, v = 'v<k>'."""
 
-    def __init__(self, cluster, redis_server, rows=5, ttl="5 min"):
+    def __init__(self, cluster, redis_server, rows=5, ttl="5 min", returns="jsonb"):
         self.name = f"t{next(_names)}"
+        self.returns = returns
         self.cluster = cluster
         self.redis = redis_server
         self.dbname = "postgres"
@@ -104,7 +105,7 @@ class Cache:
         cluster.sql(
             f"""SELECT twotier.define('{n}',
                  $q$SELECT jsonb_build_object('k', k, 'v', v, 'ver', ver, 'n', nextval('{n}_fetches'))
-                      FROM {n} WHERE k = $1::int$q$, '{ttl}', ARRAY['{n}(k)'])"""
+                      FROM {n} WHERE k = $1::int$q$, '{ttl}', ARRAY['{n}(k)'], returns => '{returns}')"""
         )
 
     def fetches(self) -> int:
@@ -181,7 +182,7 @@ class Workload:
     """
 
     def __init__(self, cache: Cache, writers=2, readers=3, read_keys=None, write_keys=None,
-                 l1_readers=1, limit_s=2.0, write_pause_s=0.0):
+                 l1_readers=1, limit_s=2.0, write_pause_s=0.0, many_per_kind=0, many_keys=5):
         self.cache = cache
         self.read_keys = list(read_keys or cache.keys)
         self.write_keys = list(write_keys or cache.keys)
@@ -201,7 +202,14 @@ class Workload:
         self.errors: list = []
         self.warnings = 0
         self.max_read_s = 0.0
-        self._threads = [threading.Thread(target=self._reader, args=(i, i < l1_readers), daemon=True)
+        # `many_per_kind` readers with L1 and as many without read `many_keys` keys per call
+        # through cached_<name>_many, each key judged as if it had been read alone.
+        self.many_keys = many_keys
+
+        def many(i: int) -> bool:
+            return i >= (l1_readers if i < l1_readers else readers) - many_per_kind
+
+        self._threads = [threading.Thread(target=self._reader, args=(i, i < l1_readers, many(i)), daemon=True)
                          for i in range(readers)]
         self._threads += [threading.Thread(target=self._writer, args=(i,), daemon=True) for i in range(writers)]
 
@@ -231,9 +239,12 @@ class Workload:
         if len(self.errors) < 100:
             self.errors.append(what)
 
-    def _reader(self, i: int, l1: bool) -> None:
+    def _reader(self, i: int, l1: bool, many: bool = False) -> None:
         rnd = random.Random(f"reader{i}")
-        query = f"SELECT cached_{self.cache.name}(%s)"
+        if many:
+            query = f"SELECT key, value FROM cached_{self.cache.name}_many(%s::int[])"
+        else:
+            query = f"SELECT cached_{self.cache.name}(%s)"
         conn = None
         while not self._stop.is_set():
             try:
@@ -242,26 +253,36 @@ class Workload:
                     if not l1:
                         conn.execute("SET twotier.l1_enabled = off")
                     cur = conn.cursor()
-                k = rnd.choice(self.read_keys)
-                floor, committed_at = self.committed[k]  # before the call is sent
+                keys = rnd.sample(self.read_keys, min(self.many_keys, len(self.read_keys))) if many \
+                    else [rnd.choice(self.read_keys)]
+                floors = {k: self.committed[k] for k in keys}  # before the call is sent
                 t0 = time.monotonic()
-                cur.execute(query, (str(k),), prepare=True)
-                value = cur.fetchone()[0]
+                if many:
+                    cur.execute(query, ([str(k) for k in keys],), prepare=True)
+                    rows = cur.fetchall()
+                else:
+                    cur.execute(query, (str(keys[0]),), prepare=True)
+                    rows = [(keys[0], cur.fetchone()[0])]
                 elapsed = time.monotonic() - t0
             except psycopg.Error as e:
                 self._error(f"reader {i}: {e!r}")
                 if conn is not None and conn.broken:
                     conn = None
                 continue
-            self._reads[i] += 1
+            self._reads[i] += len(keys)
             self.max_read_s = max(self.max_read_s, elapsed)
             if elapsed > self.limit_s:
-                self._error(f"reader {i}: call for key {k} took {elapsed:.2f}s")
-            if not isinstance(value, dict) or value.get("k") != k or value.get("v") != f"v{k}":
-                self._error(f"reader {i}: wrong value for key {k}: {value!r}")
-            elif value["ver"] < floor:
-                self.stale.append({"key": k, "got": value["ver"], "committed": floor, "l1": l1,
-                                   "after_commit_s": round(t0 - committed_at, 4)})
+                self._error(f"reader {i}: call for keys {keys} took {elapsed:.2f}s")
+            if [r[0] for r in rows] != keys:
+                self._error(f"reader {i}: rows for keys {[r[0] for r in rows]}, asked {keys}")
+                continue
+            for k, value in rows:
+                floor, committed_at = floors[k]
+                if not isinstance(value, dict) or value.get("k") != k or value.get("v") != f"v{k}":
+                    self._error(f"reader {i}: wrong value for key {k}: {value!r}")
+                elif value["ver"] < floor:
+                    self.stale.append({"key": k, "got": value["ver"], "committed": floor, "l1": l1,
+                                       "many": many, "after_commit_s": round(t0 - committed_at, 4)})
         if conn is not None:
             conn.close()
 

@@ -36,8 +36,24 @@ CASES = [
     ("bad vary_by", define(extra=", negative_ttl => NULL, vary_by => ARRAY['nope']"), "22023"),
     ("unknown cache", "SELECT twotier.get('no_such_cache', '1')", "42704"),
     ("NULL key", "SELECT cached_bad_ok(NULL)", "22004"),
-    ("empty key", "SELECT cached_bad_ok('')", "22023"),
-    ("oversized key", "SELECT cached_bad_ok(repeat('k', 2000))", "54000"),
+    ("empty key", "SELECT cached_bad_text('')", "22023"),
+    ("oversized key", "SELECT cached_bad_text(repeat('k', 2000))", "54000"),
+    ("key that is not of the key's type", "SELECT cached_bad_ok('one')", "22P02"),
+    ("key text that is not canonical", "SELECT twotier.get('bad_ok', '01')", "22P02"),
+    ("composite key with too few parts", "SELECT twotier.get('bad_pair', '1')", "22P02"),
+    ("NULL part of a composite key", "SELECT cached_bad_pair(1, NULL)", "22004"),
+    ("many keys with a NULL", "SELECT * FROM cached_bad_ok_many(ARRAY[1, NULL])", "22004"),
+    ("many keys with a duplicate", "SELECT * FROM cached_bad_ok_many(ARRAY[1, 1])", "22023"),
+    ("more keys than max_many_keys", "SELECT * FROM cached_bad_ok_many(ARRAY(SELECT generate_series(1, 1001)))", "54000"),
+    ("key type without a canonical text", define(extra=", key_types => ARRAY['numeric']"), "0A000"),
+    ("key type that does not exist", define(extra=", key_types => ARRAY['no_such_type']"), "42704"),
+    ("query types that disagree with key_types", define(extra=", key_types => ARRAY['uuid']"), "42804"),
+    ("query that does not use a key part", define(extra=", key_types => ARRAY['int', 'text']"), "22023"),
+    ("watch expression of the wrong arity",
+     define(query="$q$SELECT jsonb_build_object('v', v) FROM bad_src WHERE k = $1 AND v = $2$q$"), "42804"),
+    ("key_text of a float", "SELECT twotier.key_text(0.5::float8)", "0A000"),
+    ("unknown return mode", define(extra=", returns => 'xml'"), "22023"),
+    ("schema that cannot hold cache functions", define(extra=", schema => 'pg_catalog'"), "3F000"),
     ("several rows for one key", "SELECT cached_bad_many('1')", "21000"),
     ("empty pattern", "SELECT twotier.invalidate_pattern('bad_ok', '')", "22023"),
     ("flush of an unknown cache", "SELECT twotier.flush('no_such_cache')", "42704"),
@@ -57,6 +73,10 @@ def bad_db(cluster):
     cluster.sql("CREATE VIEW bad_view AS SELECT * FROM bad_src")
     cluster.sql("CREATE FUNCTION cached_taken(key text) RETURNS jsonb LANGUAGE sql AS 'SELECT NULL::jsonb'")
     simple_cache(cluster, "bad_ok", rows=2)
+    cluster.sql("""SELECT twotier.define('bad_text', $q$SELECT jsonb_build_object('v', v) FROM bad_src WHERE k::text = $1$q$,
+                                          '5 min', ARRAY['bad_src(k)'], key_types => ARRAY['text'])""")
+    cluster.sql("""SELECT twotier.define('bad_pair', $q$SELECT jsonb_build_object('v', v) FROM bad_src WHERE k = $1 AND v = $2$q$,
+                                          '5 min', ARRAY['bad_src(k, v)'])""")
     cluster.sql("CREATE TABLE bad_many(k int, v text)")
     cluster.sql("INSERT INTO bad_many VALUES (1, 'a'), (1, 'b')")
     cluster.sql("""SELECT twotier.define('bad_many', $q$SELECT jsonb_build_object('v', v) FROM bad_many

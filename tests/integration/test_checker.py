@@ -128,12 +128,13 @@ class Chaos:
         self._prefill.close()
 
 
-def run_checker(stack, seconds: float, min_reads: int, stop_on_stale: bool = False):
+def run_checker(stack, seconds: float, min_reads: int, stop_on_stale: bool = False,
+                returns: str = "jsonb", many_per_kind: int = 0):
     stack.heal()
     stack.use_redis_url(stack.proxy.url)
-    cache = stack.cache(rows=ROWS)
+    cache = stack.cache(rows=ROWS, returns=returns)
     wl = stack.workload(cache, writers=3, readers=6, l1_readers=3, write_keys=WRITER_KEYS,
-                        limit_s=CALL_LIMIT_S, write_pause_s=0.003)
+                        limit_s=CALL_LIMIT_S, write_pause_s=0.003, many_per_kind=many_per_kind)
     chaos = Chaos(stack, cache, wl)
     t0 = time.monotonic()
     try:
@@ -168,6 +169,19 @@ def test_checker_finds_no_stale_read(own_stack):
     assert not chaos.errors, chaos.errors[:5]
     assert wl.reads >= MIN_READS
     assert chaos.outages >= 10 and all(chaos.done[k] >= MIN_PER_KIND for k in chaos.kinds), chaos.done
+    assert cache.stale_keys(l1=True) == [] and cache.stale_keys(l1=False) == []
+
+
+def test_checker_json_mode_and_many_keys(own_stack):
+    """The same chaos against a json-mode cache (an int-typed key, as every Cache now has),
+    with two readers of each kind (L1 on, L1 off) reading 5 keys per call through
+    cached_<name>_many: each key is judged as if it had been read alone."""
+    cache, wl, chaos = run_checker(own_stack, SECONDS / 2, MIN_READS // 2, returns="json", many_per_kind=2)
+    assert not wl.stale, wl.stale[:5]
+    assert not wl.errors, wl.errors[:5]
+    assert not chaos.errors, chaos.errors[:5]
+    assert wl.reads >= MIN_READS // 2
+    assert all(chaos.done[k] >= MIN_PER_KIND for k in chaos.kinds), chaos.done
     assert cache.stale_keys(l1=True) == [] and cache.stale_keys(l1=False) == []
 
 

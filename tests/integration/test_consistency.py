@@ -298,7 +298,7 @@ def test_postgres_restart_with_undelivered_invalidations(own_stack):
 WRITING_STATEMENTS = {
     "INSERT RETURNING": "INSERT INTO {t}(k, v) VALUES ({k}, 'ghost') RETURNING cached_{t}('{k}')",
     "data-modifying CTE": "WITH ins AS (INSERT INTO {t}(k, v) VALUES ({k}, 'ghost') RETURNING k) "
-                          "SELECT cached_{t}(k::text) FROM ins",
+                          "SELECT cached_{t}(k) FROM ins",
 }
 
 

@@ -121,7 +121,7 @@ def test_invalidation_reaches_the_l1_of_a_replica():
         replica = primary.replica()
         replica.start()
         p, r = primary.connect(), replica.connect()
-        assert wait_for(lambda: r.execute(f"SELECT to_regprocedure('cached_{cache.name}(text)')").fetchone()[0] is not None)
+        assert wait_for(lambda: r.execute(f"SELECT to_regproc('cached_{cache.name}')").fetchone()[0] is not None)
         assert call(r, cache, "1")["v"] == "v1"
         assert call(r, cache, "1")["v"] == "v1"
         hits = r.execute("SELECT l1_hits FROM twotier.stats WHERE cache = %s", (cache.name,)).fetchone()[0]

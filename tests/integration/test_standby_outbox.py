@@ -32,7 +32,7 @@ def test_a_standby_stops_using_l2_and_its_l1_for_undelivered_keys():
         replica = primary.replica()
         replica.start()
         p, r = primary.connect(), replica.connect()
-        assert wait_for(lambda: r.execute("SELECT to_regprocedure('cached_sb(text)')").fetchone()[0] is not None)
+        assert wait_for(lambda: r.execute("SELECT to_regproc('cached_sb')").fetchone()[0] is not None)
         # Key 1 in every tier (the primary fills L2; the standby fills its own L1).
         assert call(p, "1")["v"] == "v1"
         assert wait_for(lambda: outbox(r)["l2_trusted"], timeout=5), outbox(r)

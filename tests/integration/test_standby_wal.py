@@ -94,7 +94,7 @@ def make_stack(request, settings=None):
     replica = primary.replica()
     request.addfinalizer(replica.destroy)
     replica.start()
-    assert wait_for(lambda: replica.sql("SELECT to_regprocedure('cached_ss(text)')")[0][0] is not None, 10)
+    assert wait_for(lambda: replica.sql("SELECT to_regproc('cached_ss')")[0][0] is not None, 10)
     return redis, primary, replica
 
 

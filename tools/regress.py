@@ -32,6 +32,8 @@ fsync = off
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--update", action="store_true", help="copy results over expected files")
+    ap.add_argument("--port", type=int, help="run against a server already running on 127.0.0.1:PORT (as the"
+                    " upgrade test does) instead of a temporary instance; it must be set up as TEMP_CONFIG says")
     ap.add_argument("tests", nargs="*", help="test names (default: every tests/pg_regress/sql/*.sql)")
     args = ap.parse_args()
 
@@ -57,9 +59,9 @@ def main() -> int:
             f"--bindir={BINDIR}",
             f"--inputdir={work}",
             f"--outputdir={work}",
-            f"--temp-instance={work / 'instance'}",
-            f"--temp-config={work / 'temp.conf'}",
-            f"--port={free_port()}",
+            *([f"--temp-instance={work / 'instance'}", f"--temp-config={work / 'temp.conf'}",
+               f"--port={free_port()}"] if args.port is None else
+              ["--use-existing", "--host=127.0.0.1", f"--port={args.port}", "--user=postgres"]),
             "--dbname=twotier_regress",
             *tests,
         ]

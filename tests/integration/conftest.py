@@ -90,9 +90,11 @@ class Cache:
     """A table `name` (k int, v text, ver int) and a cache `name` over it whose query counts
     its own executions in sequence `<name>_fetches`. Rows are k = 1..rows, v = 'v<k>'."""
 
-    def __init__(self, cluster, redis_server, rows=5, ttl="5 min", returns="jsonb"):
+    def __init__(self, cluster, redis_server, rows=5, ttl="5 min", returns="jsonb", key_type=None):
         self.name = f"t{next(_names)}"
         self.returns = returns
+        # The key's type is inferred from `$1::int` (int) unless given.
+        key_types = f"ARRAY['{key_type}']" if key_type else "NULL"
         self.cluster = cluster
         self.redis = redis_server
         self.dbname = "postgres"
@@ -105,7 +107,8 @@ class Cache:
         cluster.sql(
             f"""SELECT twotier.define('{n}',
                  $q$SELECT jsonb_build_object('k', k, 'v', v, 'ver', ver, 'n', nextval('{n}_fetches'))
-                      FROM {n} WHERE k = $1::int$q$, '{ttl}', ARRAY['{n}(k)'], returns => '{returns}')"""
+                      FROM {n} WHERE k = $1::int$q$, '{ttl}', ARRAY['{n}(k)'], returns => '{returns}',
+                      key_types => {key_types})"""
         )
 
     def fetches(self) -> int:

@@ -3,6 +3,7 @@ PostgreSQL, with Redis up and down: every tier answers them, the triggers invali
 the keys the app passes (whatever the writer's settings), json mode hands out the text jsonb
 mode prints, and a many-key call costs one Redis round trip for what L1 lacks."""
 import itertools
+import time
 import uuid
 
 import pytest
@@ -12,9 +13,18 @@ _names = itertools.count(1)
 DOMAINS = [uuid.UUID(int=(i + 1) * 0x1111_0000_0000_0000_0000_0000_0001) for i in range(6)]
 
 
+def subscribed(stack) -> bool:
+    with stack.cluster.connect() as c:
+        return c.execute("SELECT (twotier.status()->'l1'->'worker'->>'subscribed')::bool").fetchone()[0]
+
+
 @pytest.fixture(autouse=True)
 def healthy(own_stack):
     own_stack.heal()
+    # After a Redis restart the L1 listener flushes L1 when it subscribes again (it may have
+    # missed invalidations): a test that counts L1 hits starts after that.
+    assert wait_for(lambda: subscribed(own_stack), timeout=15)
+    time.sleep(0.3)  # the flush follows the subscription's switch within microseconds
     yield
     own_stack.heal()
 
@@ -251,3 +261,38 @@ def test_redefinition_keeps_grants_and_drops_the_old_signature(app):
         assert r.execute(f"SELECT value::text FROM api.cached_{n}_many(ARRAY['1'])").fetchone()[0] == '{"v": "one"}'
     c.sql(f"UPDATE {n} SET v = 'uno'")
     assert wait_for(lambda: call(stack, f"SELECT api.cached_{n}('1')->>'v'") == "uno", timeout=0.5)
+
+
+def test_a_key_spelled_another_way_is_refused_not_left_stale(app):
+    """Why typed keys render one canonical text: with a text key (as every cache had before
+    key types), '007' and '7' are two entries of one row and the trigger invalidates only the
+    one its row renders, so '007' stays stale until its TTL. A typed key turns every spelling
+    into '7' at the call, and the generic call refuses a spelling that is not canonical."""
+    stack = app
+    c = stack.cluster
+    n = f"spell{next(_names)}"
+    c.sql(f"CREATE TABLE {n} (k int PRIMARY KEY, ver int NOT NULL DEFAULT 0)")
+    c.sql(f"INSERT INTO {n} VALUES (7, 0)")
+    c.sql(f"""SELECT twotier.define('{n}_text', $q$SELECT jsonb_build_object('ver', ver) FROM {n} WHERE k = $1::int$q$,
+                                   '5 min', ARRAY['{n}(k)'], key_types => ARRAY['text'])""")
+    c.sql(f"""SELECT twotier.define('{n}_int', $q$SELECT jsonb_build_object('ver', ver) FROM {n} WHERE k = $1$q$,
+                                   '5 min', ARRAY['{n}(k)'])""")
+    for spelling in ("007", "7"):
+        call(stack, f"SELECT cached_{n}_text(%s)", spelling)
+        call(stack, f"SELECT cached_{n}_int(%s)", spelling)
+    c.sql(f"UPDATE {n} SET ver = 1")
+    # The hazard, with text keys: the other spelling is served stale.
+    assert call(stack, f"SELECT cached_{n}_text('007')->>'ver'") == "0"
+    assert call(stack, f"SELECT cached_{n}_text('7')->>'ver'") == "1"
+    # Typed: every spelling is the one key the trigger invalidated.
+    for spelling in ("007", "7", "+7"):
+        for l1 in (True, False):
+            assert call(stack, f"SELECT cached_{n}_int(%s)->>'ver'", spelling, l1=l1) == "1"
+    with c.connect() as s:
+        try:
+            s.execute(f"SELECT twotier.get('{n}_int', '007')")
+            raise AssertionError("a non-canonical key text was accepted")
+        except Exception as e:  # noqa: BLE001
+            assert getattr(e, "sqlstate", None) == "22P02", e
+        # Acting on a key accepts any spelling and acts on the canonical one.
+        s.execute(f"SELECT twotier.invalidate('{n}_int', '007')")

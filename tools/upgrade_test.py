@@ -164,6 +164,12 @@ def main() -> int:
         # (no Redis, 8 MB of L1): the upgraded server, restarted so.
         pg.set({"twotier.redis_url": "", "twotier.l1_size_mb": 8})
         pg.restart()
+        # pg_regress --use-existing uses the database as it finds it: made here as pg_regress
+        # makes its own.
+        pg.sql("CREATE DATABASE twotier_regress TEMPLATE template0")
+        for setting, value in (("lc_messages", "C"), ("lc_monetary", "C"), ("lc_numeric", "C"),
+                               ("lc_time", "C"), ("bytea_output", "hex"), ("timezone_abbreviations", "Default")):
+            pg.sql(f"ALTER DATABASE twotier_regress SET {setting} TO '{value}'")
         say("pg_regress against the upgraded server")
         r = subprocess.run([sys.executable, str(ROOT / "tools" / "regress.py"), "--port", str(pg.port)])
         if r.returncode != 0:

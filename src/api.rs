@@ -272,6 +272,7 @@ fn status() -> JsonB {
         },
         "l1": l1_status(),
         "outbox": crate::outbox::status(),
+        "stats": crate::stats::status(),
         "enabled": gucs::enabled(),
     }))
 }

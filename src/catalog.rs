@@ -345,6 +345,18 @@ pub fn move_to_new_version(name: &str) {
     });
 }
 
+/// Whether `user` has EXECUTE on function `function` (PostgreSQL 16 folded the per-catalog ACL
+/// checks into object_aclcheck).
+fn may_execute(function: Oid, user: Oid) -> bool {
+    let mode = pg_sys::ACL_EXECUTE as pg_sys::AclMode;
+    #[cfg(feature = "pg15")]
+    let result = unsafe { pg_sys::pg_proc_aclcheck(function, user, mode) };
+    #[cfg(not(feature = "pg15"))]
+    let result =
+        unsafe { pg_sys::object_aclcheck(pg_sys::ProcedureRelationId, function, user, mode) };
+    result == pg_sys::AclResult::ACLCHECK_OK
+}
+
 /// Raises an ERROR unless the current role may execute the cache's function: reading a
 /// cache, through `cached_<name>` or the generic calls, needs an explicit GRANT.
 pub fn require_read(def: &CacheDef) {
@@ -353,9 +365,7 @@ pub fn require_read(def: &CacheDef) {
     let allowed = match def.allowed.get() {
         Some((u, g, ok)) if u == user && g == generation => ok,
         _ => {
-            let ok = unsafe {
-                pg_sys::pg_proc_aclcheck(def.function, user, pg_sys::ACL_EXECUTE as pg_sys::AclMode)
-            } == pg_sys::AclResult::ACLCHECK_OK;
+            let ok = may_execute(def.function, user);
             def.allowed.set(Some((user, generation, ok)));
             ok
         }

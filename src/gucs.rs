@@ -18,6 +18,7 @@ static MAX_KEY_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024);
 static MAX_MANY_KEYS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 static MAX_VALUE_KB: GucSetting<i32> = GucSetting::<i32>::new(512);
 static L1_SIZE_MB: GucSetting<i32> = GucSetting::<i32>::new(64);
+static STATS_SLOTS: GucSetting<i32> = GucSetting::<i32>::new(256);
 static L1_MAX_VALUE_KB: GucSetting<i32> = GucSetting::<i32>::new(64);
 static L1_MAX_AGE_S: GucSetting<i32> = GucSetting::<i32>::new(300);
 static L1_ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
@@ -234,6 +235,16 @@ pub fn init() {
 
 pub fn init_l1() {
     GucRegistry::define_int_guc(
+        c"twotier.stats_slots",
+        c"Caches (across all databases) that twotier.stats counts separately.",
+        c"Allocated at server start. Slots of dropped caches and databases are reclaimed when all are in use; beyond that, caches are counted together as \"(overflow)\", with a WARNING.",
+        &STATS_SLOTS,
+        16,
+        1_000_000,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
         c"twotier.l1_size_mb",
         c"Size of the shared-memory L1, in megabytes; 0 disables L1.",
         c"Allocated at server start; needs shared_preload_libraries = 'twotier'.",
@@ -378,6 +389,10 @@ pub fn max_key_bytes() -> usize {
 
 pub fn max_value_bytes() -> usize {
     MAX_VALUE_KB.get() as usize * 1024
+}
+
+pub fn stats_slots() -> usize {
+    STATS_SLOTS.get().max(16) as usize
 }
 
 pub fn l1_size_mb() -> usize {

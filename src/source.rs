@@ -101,13 +101,30 @@ fn single_plan_source(plan: pg_sys::SPIPlanPtr) -> Option<*mut pg_sys::CachedPla
     }
 }
 
+/// The attributes of a tuple descriptor. PostgreSQL 18 keeps a compact array first and the
+/// full ones after it (what TupleDescAttr() reads).
+///
+/// # Safety
+/// `desc` must be a valid tuple descriptor that outlives the slice.
+pub unsafe fn tuple_attrs<'a>(desc: pg_sys::TupleDesc) -> &'a [pg_sys::FormData_pg_attribute] {
+    unsafe {
+        let natts = (*desc).natts as usize;
+        #[cfg(not(feature = "pg18"))]
+        let first = (*desc).attrs.as_ptr();
+        #[cfg(feature = "pg18")]
+        let first =
+            (*desc).compact_attrs.as_ptr().add(natts) as *const pg_sys::FormData_pg_attribute;
+        std::slice::from_raw_parts(first, natts)
+    }
+}
+
 fn describe_result(desc: pg_sys::TupleDesc) -> Result<(), String> {
     unsafe {
         if desc.is_null() {
             return Err("no rows (it is not a SELECT)".into());
         }
         let natts = (*desc).natts as usize;
-        let attrs = (*desc).attrs.as_slice(natts);
+        let attrs = tuple_attrs(desc);
         let types: Vec<String> = attrs
             .iter()
             .map(|a| {

@@ -7,8 +7,9 @@ use pgrx::prelude::*;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::time::Duration;
 
-pub const MAX_CACHES: usize = 256;
 const NAME_LEN: usize = 64;
+/// The last slot counts every cache that found no slot of its own.
+const OVERFLOW_NAME: &str = "(overflow)";
 /// Four buckets per power of two of microseconds, from 1 us to about 2^20 us: p99 is
 /// reported within 19 % of the truth, in a fixed 80 words per path.
 const BUCKETS: usize = 80;
@@ -118,13 +119,22 @@ fn bucket_upper_us(b: usize) -> f64 {
 }
 
 static mut TABLE: *const CacheStats = std::ptr::null();
-/// Serialises slot claims, so that two backends meeting a cache for the first time at the
-/// same moment cannot give it two slots (and split its counters).
-static mut CLAIM_LOCK: *const AtomicU32 = std::ptr::null();
+static mut HEADER_PTR: *const Header = std::ptr::null();
 const HEADER: usize = 64;
 
+/// The start of the region: the claim lock, the slot count fixed at server start, and whether
+/// a cache has been counted under "(overflow)" since.
+#[repr(C)]
+struct Header {
+    /// Serialises slot claims and reclaims, so that two backends meeting a cache for the first
+    /// time at the same moment cannot give it two slots (and split its counters).
+    claim: AtomicU32,
+    slots: AtomicU32,
+    overflowed: AtomicU32,
+}
+
 pub fn shmem_size() -> usize {
-    HEADER + std::mem::size_of::<CacheStats>() * MAX_CACHES
+    HEADER + std::mem::size_of::<CacheStats>() * crate::gucs::stats_slots()
 }
 
 /// # Safety
@@ -134,9 +144,27 @@ pub unsafe fn attach(ptr: *mut u8, fresh: bool) {
         if fresh {
             std::ptr::write_bytes(ptr, 0, shmem_size());
         }
-        CLAIM_LOCK = ptr as *const AtomicU32;
+        HEADER_PTR = ptr as *const Header;
         TABLE = ptr.add(HEADER) as *const CacheStats;
+        if fresh {
+            (*HEADER_PTR)
+                .slots
+                .store(crate::gucs::stats_slots() as u32, Relaxed);
+            let overflow = &*TABLE.add(crate::gucs::stats_slots() - 1);
+            for (i, b) in overflow.name.iter().enumerate() {
+                b.store(
+                    OVERFLOW_NAME.as_bytes().get(i).copied().unwrap_or(0),
+                    Relaxed,
+                );
+            }
+            overflow.state.store(2, Relaxed);
+        }
     }
+}
+
+fn header() -> &'static Header {
+    table();
+    unsafe { &*HEADER_PTR }
 }
 
 fn table() -> &'static [CacheStats] {
@@ -144,9 +172,9 @@ fn table() -> &'static [CacheStats] {
         if TABLE.is_null() {
             // Not preloaded: counters for this backend only, in memory that lives as long as it.
             let local = Box::leak(vec![0u64; shmem_size() / 8 + 1].into_boxed_slice()).as_mut_ptr();
-            attach(local as *mut u8, false);
+            attach(local as *mut u8, true);
         }
-        std::slice::from_raw_parts(TABLE, MAX_CACHES)
+        std::slice::from_raw_parts(TABLE, (*HEADER_PTR).slots.load(Relaxed) as usize)
     }
 }
 
@@ -154,9 +182,9 @@ struct ClaimGuard(&'static AtomicU32);
 
 impl ClaimGuard {
     fn acquire() -> Self {
-        table();
-        let lock = unsafe { &*CLAIM_LOCK };
-        // Held for a few hundred instructions, once per cache per backend.
+        let lock = &header().claim;
+        // Held for a few hundred instructions (a scan of the slots), never across anything
+        // that can raise an ERROR.
         while lock
             .compare_exchange_weak(0, 1, std::sync::atomic::Ordering::Acquire, Relaxed)
             .is_err()
@@ -177,18 +205,13 @@ fn database() -> u32 {
     unsafe { pg_sys::MyDatabaseId.to_u32() }
 }
 
-/// The slot of cache `name` in this database, claimed on first use.
-pub fn for_cache(name: &str) -> &'static CacheStats {
-    let db = database();
-    let slots = table();
-    if let Some(s) = slots.iter().find(|s| s.name_matches(db, name)) {
-        return s;
-    }
+/// Claims a free slot (not the overflow slot) for `name` in `db`, under the claim lock.
+fn claim(slots: &'static [CacheStats], db: u32, name: &str) -> Option<&'static CacheStats> {
     let _claim = ClaimGuard::acquire();
     if let Some(s) = slots.iter().find(|s| s.name_matches(db, name)) {
-        return s;
+        return Some(s);
     }
-    for s in slots {
+    for s in &slots[..slots.len() - 1] {
         if s.state.compare_exchange(0, 1, Relaxed, Relaxed).is_ok() {
             s.reset();
             s.database.store(db, Relaxed);
@@ -196,12 +219,99 @@ pub fn for_cache(name: &str) -> &'static CacheStats {
                 b.store(name.as_bytes().get(i).copied().unwrap_or(0), Relaxed);
             }
             s.state.store(2, std::sync::atomic::Ordering::Release);
+            return Some(s);
+        }
+    }
+    None
+}
+
+/// Frees the slots of caches that no longer exist: dropped caches of this database, and every
+/// cache of a database that was dropped. What exists is read first, without the claim lock
+/// (reading it can raise an ERROR); a slot is freed under the lock only if it still holds the
+/// name that was found to be gone.
+fn reclaim(slots: &'static [CacheStats], db: u32) -> usize {
+    let caches: std::collections::HashSet<String> =
+        crate::source::query_latest(c"SELECT name FROM twotier.caches", &[])
+            .into_iter()
+            .filter_map(|r| r.into_iter().next().flatten())
+            .collect();
+    let databases: std::collections::HashSet<u32> =
+        crate::source::query_latest(c"SELECT oid::int8 FROM pg_catalog.pg_database", &[])
+            .into_iter()
+            .filter_map(|r| r.into_iter().next().flatten())
+            .filter_map(|v| v.parse::<u32>().ok())
+            .collect();
+    let gone: Vec<(usize, u32, String)> = slots[..slots.len() - 1]
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.state.load(Relaxed) == 2)
+        .map(|(i, s)| (i, s.database.load(Relaxed), s.name()))
+        .filter(|(_, d, n)| !databases.contains(d) || (*d == db && !caches.contains(n)))
+        .collect();
+    let _claim = ClaimGuard::acquire();
+    let mut freed = 0;
+    for (i, d, n) in gone {
+        if slots[i].name_matches(d, &n) {
+            slots[i].state.store(0, Relaxed);
+            freed += 1;
+        }
+    }
+    freed
+}
+
+thread_local! {
+    static WARNED: std::cell::RefCell<std::collections::HashSet<String>> =
+        std::cell::RefCell::new(std::collections::HashSet::new());
+}
+
+/// The slot of cache `name` in this database, claimed on first use. When every slot is in
+/// use, the slots of caches that no longer exist are reclaimed; when none is left, the cache
+/// is counted under "(overflow)" (a WARNING once per backend and cache says so, and status()).
+pub fn for_cache(name: &str) -> &'static CacheStats {
+    let db = database();
+    let slots = table();
+    if let Some(s) = slots.iter().find(|s| s.name_matches(db, name)) {
+        return s;
+    }
+    if let Some(s) = claim(slots, db, name) {
+        return s;
+    }
+    if reclaim(slots, db) > 0 {
+        if let Some(s) = claim(slots, db, name) {
             return s;
         }
     }
-    // All slots taken (more than MAX_CACHES caches ever used): share the last one rather than
-    // fail a cache call over bookkeeping.
-    &slots[MAX_CACHES - 1]
+    header().overflowed.store(1, Relaxed);
+    let first = WARNED.with(|w| w.borrow_mut().insert(name.to_string()));
+    if first {
+        pgrx::pg_sys::panic::ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_WARNING,
+            format!(
+                "twotier: all {} twotier.stats_slots are in use: cache \"{name}\" is counted under \"{OVERFLOW_NAME}\" in twotier.stats",
+                slots.len()
+            ),
+            "twotier",
+        )
+        .set_hint("Raise twotier.stats_slots (it takes a restart), or drop caches that are no longer used.")
+        .report(PgLogLevel::WARNING);
+    }
+    &slots[slots.len() - 1]
+}
+
+/// `twotier.status()->'stats'`.
+pub fn status() -> serde_json::Value {
+    let slots = table();
+    let in_use = slots[..slots.len() - 1]
+        .iter()
+        .filter(|s| s.state.load(Relaxed) == 2)
+        .count();
+    serde_json::json!({
+        "slots": slots.len(),
+        "in_use": in_use,
+        // One slot is the overflow's own.
+        "full": in_use >= slots.len() - 1,
+        "overflowed": header().overflowed.load(Relaxed) != 0,
+    })
 }
 
 fn latency_summary(l: &Latency) -> (Option<f64>, Option<f64>) {
@@ -256,10 +366,12 @@ fn _stats() -> TableIterator<
 > {
     let db = database();
     let mut rows = Vec::new();
-    for s in table()
-        .iter()
-        .filter(|s| s.state.load(Relaxed) == 2 && s.database.load(Relaxed) == db)
-    {
+    let slots = table();
+    let overflow = &slots[slots.len() - 1];
+    for s in slots.iter().filter(|s| {
+        (s.state.load(Relaxed) == 2 && s.database.load(Relaxed) == db)
+            || (std::ptr::eq(*s, overflow) && s.counters[Counter::Calls as usize].load(Relaxed) > 0)
+    }) {
         let c = |k: Counter| s.counters[k as usize].load(Relaxed) as i64;
         let (l1m, l1p) = latency_summary(&s.latency[Path::L1Hit as usize]);
         let (l2m, l2p) = latency_summary(&s.latency[Path::L2Hit as usize]);

@@ -153,7 +153,7 @@ unsafe fn plan_for(td: *const pg_sys::TriggerData) -> Rc<Fired> {
             _ => None,
         };
         let column = is_plain_column(expression).and_then(|name| {
-            let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
+            let attrs = source::tuple_attrs(desc);
             attrs
                 .iter()
                 .position(|a| {

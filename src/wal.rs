@@ -97,7 +97,7 @@ pub fn log_invalidation<'a>(keys: impl Iterator<Item = &'a str>, to_outbox: bool
             return;
         }
         pg_sys::XLogBeginInsert();
-        pg_sys::XLogRegisterData(data.as_mut_ptr() as *mut c_char, data.len() as i32);
+        pg_sys::XLogRegisterData(data.as_mut_ptr() as _, data.len() as _);
         pg_sys::XLogInsert(RM_ID, XLOG_TWOTIER_INVALIDATE);
     }
 }

@@ -17,8 +17,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = ROOT / "tests" / "pg_regress"
-BINDIR = Path("/usr/lib/postgresql/15/bin")
-PG_REGRESS = Path("/usr/lib/postgresql/15/lib/pgxs/src/test/regress/pg_regress")
+PG_CONFIG = os.environ.get("TWOTIER_PG_CONFIG", "/usr/lib/postgresql/15/bin/pg_config")
+
+
+def pg_config(option: str) -> Path:
+    return Path(subprocess.run([PG_CONFIG, option], capture_output=True, text=True, check=True).stdout.strip())
+
+
+BINDIR = pg_config("--bindir")
+PG_REGRESS = pg_config("--pkglibdir") / "pgxs" / "src" / "test" / "regress" / "pg_regress"
 RUN_AS = "postgres"
 
 TEMP_CONFIG = """

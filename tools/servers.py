@@ -20,7 +20,11 @@ from pathlib import Path
 
 import psycopg
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+# The PostgreSQL the servers run: 15 from Debian unless TWOTIER_PG_CONFIG names another
+# installation's pg_config (./run test points it at 16 and 18 for their smoke tests).
+PG_BIN = Path(subprocess.run([os.environ["TWOTIER_PG_CONFIG"], "--bindir"], capture_output=True, text=True,
+                             check=True).stdout.strip()) if os.environ.get("TWOTIER_PG_CONFIG") \
+    else Path("/usr/lib/postgresql/15/bin")
 RUN_AS = "postgres"
 _started: list = []
 

@@ -204,6 +204,10 @@ def test_a_standby_missing_a_key_waits_for_the_primarys_fill(request):
             except psycopg.Error as e:
                 box["error"] = e
 
+    def leased(key):
+        """The primary's fetch of `key` holds its lease: a fixed sleep would race a loaded machine."""
+        return wait_for(lambda: any(True for _ in redis.client().scan_iter(match=f"twotier:*:sl:*:{key}~lease")), 5)
+
     with replica.connect() as r:
         assert wait_for(lambda: r.execute(
             "SELECT (twotier.status()->'outbox'->>'l2_trusted')::bool").fetchone()[0], 10)
@@ -212,7 +216,7 @@ def test_a_standby_missing_a_key_waits_for_the_primarys_fill(request):
         box = {}
         t = threading.Thread(target=primary_call, args=("1", box))
         t.start()
-        time.sleep(0.2)
+        assert leased("1")
         m0, w0 = stats(r)
         assert r.execute("SELECT cached_sl('1')").fetchone()[0] == {"ver": 0}
         t.join()
@@ -222,7 +226,7 @@ def test_a_standby_missing_a_key_waits_for_the_primarys_fill(request):
         box = {}
         t = threading.Thread(target=primary_call, args=("2", box))
         t.start()
-        time.sleep(0.2)
+        assert leased("2")
         r.execute("SET twotier.stampede_wait_ms = 0")
         assert r.execute("SELECT cached_sl('2')").fetchone()[0] == {"ver": 0}
         t.join()
@@ -234,7 +238,7 @@ def test_a_standby_missing_a_key_waits_for_the_primarys_fill(request):
         box = {}
         t = threading.Thread(target=primary_call, args=("3", box))
         t.start()
-        time.sleep(0.2)
+        assert leased("3")
         primary.sql("SELECT pg_terminate_backend(%s)", box["pid"])
         started = time.time()
         assert r.execute("SELECT cached_sl('3')").fetchone()[0] == {"ver": 0}

@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""./run package [15|16|18]: a tarball a DBA installs without Rust.
+
+    twotier-<version>-pg<major>-<arch>/
+        install.sh          copies the files into pg_config's directories
+        lib/twotier.so
+        extension/          twotier.control, the install script of this version, the earlier
+                            releases' install scripts and every upgrade script
+        README.txt
+
+`--test` then installs the tarball into a fresh copy of a PostgreSQL installation of the same
+major version, with no Rust toolchain on the PATH, starts a server from it and runs CREATE
+EXTENSION twotier and a cached call against a real Redis. The copy is of the relocatable build
+from the PyPI wheel, so `--test` takes 16 or 18 (Debian's 15 lives in the system directories,
+which `./run install` already owns).
+"""
+import argparse
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "target" / "package"
+
+INSTALL_SH = """#!/bin/sh
+# Installs twotier {version} for PostgreSQL {major}: ./install.sh [--pg-config /path/to/pg_config]
+set -eu
+PG_CONFIG=${{PG_CONFIG:-pg_config}}
+if [ "${{1:-}}" = "--pg-config" ]; then PG_CONFIG=$2; fi
+here=$(cd "$(dirname "$0")" && pwd)
+have=$("$PG_CONFIG" --version | sed -n 's/^PostgreSQL \\([0-9]*\\).*/\\1/p')
+if [ "$have" != "{major}" ]; then
+    echo "install.sh: this package is for PostgreSQL {major}; $PG_CONFIG belongs to PostgreSQL $have" >&2
+    exit 1
+fi
+libdir=$("$PG_CONFIG" --pkglibdir)
+extdir=$("$PG_CONFIG" --sharedir)/extension
+# install(1) writes a new file: a running server keeps the library it has mapped.
+install -m 755 "$here/lib/twotier.so" "$libdir/twotier.so"
+for f in "$here"/extension/*; do install -m 644 "$f" "$extdir/"; done
+echo "twotier {version} installed into $libdir and $extdir."
+echo "Next: shared_preload_libraries = 'twotier' and twotier.redis_url in postgresql.conf, restart,"
+echo "then CREATE EXTENSION twotier (or ALTER EXTENSION twotier UPDATE after an upgrade)."
+"""
+
+README = """twotier {version} for PostgreSQL {major} ({arch})
+
+  sudo ./install.sh                      # pg_config from PATH
+  sudo ./install.sh --pg-config /usr/lib/postgresql/{major}/bin/pg_config
+
+Then in postgresql.conf:
+  shared_preload_libraries = 'twotier'
+  twotier.redis_url = 'redis://127.0.0.1:6379/0'     # '' for no Redis (L1 and the source only)
+restart PostgreSQL, and in each database: CREATE EXTENSION twotier;
+
+Upgrading: install the new package, restart, then ALTER EXTENSION twotier UPDATE;
+See docs/install.md and docs/operations.md in the source repository.
+"""
+
+
+def version() -> str:
+    return re.search(r'^version\s*=\s*"([^"]+)"', (ROOT / "Cargo.toml").read_text(), re.M).group(1)
+
+
+def pg_config_for(major: str) -> str:
+    if major == "15":
+        return "/usr/lib/postgresql/15/bin/pg_config"
+    return str(ROOT / f".venv-pg{major}" / "lib" / "python3.11" / "site-packages" / "pgserver" / "pginstall"
+               / "bin" / "pg_config")
+
+
+def build(major: str) -> Path:
+    pgc = pg_config_for(major)
+    v = version()
+    stage = OUT / f"stage-pg{major}"
+    shutil.rmtree(stage, ignore_errors=True)
+    log = ROOT / "target" / "logs" / f"package-pg{major}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        r = subprocess.run(["cargo", "pgrx", "package", "--pg-config", pgc, "--out-dir", str(stage)],
+                           cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    if r.returncode != 0:
+        raise SystemExit(f"package: the build failed; see {log}")
+    lib = next(stage.glob("**/twotier.so"))
+    ext = next(p.parent for p in stage.glob("**/extension/twotier.control"))
+    arch = platform.machine()
+    name = f"twotier-{v}-pg{major}-{arch}"
+    tree = OUT / name
+    shutil.rmtree(tree, ignore_errors=True)
+    (tree / "lib").mkdir(parents=True)
+    (tree / "extension").mkdir()
+    shutil.copy(lib, tree / "lib" / "twotier.so")
+    for f in ext.glob("twotier*"):
+        shutil.copy(f, tree / "extension" / f.name)
+    for f in (ROOT / "sql" / "released").glob("twotier--*.sql"):
+        shutil.copy(f, tree / "extension" / f.name)
+    (tree / "install.sh").write_text(INSTALL_SH.format(version=v, major=major))
+    os.chmod(tree / "install.sh", 0o755)
+    (tree / "README.txt").write_text(README.format(version=v, major=major, arch=arch))
+    tarball = OUT / f"{name}.tar.gz"
+    with tarfile.open(tarball, "w:gz") as t:
+        t.add(tree, arcname=name)
+    shutil.rmtree(stage, ignore_errors=True)
+    return tarball
+
+
+def test(major: str, tarball: Path) -> int:
+    """Installs `tarball` into a fresh copy of PostgreSQL `major` and uses it."""
+    site = Path(pg_config_for(major)).parent.parent.parent.parent  # .../site-packages
+    work = Path(tempfile.mkdtemp(prefix="twotier-package-"))
+    os.chmod(work, 0o755)
+    try:
+        # The wheel's binaries find their shared libraries next to the package (RPATH
+        # $ORIGIN/../../../<name>.libs): both are copied, in the same layout.
+        for d in [site / "pgserver", *site.glob("*.libs")]:
+            shutil.copytree(d, work / "site" / d.name, symlinks=True)
+        pg = work / "site" / "pgserver" / "pginstall"
+        # A PostgreSQL that has never seen twotier.
+        for f in list(pg.glob("lib/**/twotier*")) + list(pg.glob("share/**/extension/twotier*")):
+            f.unlink()
+        with tarfile.open(tarball) as t:
+            t.extractall(work, filter="data")
+        pkg = work / tarball.name.removesuffix(".tar.gz")
+        # No cargo, rustc or pgrx on the PATH: the package must not need them.
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(work)}
+        r = subprocess.run(["sh", str(pkg / "install.sh"), "--pg-config", str(pg / "bin" / "pg_config")],
+                           env=env, capture_output=True, text=True)
+        print(r.stdout, end="")
+        if r.returncode != 0:
+            print(r.stderr, file=sys.stderr)
+            return 1
+        wrong = subprocess.run(["sh", str(pkg / "install.sh"), "--pg-config", "/usr/lib/postgresql/15/bin/pg_config"],
+                               env=env, capture_output=True, text=True)
+        assert wrong.returncode != 0 and "this package is for PostgreSQL" in wrong.stderr, wrong
+        os.environ["TWOTIER_PG_CONFIG"] = str(pg / "bin" / "pg_config")
+        sys.path.insert(0, str(ROOT / "tools"))
+        from servers import PgCluster, RedisServer  # noqa: E402  (reads TWOTIER_PG_CONFIG)
+
+        redis = RedisServer().start()
+        cluster = PgCluster(name="package", settings={"twotier.redis_url": redis.url}).start()
+        try:
+            with cluster.connect() as c:
+                c.execute("CREATE EXTENSION twotier")
+                c.execute("CREATE TABLE t (id uuid PRIMARY KEY, v text)")
+                c.execute("INSERT INTO t VALUES ('6f1c0a9b-e27d-4b1e-9c35-0a1b2c3d4e5f', 'from the package')")
+                c.execute("""SELECT twotier.define('t', $q$SELECT jsonb_build_object('v', v) FROM t WHERE id = $1$q$,
+                                                  '1 min', ARRAY['t(id)'])""")
+                key = "6f1c0a9b-e27d-4b1e-9c35-0a1b2c3d4e5f"
+                for _ in range(2):
+                    v = c.execute("SELECT cached_t(%s)->>'v'", (key,)).fetchone()[0]
+                    assert v == "from the package", v
+                ver, lib = c.execute("""SELECT (SELECT extversion FROM pg_extension WHERE extname = 'twotier'),
+                                               current_setting('server_version_num')""").fetchone()
+                hits = c.execute("SELECT l1_hits FROM twotier.stats WHERE cache = 't'").fetchone()[0]
+                reachable = c.execute("SELECT twotier.status()->'l2'->>'reachable'").fetchone()[0]
+            assert ver == version() and lib.startswith(major) and hits == 1 and reachable == "true", (ver, lib, hits)
+            print(f"package: {tarball.name} installed into a fresh PostgreSQL {lib} without Rust;"
+                  f" CREATE EXTENSION twotier {ver} and a cached call work (an L1 hit, Redis reachable)")
+        finally:
+            cluster.destroy()
+            redis.destroy()
+        return 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("major", nargs="?", default="15", choices=["15", "16", "18"])
+    ap.add_argument("--test", action="store_true", help="install the tarball into a fresh copy of that PostgreSQL")
+    args = ap.parse_args()
+    tarball = build(args.major)
+    print(f"package: {tarball.relative_to(ROOT)}")
+    if args.test:
+        if args.major == "15":
+            print("package: --test needs a relocatable PostgreSQL (16 or 18)", file=sys.stderr)
+            return 2
+        return test(args.major, tarball)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -39,17 +39,69 @@ def load_app(pg, tenants):
         return c.execute("SELECT domain, id::text FROM domains ORDER BY domain").fetchall()
 
 
-def workload(pg, tenants, requests):
+def workload(pg, tenants, requests, chunks=10):
     """Each request does what the report's chat endpoint does: tenant by domain, then its
-    widget config and its customer profile. Popular tenants are far more frequent (Zipf)."""
+    widget config and its customer profile. Popular tenants are far more frequent (Zipf).
+    Returns the distinct tenants and, per tenth of the run, what twotier.stats says of it."""
     weights = [1 / (i + 1) ** 1.1 for i in range(len(tenants))]
     picks = random.Random(42).choices(tenants, weights=weights, k=requests)
+    samples = [sample(pg)]
     with pg.connect() as c:
-        for domain, _ in picks:
+        for i, (domain, _) in enumerate(picks, 1):
             tenant = c.execute("SELECT cached_domain_lookup(%s)", (domain,), prepare=True).fetchone()[0]
             c.execute("SELECT cached_widget_config(%s)", (tenant["id"],), prepare=True).fetchone()
             c.execute("SELECT cached_customer_profile(%s)", (tenant["id"],), prepare=True).fetchone()
-    return len({d for d, _ in picks})
+            if i % max(1, requests // chunks) == 0:
+                samples.append(sample(pg))
+    return len({d for d, _ in picks}), samples
+
+
+def sample(pg):
+    """Totals over the report's caches: calls and, per tier, answers and their summed latency."""
+    with pg.connect() as c:
+        rows = c.execute("""SELECT coalesce(sum(calls), 0), coalesce(sum(l1_hits), 0), coalesce(sum(l2_hits), 0),
+                                   coalesce(sum(misses), 0),
+                                   coalesce(sum(l1_hits * coalesce(l1_hit_mean_us, 0)), 0),
+                                   coalesce(sum(l2_hits * coalesce(l2_hit_mean_us, 0)), 0),
+                                   coalesce(sum(misses * coalesce(miss_mean_us, 0)), 0)
+                              FROM twotier.stats WHERE cache = ANY(%s)""", (list(CACHES),)).fetchone()
+    return [float(v) for v in rows]
+
+
+def chart(samples, path):
+    """Hit ratio and mean latency per tier, for each tenth of the workload, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = list(range(1, len(samples)))
+    d = [[b - a for a, b in zip(samples[i - 1], samples[i])] for i in steps]
+    ratio = {tier: [x[k] / x[0] if x[0] else 0 for x in d] for tier, k in (("L1", 1), ("L2", 2), ("source", 3))}
+    latency = {tier: [x[s] / x[k] if x[k] else None for x in d] for tier, k, s in (("L1 hit", 1, 4), ("L2 hit", 2, 5),
+                                                                                   ("miss", 3, 6))}
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    bottom = [0.0] * len(steps)
+    for tier, color in (("L1", "#10b981"), ("L2", "#3b82f6"), ("source", "#f59e0b")):
+        a.bar(steps, ratio[tier], bottom=bottom, color=color, label=tier)
+        bottom = [x + y for x, y in zip(bottom, ratio[tier])]
+    a.set_ylim(0, 1)
+    a.set_xlabel("tenth of the workload")
+    a.set_ylabel("share of calls answered")
+    a.set_title("who answered (cold start, then L1)")
+    a.legend(loc="lower right")
+    for tier, color in (("L1 hit", "#10b981"), ("L2 hit", "#3b82f6"), ("miss", "#f59e0b")):
+        pts = [(x, y) for x, y in zip(steps, latency[tier]) if y is not None]
+        if pts:
+            b.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color, label=tier)
+    b.set_yscale("log")
+    b.set_xlabel("tenth of the workload")
+    b.set_ylabel("mean latency inside the server (µs)")
+    b.set_title("latency per tier")
+    b.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
 
 
 LOOP = """
@@ -94,7 +146,7 @@ def main():
 
         title(f"A short workload: {args.requests} chat requests, Zipf-skewed over the tenants")
         t0 = time.time()
-        distinct = workload(pg, tenants, args.requests)
+        distinct, samples = workload(pg, tenants, args.requests)
         took = time.time() - t0
         print(f"{args.requests * 3} cached calls for {distinct} distinct tenants in {took:.1f} s"
               f" ({args.requests * 3 / took:.0f} calls/s from one Python client).")
@@ -231,6 +283,9 @@ def main():
                 reader.execute("SELECT cached_domain_lookup(%s)", (domain,))
             print(f"  keys in Redis now: {redis.client().dbsize()}")
         reader.close()
+        png = ROOT / "target" / "demo" / "twotier-demo.png"
+        chart(samples, png)
+        print(f"Chart of the workload (who answered, latency per tier, per tenth of the run): {png}")
         title("Done: the servers are stopped. See README.md to define your own caches.")
     finally:
         pg.destroy()

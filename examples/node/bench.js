@@ -200,7 +200,7 @@ const line = (cells) => cells.map((c, i) => (i ? String(c).padStart(widths[i]) :
 console.log(line(head));
 for (const row of rows) console.log(line(row));
 console.log('latency: chat reads only, measured at the client. db q/read: appcache, the raw queries its cache let' +
-  ' through; twotier, the growth of sum(misses) in twotier.stats (each read is still 2 statements to PostgreSQL).' +
+  ' through; twotier, the growth of sum(misses) in twotier.stats (each read is still one statement to PostgreSQL).' +
   ' stale reads: reads answering a widget version older than one committed before the read was sent.' +
   ' reads of upd.: reads of a tenant after it was updated in the measured run.');
 

@@ -7,12 +7,14 @@ import { router } from './http.js';
 
 export function createApp({ pool }) {
   async function chat(domain) {
-    // Typed keys: domain_lookup takes text, the other two a uuid, passed straight from the tenant.
-    const { rows: [{ d: tenant }] } = await pool.query('SELECT cached_domain_lookup($1) AS d', [domain]);
-    if (!tenant) return null;
-    const { rows: [{ widget, profile }] } = await pool.query(
-      'SELECT cached_widget_config($1) AS widget, cached_customer_profile($1) AS profile', [tenant.id]);
-    return { tenant, widget, profile };
+    // One round trip for the three lookups: the tenant's id feeds the two uuid-keyed caches
+    // inside the statement (domain_lookup takes text, the other two a uuid).
+    // An unknown domain is no row (a NULL key would be an ERROR, not a miss).
+    const { rows } = await pool.query(
+      `SELECT d AS tenant, cached_widget_config((d->>'id')::uuid) AS widget,
+              cached_customer_profile((d->>'id')::uuid) AS profile
+         FROM cached_domain_lookup($1) AS d WHERE d IS NOT NULL`, [domain]);
+    return rows[0] ?? null;
   }
 
   async function updateWidget(domainId, { greeting }) {

@@ -71,8 +71,10 @@ def version() -> str:
 def pg_config_for(major: str) -> str:
     if major == "15":
         return "/usr/lib/postgresql/15/bin/pg_config"
-    return str(ROOT / f".venv-pg{major}" / "lib" / "python3.11" / "site-packages" / "pgserver" / "pginstall"
-               / "bin" / "pg_config")
+    found = sorted(ROOT.glob(f".venv-pg{major}/lib/python3*/site-packages/pgserver/pginstall/bin/pg_config"))
+    if not found:
+        raise SystemExit(f"package: no PostgreSQL {major} in .venv-pg{major}; run ./run setup")
+    return str(found[0])
 
 
 def build(major: str) -> Path:

@@ -123,10 +123,9 @@ impl KeyType {
     }
 }
 
-/// The source query's parameters for `key` (canonical text), with the settings pinned by the
-/// caller. A text that is not the canonical form of its value is refused: filled under it, an
-/// entry would never be invalidated (the triggers render the canonical form).
-pub fn parameters(types: &[KeyType], key: &str) -> Vec<Datum> {
+/// The values `key` spells, one per part, and the canonical text of those values. The caller
+/// pins the settings.
+fn read_key(types: &[KeyType], key: &str) -> (Vec<Datum>, String) {
     let parts = keys::split(key, types.len()).unwrap_or_else(|| {
         CallError::KeyParts {
             key: key.to_string(),
@@ -145,7 +144,14 @@ pub fn parameters(types: &[KeyType], key: &str) -> Vec<Datum> {
         }
         values.push(value);
     }
-    let canonical = keys::compose(&canonical);
+    (values, keys::compose(&canonical))
+}
+
+/// The source query's parameters for `key` (canonical text), with the settings pinned by the
+/// caller. A text that is not the canonical form of its value is refused: filled under it, an
+/// entry would never be invalidated (the triggers render the canonical form).
+pub fn parameters(types: &[KeyType], key: &str) -> Vec<Datum> {
+    let (values, canonical) = read_key(types, key);
     if canonical != key {
         CallError::KeyNotCanonical {
             key: key.to_string(),
@@ -166,21 +172,7 @@ pub fn canonical(types: &[KeyType], key: &str) -> String {
             return key.to_string();
         }
     }
-    let parts = keys::split(key, types.len()).unwrap_or_else(|| {
-        CallError::KeyParts {
-            key: key.to_string(),
-            parts: types.len(),
-        }
-        .raise()
-    });
-    let render = || -> Vec<String> {
-        types
-            .iter()
-            .zip(&parts)
-            .map(|(kt, part)| kt.render(kt.read(part)))
-            .collect()
-    };
-    keys::compose(&source::with_settings(&source::PINNED, render))
+    source::with_settings(&source::PINNED, || read_key(types, key).1)
 }
 
 #[no_mangle]

@@ -83,7 +83,8 @@ BEGIN
 END
 $$;
 
--- Whether the current (outer) user may administer a cache owned by `owner`.
+-- Whether `caller` (the role current when twotier.flush/drop was called) may administer a
+-- cache owned by `owner`.
 CREATE FUNCTION twotier._may_administer(caller oid, owner oid) RETURNS boolean
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT pg_has_role(caller, owner, 'USAGE')
@@ -153,16 +154,20 @@ BEGIN
 END
 $$;
 
--- define()'s work, as the extension's owner. Everything the caller named is resolved here
--- under this function's own pinned search_path (catalog lookups, never casts under the
--- caller's path), and everything that parses the caller's SQL does so as the cache's owner.
+-- define()'s work, as the extension's owner. `caller` is the role that was current when
+-- twotier.define was called (never an outer or session user: inside ANALYZE or a SECURITY
+-- DEFINER function those can be a superuser that never asked for this), and only the C entry
+-- twotier.define passes it: no role but the extension's owner may execute this function.
+-- Everything the caller named is resolved here under this function's own pinned search_path
+-- (catalog lookups, never casts under the caller's path), and everything that parses the
+-- caller's SQL does so as the cache's owner.
 CREATE FUNCTION twotier._define(
+    caller oid, caller_schemas name[],
     name text, query text, ttl interval, watch text[], negative_ttl interval, vary_by text[],
-    caller_schemas name[], key_types text[], key_names text[], returns text, schema name
+    key_types text[], key_names text[], returns text, schema name
 ) RETURNS regprocedure
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $define$
 DECLARE
-    caller oid := twotier._outer_user();
     owner_oid oid;
     pinned_path text;
     old twotier.caches;
@@ -239,9 +244,11 @@ BEGIN
     ELSE
         owner_oid := caller;
     END IF;
-    -- public keeps working as it always did; any other schema takes the right to create in it.
-    IF fn_schema <> 'public' AND NOT (has_schema_privilege(caller, fn_schema, 'CREATE')
-                                      AND has_schema_privilege(owner_oid, fn_schema, 'CREATE')) THEN
+    -- Every schema, public included, takes the right to create in it: the functions made
+    -- here are the caller's and the owner's as much as a CREATE FUNCTION of their own would be
+    -- (an admin without CREATE on public could otherwise shadow an app's functions there).
+    IF NOT (has_schema_privilege(caller, fn_schema, 'CREATE')
+            AND has_schema_privilege(owner_oid, fn_schema, 'CREATE')) THEN
         RAISE EXCEPTION 'twotier: permission denied to create cache functions in schema %', quote_ident(fn_schema)
             USING ERRCODE = 'insufficient_privilege', HINT = 'The schema''s owner can GRANT CREATE ON SCHEMA to the cache''s owner.';
     END IF;
@@ -315,8 +322,6 @@ BEGIN
     EXCEPTION WHEN undefined_parameter THEN
         NULL;
     END;
-    -- The ALTER TABLEs below only attach triggers: the event trigger must not flush for them.
-    PERFORM set_config('twotier_internal.defining', 'on', true);
     -- Every caller would get the owner's rows: with row-level security that is a leak, unless
     -- the entries vary by what the policies read.
     IF coalesce(array_length(vary_by, 1), 0) = 0 THEN
@@ -418,6 +423,11 @@ BEGIN
                                  (SELECT string_agg(t::regtype::text, ', ') FROM unnest(types) t)));
     many := to_regprocedure(format('%I.%I(%s)', fn_schema, fn_name || '_many',
                                    (SELECT string_agg(t::regtype::text || '[]', ', ') FROM unnest(types) t)));
+    -- From here on only DDL of define's own runs (no code of the caller's or the owner's): the
+    -- ALTER TABLEs that attach triggers and the GRANTs on the new functions must not make the
+    -- event triggers flush. A backend-local flag of the library's, which no session can set
+    -- (a placeholder setting could be).
+    PERFORM twotier._set_defining(true);
     IF old.name IS NOT NULL AND (fn IS NULL OR old.returns <> _define.returns) THEN
         -- Another signature, schema or return type: the old functions go, their grants come
         -- over to the new ones. A view using the old function stops this (DROP without CASCADE).
@@ -483,6 +493,7 @@ BEGIN
         EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER %I', tables[i]::regclass, format('twotier_%s_%s', name, i));
         PERFORM twotier._watch_truncate(tables[i]::regclass, format('twotier_%s_%s_trunc', name, i), name, exprs[i]);
     END LOOP;
+    PERFORM twotier._set_defining(false);
 
     -- Writers resolve their keys' version at PRE_COMMIT under this cache's lock; taking it
     -- last keeps define from waiting on a writer that waits on define.
@@ -500,7 +511,6 @@ BEGIN
         VALUES (name, query, ttl, negative_ttl, entries, coalesce(vary_by, '{}'), types::regtype[], names, _define.returns,
                 twotier._next_version(), owner_oid, pinned_path, fn, many);
     END IF;
-    PERFORM set_config('twotier_internal.defining', 'off', true);
     PERFORM twotier._catalog_changed();
     RETURN fn;
 END
@@ -510,37 +520,43 @@ CREATE FUNCTION twotier.define(name text, query text, ttl interval, watch text[]
                                negative_ttl interval DEFAULT NULL, vary_by text[] DEFAULT NULL,
                                key_types text[] DEFAULT NULL, key_names text[] DEFAULT NULL,
                                returns text DEFAULT 'jsonb', schema name DEFAULT 'public')
-RETURNS regprocedure LANGUAGE sql VOLATILE AS $$
-    -- Not SECURITY DEFINER: the caller's search_path, as the schemas it names now, is what
-    -- the cache pins (with pg_temp last); names are resolved in those schemas by _define.
-    SELECT twotier._define(name, query, ttl, watch, negative_ttl, vary_by, pg_catalog.current_schemas(false),
-                           key_types, key_names, returns, schema)
-$$;
+-- A C entry (twotier.flush and twotier.drop too): it refuses to run inside a
+-- security-restricted operation (ANALYZE, VACUUM, REINDEX, CREATE INDEX, REFRESH MATERIALIZED
+-- VIEW, where user code runs with a superuser as session user), takes the role current at the
+-- call and its search_path's schemas (what the cache pins, with pg_temp last), and runs
+-- twotier._define as the extension's owner with them.
+RETURNS regprocedure LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'twotier_admin_call';
 COMMENT ON FUNCTION twotier.define(text, text, interval, text[], interval, text[], text[], text[], text, name) IS
     'Create or replace cache NAME: SCHEMA.cached_NAME(key) runs QUERY ($1 = key; $1, $2, ... for a key of several KEY_TYPES) through the cache and returns RETURNS (jsonb or json); SCHEMA.cached_NAME_many(keys[]) reads many keys at once. Entries live TTL, changes to WATCH tables (''table(key_expression)'') invalidate them at commit, and VARY_BY (''role'' and setting names) gives each caller its own entries, with the query run as the caller. KEY_TYPES default to how the query uses its parameters.';
 
-CREATE FUNCTION twotier.drop(name text) RETURNS void
+-- drop()'s and flush()'s work, for `caller` (the role current at the call), as the
+-- extension's owner: only the C entries twotier.drop and twotier.flush call these.
+CREATE FUNCTION twotier._drop(caller oid, name text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     c twotier.caches;
 BEGIN
-    SELECT * INTO c FROM twotier.caches WHERE caches.name = drop.name FOR UPDATE;
+    SELECT * INTO c FROM twotier.caches WHERE caches.name = _drop.name FOR UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'twotier: cache "%" does not exist', name
             USING ERRCODE = 'undefined_object', HINT = 'SELECT name FROM twotier.caches lists the caches.';
     END IF;
-    IF NOT twotier._may_administer(twotier._outer_user(), c.owner) THEN
+    IF NOT twotier._may_administer(caller, c.owner) THEN
         RAISE EXCEPTION 'twotier: cache % belongs to %', name, c.owner
             USING ERRCODE = 'insufficient_privilege', HINT = 'Only its owner or a member of twotier_admin can drop it.';
     END IF;
     PERFORM twotier._drop_objects(c);
     PERFORM twotier._lock_cache(name);
-    DELETE FROM twotier.caches WHERE caches.name = drop.name;
+    DELETE FROM twotier.caches WHERE caches.name = _drop.name;
     PERFORM twotier._catalog_changed();
 END
 $$;
 
-CREATE FUNCTION twotier.flush(cache text) RETURNS void
+CREATE FUNCTION twotier.drop(name text) RETURNS void
+    LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'twotier_admin_call';
+COMMENT ON FUNCTION twotier.drop(text) IS 'Drop cache NAME: its functions, triggers and catalog row; its entries are never read again.';
+
+CREATE FUNCTION twotier._flush(caller oid, cache text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     c twotier.caches;
@@ -550,7 +566,7 @@ BEGIN
         RAISE EXCEPTION 'twotier: cache "%" does not exist', cache
             USING ERRCODE = 'undefined_object', HINT = 'SELECT name FROM twotier.caches lists the caches.';
     END IF;
-    IF NOT twotier._may_administer(twotier._outer_user(), c.owner) THEN
+    IF NOT twotier._may_administer(caller, c.owner) THEN
         RAISE EXCEPTION 'twotier: cache % belongs to %', cache, c.owner
             USING ERRCODE = 'insufficient_privilege', HINT = 'Only its owner or a member of twotier_admin can flush it.';
     END IF;
@@ -558,6 +574,9 @@ BEGIN
     PERFORM twotier._new_version(cache);
 END
 $$;
+
+CREATE FUNCTION twotier.flush(cache text) RETURNS void
+    LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'twotier_admin_call';
 COMMENT ON FUNCTION twotier.flush(text) IS 'Empty a cache in O(1) by moving it to a new key version, effective at commit.';
 
 
@@ -631,7 +650,7 @@ BEGIN
     -- ALTER TABLE changes rows that no trigger sees: ATTACH and DETACH PARTITION bring rows in
     -- and take them out, ALTER COLUMN ... TYPE ... USING rewrites them. The caches watching
     -- the table are flushed when this transaction commits (define's own ALTERs excepted).
-    IF coalesce(current_setting('twotier_internal.defining', true), '') = 'on' THEN
+    IF twotier._defining() THEN
         RETURN;
     END IF;
     FOR t IN SELECT DISTINCT (string_to_array(encode(tg.tgargs, 'escape'), '\000'))[1] AS cache
@@ -650,6 +669,29 @@ CREATE EVENT TRIGGER twotier_partitions ON ddl_command_end
     EXECUTE FUNCTION twotier._on_ddl();
 ALTER EVENT TRIGGER twotier_partitions ENABLE ALWAYS;
 
+-- Who may read which rows changed. A cache whose entries vary by role or setting holds answers
+-- computed under the old rights: GRANT and REVOKE (which name no object to event triggers) and
+-- CREATE/ALTER/DROP POLICY move every such cache to a new version when they commit. define's
+-- own GRANTs on the functions it makes are excepted. Role membership (GRANT role TO role)
+-- reaches no event trigger: see docs/security.md for its bound.
+CREATE FUNCTION twotier._on_rights_change() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c text;
+BEGIN
+    IF twotier._defining() THEN
+        RETURN;
+    END IF;
+    FOR c IN SELECT name FROM twotier.caches WHERE vary_by <> '{}' ORDER BY name LOOP
+        PERFORM twotier._new_version(c);
+    END LOOP;
+END
+$$;
+CREATE EVENT TRIGGER twotier_rights ON ddl_command_end
+    WHEN TAG IN ('GRANT', 'REVOKE', 'CREATE POLICY', 'ALTER POLICY', 'DROP POLICY')
+    EXECUTE FUNCTION twotier._on_rights_change();
+ALTER EVENT TRIGGER twotier_rights ENABLE ALWAYS;
+
 -- Privileges, all in one place. Nothing in this schema is callable by PUBLIC but reading:
 -- get() (whose caller needs EXECUTE on the cache's cached_<name> function), exists() (the
 -- same), status() and the stats view. Administrative calls go to twotier_admin, and each still
@@ -661,7 +703,6 @@ GRANT EXECUTE ON FUNCTION twotier.get(text, text), twotier.get_json(text, text),
                           twotier.key_text("any"), twotier.exists(text, text), twotier.status(),
                           twotier._stats() TO PUBLIC;
 GRANT EXECUTE ON FUNCTION
-    twotier._define(text, text, interval, text[], interval, text[], name[], text[], text[], text, name),
     twotier.define(text, text, interval, text[], interval, text[], text[], text[], text, name),
     twotier.flush(text), twotier.drop(text), twotier.invalidate(text, text),
     twotier.invalidate_pattern(text, text), twotier.set(text, text, jsonb), twotier.warm(text, text),

@@ -2,7 +2,7 @@
 //! the app-level API, and `twotier.status()`.
 
 use crate::catalog::{self, CacheDef};
-use crate::error::{CallError, Raise};
+use crate::error::{refuse_restricted, CallError, Raise};
 use crate::gucs;
 use crate::invalidation;
 use crate::keys::{self, KeyGlob};
@@ -10,6 +10,7 @@ use crate::l1;
 use crate::l2_redis;
 use crate::read_through;
 use crate::stats::Counter;
+use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys::{self, Datum, Oid};
 use pgrx::prelude::*;
 use pgrx::{JsonB, PgSqlErrorCode};
@@ -72,14 +73,16 @@ pub unsafe extern "C-unwind" fn twotier_get_json(fcinfo: pg_sys::FunctionCallInf
 
 unsafe fn get_one(fcinfo: pg_sys::FunctionCallInfo, want_json: bool) -> Datum {
     unsafe {
+        refuse_restricted("twotier.get");
         let args = (*fcinfo).args.as_slice(2);
         let name = <&str as FromDatum>::from_datum(args[0].value, args[0].isnull);
-        let key = <&str as FromDatum>::from_datum(args[1].value, args[1].isnull);
         // Not STRICT, so that a NULL key is an ERROR rather than a silent NULL.
-        let (Some(name), Some(key)) = (name, key) else {
+        let (Some(name), false) = (name, args[1].isnull) else {
             CallError::NullKey.raise();
         };
-        match read_through::get(name, key, want_json) {
+        // As UTF-8, converted exactly where the database is not UTF-8 (borrowed where it is).
+        let key = crate::server_text::text_datum(args[1].value);
+        match read_through::get(name, &key, want_json) {
             Some(d) => d,
             None => {
                 (*fcinfo).isnull = true;
@@ -121,6 +124,7 @@ pub unsafe extern "C-unwind" fn twotier_get_many_json(fcinfo: pg_sys::FunctionCa
 
 unsafe fn get_many(fcinfo: pg_sys::FunctionCallInfo, want_json: bool) -> Datum {
     unsafe {
+        refuse_restricted("twotier.get_many");
         let args = (*fcinfo).args.as_slice(2);
         let name = <&str as FromDatum>::from_datum(args[0].value, args[0].isnull);
         let keys = <pgrx::Array<&str> as FromDatum>::from_datum(args[1].value, args[1].isnull);
@@ -154,6 +158,7 @@ unsafe fn get_many(fcinfo: pg_sys::FunctionCallInfo, want_json: bool) -> Datum {
 
 #[pg_extern(name = "set", volatile, parallel_unsafe)]
 fn set_value(cache: &str, key: &str, value: JsonB) {
+    refuse_restricted("twotier.set");
     let def = catalog::lookup(cache);
     require_admin(&def, "set entries of");
     // jsonb's own text, as a fill stores it: a json-mode cache hands these bytes out as they are.
@@ -180,6 +185,7 @@ fn set_value(cache: &str, key: &str, value: JsonB) {
 /// right to read the cache: reading alone must not let a role evict entries for everyone.
 #[pg_extern(volatile, parallel_unsafe)]
 fn invalidate(cache: &str, key: &str) {
+    refuse_restricted("twotier.invalidate");
     let def = catalog::lookup(cache);
     catalog::require_read(&def);
     let key = &crate::typed_keys::canonical(&def.key_types, key);
@@ -195,6 +201,7 @@ fn invalidate(cache: &str, key: &str) {
 
 #[pg_extern(volatile, parallel_unsafe)]
 fn invalidate_pattern(cache: &str, pattern: &str) -> i64 {
+    refuse_restricted("twotier.invalidate_pattern");
     let def = catalog::lookup(cache);
     require_admin(&def, "invalidate patterns of");
     if pattern.is_empty() {
@@ -232,6 +239,7 @@ fn invalidate_pattern(cache: &str, pattern: &str) -> i64 {
 
 #[pg_extern(name = "exists", volatile, parallel_unsafe)]
 fn exists_entry(cache: &str, key: &str) -> bool {
+    refuse_restricted("twotier.exists");
     let def = catalog::lookup(cache);
     catalog::require_read(&def);
     let key = &crate::typed_keys::canonical(&def.key_types, key);
@@ -245,6 +253,7 @@ fn exists_entry(cache: &str, key: &str) -> bool {
 /// Health of the tiers as this backend sees them.
 #[pg_extern(volatile, parallel_unsafe)]
 fn status() -> JsonB {
+    refuse_restricted("twotier.status");
     let h = l2_redis::health();
     let secs =
         |t: std::time::SystemTime| t.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).ok();
@@ -324,6 +333,7 @@ unsafe fn libc_kill0(pid: i32) -> bool {
 /// already cached cost a hit); returns how many keys now have an entry.
 #[pg_extern(volatile, parallel_unsafe)]
 fn warm(cache: &str, keys_query: &str) -> i64 {
+    refuse_restricted("twotier.warm");
     let def = catalog::lookup(cache);
     require_admin(&def, "warm");
     let keys: Vec<String> = Spi::connect(|client| {
@@ -341,4 +351,131 @@ fn warm(cache: &str, keys_query: &str) -> i64 {
         read_through::get(cache, k, def.returns_json);
     }
     keys.len() as i64
+}
+
+thread_local! {
+    /// Which admin entry runs in this backend now, if any.
+    static ADMIN_CALL: std::cell::Cell<Option<&'static str>> = const { std::cell::Cell::new(None) };
+    /// Set by `_define` around its own DDL (trigger attachment, GRANTs on the functions it
+    /// made), for the event triggers, which must not flush for those. A backend-local flag:
+    /// no session can set it, as it could a placeholder setting.
+    static DEFINING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The scope of one admin entry: whatever ends it (return or ERROR) clears its flags.
+struct AdminScope;
+
+impl AdminScope {
+    fn enter(entry: &'static str) -> AdminScope {
+        ADMIN_CALL.with(|c| c.set(Some(entry)));
+        DEFINING.with(|d| d.set(false));
+        AdminScope
+    }
+}
+
+impl Drop for AdminScope {
+    fn drop(&mut self) {
+        ADMIN_CALL.with(|c| c.set(None));
+        DEFINING.with(|d| d.set(false));
+    }
+}
+
+/// `twotier._set_defining(on)`: only `_define`, run by `twotier.define`, calls it; anywhere
+/// else it changes nothing.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _set_defining(on: bool) {
+    if ADMIN_CALL.with(|c| c.get()) == Some("define") {
+        DEFINING.with(|d| d.set(on));
+    }
+}
+
+/// Whether the DDL running now is `define`'s own (see `_set_defining`).
+#[pg_extern(volatile, parallel_unsafe)]
+fn _defining() -> bool {
+    DEFINING.with(|d| d.get())
+}
+
+#[no_mangle]
+pub extern "C" fn pg_finfo_twotier_admin_call() -> &'static pg_sys::Pg_finfo_record {
+    static V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// `twotier.define`, `twotier.flush` and `twotier.drop`: the role current at the call decides
+/// what it may do, never an outer or session user. Inside ANALYZE, or a superuser's call of an
+/// admin's SECURITY DEFINER function, the outer user is a superuser that never asked for a
+/// cache; a cache created there was owned by it, and its watch expressions ran as it. The
+/// entry refuses security-restricted operations, takes `GetUserId()` (and, for define, the
+/// schemas of the caller's search_path), and runs `twotier._<name>(caller, ...)` as the
+/// extension's owner: no other role may execute those, so no caller can name another.
+///
+/// # Safety
+/// Called by the fmgr for one of the three functions, with their declared arguments.
+#[no_mangle]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn twotier_admin_call(fcinfo: pg_sys::FunctionCallInfo) -> Datum {
+    unsafe {
+        let fn_oid = (*(*fcinfo).flinfo).fn_oid;
+        let proname = pg_sys::get_func_name(fn_oid);
+        let entry: &'static str =
+            match (!proname.is_null()).then(|| std::ffi::CStr::from_ptr(proname).to_bytes()) {
+                Some(b"define") => "twotier.define",
+                Some(b"flush") => "twotier.flush",
+                Some(b"drop") => "twotier.drop",
+                _ => pgrx::error!("twotier: twotier_admin_call serves define, flush and drop only"),
+            };
+        refuse_restricted(entry);
+        let caller = pg_sys::GetUserId();
+        let mut argtypes: *mut Oid = std::ptr::null_mut();
+        let mut nargs: i32 = 0;
+        pg_sys::get_func_signature(fn_oid, &mut argtypes, &mut nargs);
+        let nargs = nargs.max(0) as usize;
+        let types: Vec<Oid> = (0..nargs).map(|i| *argtypes.add(i)).collect();
+        let values = (*fcinfo).args.as_slice(nargs);
+        let owner = Spi::get_one::<Oid>(
+            "SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'twotier'",
+        )
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| pgrx::error!("twotier: the extension's owner cannot be found"));
+        let mut args = vec![DatumWithOid::new(caller, pg_sys::OIDOID)];
+        let mut placeholders = vec!["$1".to_string()];
+        if entry == "twotier.define" {
+            // The caller's path as the schemas it names now, resolved as the caller ("$user").
+            let schemas = Spi::get_one::<Vec<String>>(
+                "SELECT pg_catalog.current_schemas(false)::pg_catalog.text[]",
+            )
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+            args.push(DatumWithOid::new(schemas, pg_sys::TEXTARRAYOID));
+            placeholders.push("$2::pg_catalog.name[]".into());
+        }
+        for (value, typ) in values.iter().zip(&types) {
+            args.push(if value.isnull {
+                DatumWithOid::null_oid(*typ)
+            } else {
+                DatumWithOid::new(value.value, *typ)
+            });
+            placeholders.push(format!("${}", args.len()));
+        }
+        let internal = &entry["twotier.".len()..];
+        let query = format!("SELECT twotier._{internal}({})", placeholders.join(", "));
+        let _scope = AdminScope::enter(internal);
+        let result = crate::source::as_owner(owner, c"pg_catalog, pg_temp", || {
+            if internal == "define" {
+                Spi::get_one_with_args::<Oid>(&format!("{query}::pg_catalog.oid"), &args)
+            } else {
+                Spi::run_with_args(&query, &args).map(|_| None)
+            }
+        });
+        match result {
+            Ok(Some(function)) => Datum::from(function),
+            Ok(None) => {
+                (*fcinfo).isnull = internal == "define";
+                Datum::from(0)
+            }
+            Err(e) => pgrx::error!("twotier: {entry} failed: {e}"),
+        }
+    }
 }

@@ -74,11 +74,8 @@ pub fn effective_key(def: &CacheDef, key: &str) -> String {
             VaryBy::Role => Some(unsafe { pg_sys::GetUserId() }.to_u32().to_string()),
             VaryBy::Setting(name) => {
                 let value = unsafe { pg_sys::GetConfigOption(name.as_ptr(), true, false) };
-                (!value.is_null()).then(|| {
-                    unsafe { CStr::from_ptr(value) }
-                        .to_string_lossy()
-                        .into_owned()
-                })
+                // Exactly, or an ERROR: a lossy conversion would give two callers one key.
+                (!value.is_null()).then(|| unsafe { crate::server_text::from_server_cstr(value) })
             }
         })
         .collect();
@@ -306,9 +303,20 @@ fn cache_lock(name: &str, mode: u32) {
     });
 }
 
-/// Taken by a writer at PRE_COMMIT before it resolves the version its keys belong to.
+/// Taken by a writer at PRE_COMMIT before it resolves the version its keys belong to, and held
+/// until its commit is visible. RowExclusiveLock: writers never wait for one another, and
+/// whatever moves the version (ExclusiveLock) waits for every writer that resolved the old
+/// one, and they for it. AccessShareLock, which it was, conflicts with nothing but
+/// AccessExclusiveLock: a flush could commit between a writer's PRE_COMMIT and its commit, a
+/// reader then filled the new version with the old row, and the writer's invalidation went to
+/// the old version.
 pub fn lock_for_invalidation(name: &str) {
-    cache_lock(name, pg_sys::AccessShareLock);
+    let mode = if crate::gucs::test_weak_cache_lock() {
+        pg_sys::AccessShareLock
+    } else {
+        pg_sys::RowExclusiveLock
+    };
+    cache_lock(name, mode);
 }
 
 /// Taken by whatever moves a cache to a new version (flush, TRUNCATE, define, drop): it waits
@@ -397,10 +405,21 @@ fn warn_once_if_not_preloaded() {
     }
 }
 
-/// The role that called into twotier, seen from inside a SECURITY DEFINER function.
-#[pg_extern(volatile, parallel_unsafe)]
-fn _outer_user() -> Oid {
-    unsafe { pg_sys::GetOuterUserId() }
+/// 0.2.0's `twotier._outer_user()` (GetOuterUserId), which decided rights and was wrong to:
+/// 0.3.0 has no such SQL function. The symbol stays for the upgrade chain from 0.1.0, whose
+/// step to 0.2.0 runs 0.2.0's define (which calls it) with this library.
+#[no_mangle]
+pub extern "C" fn pg_finfo__outer_user_wrapper() -> &'static pg_sys::Pg_finfo_record {
+    static V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// # Safety
+/// Called by the fmgr, without arguments.
+#[no_mangle]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn _outer_user_wrapper(_fcinfo: pg_sys::FunctionCallInfo) -> Datum {
+    Datum::from(unsafe { pg_sys::GetOuterUserId() })
 }
 
 /// Checks a cache query's shape; returns the relations it reads.

@@ -67,6 +67,17 @@ pub enum CallError {
     ManyDuplicate(String),
     #[error("twotier: {n} keys in one call exceed twotier.max_many_keys ({max})")]
     ManyTooMany { n: usize, max: usize },
+    #[error("twotier: cannot call {0} within a security-restricted operation")]
+    SecurityRestricted(&'static str),
+}
+
+/// Raises an ERROR inside a security-restricted operation (ANALYZE, VACUUM, REINDEX, CREATE
+/// INDEX, REFRESH MATERIALIZED VIEW): the code running there is a table owner's, started on
+/// behalf of whoever ran the command, often a superuser. No twotier entry point runs there.
+pub fn refuse_restricted(what: &'static str) {
+    if unsafe { pgrx::pg_sys::InSecurityRestrictedOperation() } {
+        CallError::SecurityRestricted(what).raise();
+    }
 }
 
 pub trait Raise {
@@ -135,6 +146,7 @@ impl Raise for CallError {
             CallError::ManyNull(_) => PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
             CallError::ManyDuplicate(_) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             CallError::ManyTooMany { .. } => PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            CallError::SecurityRestricted(_) => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
         }
     }
     fn hint(&self) -> Option<String> {
@@ -165,7 +177,11 @@ impl Raise for CallError {
             CallError::UnusedParameter(_) => Some("Refer to every part of the key in the query: $1, $2, ... in order.".into()),
             CallError::ManyNull(_) => Some("Filter NULL keys out before the call (array_remove(keys, NULL)).".into()),
             CallError::ManyDuplicate(_) => Some("Pass each key once (ARRAY(SELECT DISTINCT unnest(keys)))".into()),
-            CallError::ManyTooMany { .. } => Some("Split the keys into several calls, or raise twotier.max_many_keys.".into()),
+            CallError::ManyTooMany { .. } => Some("Split the keys into several calls, or ask a superuser to raise twotier.max_many_keys.".into()),
+            CallError::SecurityRestricted(_) => Some(
+                "ANALYZE, VACUUM, REINDEX, CREATE INDEX and REFRESH MATERIALIZED VIEW run code of a table's owner on behalf of whoever started them; call twotier outside index expressions and materialized views."
+                    .into(),
+            ),
             CallError::RowSecurity { .. } => Some(
                 "One answer for every caller would leak rows across policies: redefine the cache with vary_by => ARRAY['role', ...] naming what the policies depend on."
                     .into(),

@@ -31,6 +31,8 @@ static TEST_NO_WAL: GucSetting<bool> = GucSetting::<bool>::new(false);
 static REDIS_TLS_CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static REDIS_TLS_CERT_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static REDIS_TLS_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static REDIS_PASSWORD_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static TEST_WEAK_CACHE_LOCK: GucSetting<bool> = GucSetting::<bool>::new(false);
 
 pub fn init() {
     init_l1();
@@ -50,6 +52,11 @@ pub fn init() {
             c"PEM private key of twotier.redis_tls_cert_file.",
             &REDIS_TLS_KEY_FILE,
         ),
+        (
+            c"twotier.redis_password_file",
+            c"File holding the Redis password (its first line); readable only by the server's OS user.",
+            &REDIS_PASSWORD_FILE,
+        ),
     ] {
         GucRegistry::define_string_guc(
             name,
@@ -67,8 +74,8 @@ pub fn init() {
     unsafe {
         pgrx::pg_sys::DefineCustomStringVariable(
             c"twotier.redis_url".as_ptr(),
-            c"Redis (L2) URL, e.g. redis://user:password@127.0.0.1:6379/0 or rediss://...; empty means no L2.".as_ptr(),
-            c"Set it in postgresql.conf (or ALTER SYSTEM). Only superusers set it; the password is shown as ***. For rediss://, see twotier.redis_tls_ca_file.".as_ptr(),
+            c"Redis (L2) URL, e.g. redis://user@127.0.0.1:6379/0, rediss://... or redis+unix:///path.sock; empty means no L2.".as_ptr(),
+            c"Set it in postgresql.conf (or ALTER SYSTEM). A URL holding a password is refused: the password goes in twotier.redis_password_file. For rediss://, see twotier.redis_tls_ca_file.".as_ptr(),
             REDIS_URL.as_ptr(),
             c"".as_ptr(),
             GucContext::Suset as isize as _,
@@ -159,7 +166,9 @@ pub fn init() {
         &MAX_MANY_KEYS,
         1,
         100_000,
-        GucContext::Userset,
+        // A bound that protects the server (memory held until the call ends, source queries,
+        // Redis writes) is not the caller's to raise.
+        GucContext::Suset,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(
@@ -220,6 +229,14 @@ pub fn init() {
         c"Test only: invalidations that cannot reach Redis are dropped instead of kept in the outbox.",
         c"Turns off the protection the consistency tests check, to show that they can fail. Never in production.",
         &TEST_NO_OUTBOX,
+        GucContext::Suset,
+        GucFlags::NO_SHOW_ALL,
+    );
+    GucRegistry::define_bool_guc(
+        c"twotier.test_weak_cache_lock",
+        c"Test only: writers take the cache lock in a mode that flush, TRUNCATE and define do not wait for.",
+        c"Turns off the ordering the flush-against-commit test checks, to show that it can fail. Never in production.",
+        &TEST_WEAK_CACHE_LOCK,
         GucContext::Suset,
         GucFlags::NO_SHOW_ALL,
     );
@@ -296,7 +313,7 @@ fn cstr_setting(setting: &GucSetting<Option<CString>>) -> &'static CStr {
 }
 
 unsafe extern "C-unwind" fn check_redis_url(
-    _newval: *mut *mut std::ffi::c_char,
+    newval: *mut *mut std::ffi::c_char,
     _extra: *mut *mut std::ffi::c_void,
     source: pgrx::pg_sys::GucSource::Type,
 ) -> bool {
@@ -318,14 +335,92 @@ unsafe extern "C-unwind" fn check_redis_url(
         }
         return false;
     }
+    let url = if newval.is_null() || unsafe { (*newval).is_null() } {
+        c""
+    } else {
+        unsafe { CStr::from_ptr(*newval) }
+    };
+    if url_has_password(&url.to_string_lossy()) {
+        // Our own message: PostgreSQL's would quote the value, password and all, in the log.
+        unsafe {
+            pgrx::pg_sys::GUC_check_errcode(
+                pgrx::PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE as i32,
+            );
+            pgrx::pg_sys::GUC_check_errmsg_string =
+                pgrx::pg_sys::pstrdup(c"twotier.redis_url must not hold a password".as_ptr());
+            pgrx::pg_sys::GUC_check_errhint_string = pgrx::pg_sys::pstrdup(
+                c"A setting's value reaches pg_settings, SHOW and the server log; put the password in a file readable only by the server's OS user and name it in twotier.redis_password_file.".as_ptr(),
+            );
+        }
+        return false;
+    }
     true
+}
+
+/// Whether a Redis URL carries a password, in any form the client accepts: `user:password@`
+/// or `:password@` before the host, or `pass=`/`password=` in the query (`redis+unix://`).
+pub fn url_has_password(url: &str) -> bool {
+    let Some(scheme_end) = url.find("://") else {
+        return false;
+    };
+    let rest = &url[scheme_end + 3..];
+    let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let authority = before_query.split('/').next().unwrap_or("");
+    let in_userinfo = authority
+        .rsplit_once('@')
+        .is_some_and(|(userinfo, _)| userinfo.contains(':'));
+    let in_query = query.split(['&', '#']).any(|pair| {
+        let name = pair.split('=').next().unwrap_or("").to_ascii_lowercase();
+        name == "pass" || name == "password"
+    });
+    in_userinfo || in_query
+}
+
+/// The URL as any message or view may show it: whatever could be a credential masked.
+pub fn redacted_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let (scheme, rest) = (&url[..scheme_end], &url[scheme_end + 3..]);
+    let (before_query, query) = match rest.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (rest, None),
+    };
+    let (authority, path) = match before_query.find('/') {
+        Some(i) => (&before_query[..i], &before_query[i..]),
+        None => (before_query, ""),
+    };
+    let authority = match authority.rsplit_once('@') {
+        Some((_, host)) => format!("***@{host}"),
+        None => authority.to_string(),
+    };
+    let query = query.map(|q| {
+        q.split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((name, _))
+                    if matches!(
+                        name.to_ascii_lowercase().as_str(),
+                        "pass" | "password" | "user" | "username"
+                    ) =>
+                {
+                    format!("{name}=***")
+                }
+                _ => pair.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("&")
+    });
+    match query {
+        Some(q) => format!("{scheme}://{authority}{path}?{q}"),
+        None => format!("{scheme}://{authority}{path}"),
+    }
 }
 
 unsafe extern "C-unwind" fn show_redis_url() -> *const std::ffi::c_char {
     thread_local! {
         static SHOWN: std::cell::RefCell<CString> = std::cell::RefCell::new(CString::default());
     }
-    let masked = crate::l2_redis::redacted(&redis_url().to_string_lossy());
+    let masked = redacted_url(&redis_url().to_string_lossy());
     SHOWN.with(|s| {
         *s.borrow_mut() = CString::new(masked).unwrap_or_default();
         s.borrow().as_ptr()
@@ -349,6 +444,31 @@ pub fn redis_tls_files() -> [Option<String>; 3] {
             .map(|v| v.to_string_lossy().into_owned())
             .filter(|v| !v.is_empty())
     })
+}
+
+/// The Redis password, read from `twotier.redis_password_file` at each connect (a changed file
+/// takes effect at the next connection). The file must not be readable by group or others.
+pub fn redis_password() -> Result<Option<String>, String> {
+    let Some(path) = REDIS_PASSWORD_FILE
+        .get()
+        .map(|v| v.to_string_lossy().into_owned())
+        .filter(|v| !v.is_empty())
+    else {
+        return Ok(None);
+    };
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(&path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(format!(
+            "{path} is readable by group or others; chmod 600 it (PostgreSQL asks the same of ssl_key_file)"
+        ));
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    let first = text.lines().next().unwrap_or("").trim_end_matches('\r');
+    if first.is_empty() {
+        return Err(format!("{path} holds no password on its first line"));
+    }
+    Ok(Some(first.to_string()))
 }
 
 pub fn key_prefix() -> &'static str {
@@ -419,6 +539,10 @@ pub fn test_no_wal() -> bool {
     TEST_NO_WAL.get()
 }
 
+pub fn test_weak_cache_lock() -> bool {
+    TEST_WEAK_CACHE_LOCK.get()
+}
+
 pub fn test_no_outbox() -> bool {
     TEST_NO_OUTBOX.get()
 }
@@ -470,4 +594,40 @@ pub fn jittered_ttl_s(ttl_s: i64) -> i64 {
 pub fn stampede_wait() -> Option<Duration> {
     let ms = STAMPEDE_WAIT_MS.get();
     (ms > 0).then(|| Duration::from_millis(ms as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{redacted_url, url_has_password};
+
+    #[test]
+    fn every_password_form_is_found_and_masked() {
+        for url in [
+            "redis://:pw-secret@127.0.0.1:6379/0",
+            "redis://app:pw-secret@127.0.0.1:6379/0",
+            "rediss://app:pw-secret@host/0",
+            "redis+unix:///tmp/r.sock?db=0&pass=pw-secret",
+            "unix:///tmp/r.sock?password=pw-secret",
+            "redis+unix:///tmp/r.sock?user=app&PASS=pw-secret",
+        ] {
+            assert!(url_has_password(url), "{url}");
+            assert!(!redacted_url(url).contains("pw-secret"), "{url}");
+        }
+        for url in [
+            "redis://127.0.0.1:6379/0",
+            "redis://app@127.0.0.1:6379/0",
+            "redis+unix:///tmp/r.sock?db=0",
+            "",
+        ] {
+            assert!(!url_has_password(url), "{url}");
+        }
+        assert_eq!(
+            redacted_url("redis://app@127.0.0.1:6379/0"),
+            "redis://***@127.0.0.1:6379/0"
+        );
+        assert_eq!(
+            redacted_url("redis+unix:///tmp/r.sock?db=1"),
+            "redis+unix:///tmp/r.sock?db=1"
+        );
+    }
 }

@@ -20,6 +20,8 @@ pub enum L2Error {
     Interrupted,
     #[error("bad twotier.redis_url: {0}")]
     BadUrl(String),
+    #[error("twotier.redis_password_file: {0}")]
+    PasswordFile(String),
     #[error("{0}")]
     Redis(#[from] redis::RedisError),
 }
@@ -197,16 +199,6 @@ thread_local! {
     });
 }
 
-/// The URL with any password replaced, fit for a log line.
-pub fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
-        }
-        _ => url.to_string(),
-    }
-}
-
 /// A Redis connection and its socket, which this backend waits on itself: the redis crate's
 /// blocking reads retry on EINTR, so a cancel or statement_timeout arriving while Redis hangs
 /// would wait out the whole read timeout, twice. `poll` is never restarted after a signal.
@@ -367,10 +359,15 @@ fn resolve(host: &str, port: u16, timeout: Duration) -> Result<std::net::SocketA
 
 /// A client for `url`: rediss:// URLs get the CA and client certificate of the
 /// `twotier.redis_tls_*` settings (the system trust store when no CA is set).
-fn client_for(url: &str) -> Result<redis::Client, L2Error> {
+pub(crate) fn client_for(url: &str) -> Result<redis::Client, L2Error> {
     let bad = |e: String| L2Error::BadUrl(e);
-    let info =
+    let mut info =
         redis::IntoConnectionInfo::into_connection_info(url).map_err(|e| bad(e.to_string()))?;
+    // The password never sits in a setting (pg_settings, SHOW and the server log show
+    // settings): it comes from a file only the server's OS user reads.
+    if let Some(password) = gucs::redis_password().map_err(L2Error::PasswordFile)? {
+        info.redis.password = Some(password);
+    }
     match info.addr {
         redis::ConnectionAddr::TcpTls { insecure: true, .. } => {
             return Err(bad(
@@ -589,7 +586,10 @@ fn with_connection_inner<T>(
             match result.and_then(|_| f(con, &ctx)) {
                 Ok(v) => {
                     if state.down_since.take().is_some() {
-                        pgrx::log!("twotier: Redis at {} answers again", redacted(&url_text));
+                        pgrx::log!(
+                            "twotier: Redis at {} answers again",
+                            gucs::redacted_url(&url_text)
+                        );
                     }
                     state.resting_until = None;
                     return Ok(v);
@@ -651,14 +651,17 @@ fn fail(state: &mut State, url: &str, e: L2Error, connection_lost: bool) -> L2Er
         state.down_since.get_or_insert_with(SystemTime::now);
         let msg = format!(
             "twotier: Redis at {} is unreachable ({e}); answering from the source, next try in {} ms",
-            redacted(url),
+            gucs::redacted_url(url),
             gucs::retry_interval().as_millis()
         );
         warn_rate_limited(state, msg);
     } else {
         warn_rate_limited(
             state,
-            format!("twotier: Redis at {} failed a command: {e}", redacted(url)),
+            format!(
+                "twotier: Redis at {} failed a command: {e}",
+                gucs::redacted_url(url)
+            ),
         );
     }
     e
@@ -932,7 +935,7 @@ pub fn health() -> Health {
             last_error: state.last_error.clone(),
             undelivered: state.undelivered.len(),
             incarnation: state.incarnation.clone(),
-            url: redacted(&gucs::redis_url().to_string_lossy()),
+            url: gucs::redacted_url(&gucs::redis_url().to_string_lossy()),
         }
     })
 }

@@ -13,6 +13,7 @@ mod l1;
 mod l2_redis;
 mod outbox;
 mod read_through;
+mod server_text;
 mod shmem;
 mod source;
 mod stats;

@@ -405,6 +405,7 @@ fn _stats() -> TableIterator<
 /// Zeroes the counters of every cache of this database (all backends, when preloaded).
 #[pg_extern(volatile, parallel_unsafe)]
 fn reset_stats() {
+    crate::error::refuse_restricted("twotier.reset_stats");
     let db = database();
     for s in table()
         .iter()

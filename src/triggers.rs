@@ -266,7 +266,7 @@ unsafe fn key_of(plan: &KeyPlan, slot: *mut pg_sys::TupleTableSlot, out: &mut Ve
                 let value = *(*slot).tts_values.add(i);
                 let render = || {
                     let text = pg_sys::OidOutputFunctionCall(*typoutput, value);
-                    CStr::from_ptr(text).to_string_lossy().into_owned()
+                    crate::server_text::from_server_cstr(text)
                 };
                 out.push(if *pinned {
                     with_pinned_output(render)

@@ -99,7 +99,7 @@ impl KeyType {
     pub fn render(&self, value: Datum) -> String {
         unsafe {
             let text = pg_sys::OidOutputFunctionCall(self.output, value);
-            let out = CStr::from_ptr(text).to_string_lossy().into_owned();
+            let out = crate::server_text::from_server_cstr(text);
             pg_sys::pfree(text.cast());
             out
         }
@@ -107,12 +107,13 @@ impl KeyType {
 
     /// The value whose text is `part` (raises the type's own input ERROR for bad text).
     fn read(&self, part: &str) -> Datum {
+        let server = crate::server_text::to_server(part);
         if self.oid == pg_sys::TEXTOID {
             return Datum::from(unsafe {
-                pg_sys::cstring_to_text_with_len(part.as_ptr().cast(), part.len() as i32)
+                pg_sys::cstring_to_text_with_len(server.as_ptr().cast(), server.len() as i32)
             });
         }
-        let c = CString::new(part).unwrap_or_else(|_| {
+        let c = CString::new(server.into_owned()).unwrap_or_else(|_| {
             CallError::KeyNotCanonical {
                 key: part.replace('\0', "\\0"),
                 canonical: None,

@@ -130,7 +130,8 @@ fn set_subscribed(shared: &l1::L1Shared, on: bool) {
 
 /// Listens until the subscription fails or the worker is told to stop. `Ok` means stop.
 fn listen(shared: &l1::L1Shared, url: &str) -> Result<(), String> {
-    let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+    // The same client as every backend's: the password file and the TLS settings apply.
+    let client = crate::l2_redis::client_for(url).map_err(|e| e.to_string())?;
     let mut con = client
         .get_connection_with_timeout(gucs::connect_timeout())
         .map_err(|e| e.to_string())?;
@@ -204,7 +205,7 @@ pub unsafe extern "C-unwind" fn twotier_l1_listener_main(_arg: pg_sys::Datum) {
                 Err(e) => {
                     set_subscribed(shared, false);
                     if last_error.as_deref() != Some(e.as_str()) {
-                        pgrx::log!("twotier listener: {}: {e}", crate::l2_redis::redacted(&url));
+                        pgrx::log!("twotier listener: {}: {e}", gucs::redacted_url(&url));
                         last_error = Some(e);
                     }
                 }

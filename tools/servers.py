@@ -140,8 +140,21 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        auth = f"{self.user}:{self.password}@" if self.user else ""
+        # The ACL user only: twotier refuses a URL holding a password (password_file below).
+        auth = f"{self.user}@" if self.user else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def password_file(self, password: str | None = None) -> Path:
+        """A file holding the password (or another one), readable by the postgres OS user
+        only, as twotier.redis_password_file wants it."""
+        d = Path(tempfile.mkdtemp(prefix="twotier-redis-pw-"))
+        d.chmod(0o755)
+        f = d / "password"
+        f.write_text((password if password is not None else self.password or "") + "\n")
+        pw = pwd.getpwnam("postgres")
+        os.chown(f, pw.pw_uid, pw.pw_gid)
+        f.chmod(0o600)
+        return f
 
     @property
     def tls_url(self) -> str:

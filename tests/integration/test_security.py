@@ -305,6 +305,7 @@ def test_rls_enabled_after_define_or_inside_a_function_is_an_error_not_a_leak(cl
     query reads an RLS table (owned by someone else) through a function. Neither may answer
     every caller with the owner's rows."""
     role(cluster, "sec_owner", member_of=("twotier_admin",))
+    cluster.sql("GRANT CREATE ON SCHEMA public TO sec_owner")
     cluster.sql("CREATE TABLE sec_later(k int PRIMARY KEY, v text, who text)")
     cluster.sql("INSERT INTO sec_later VALUES (1, 'mine', 'sec_owner'), (2, 'other', 'x')")
     cluster.sql("GRANT SELECT, TRIGGER ON sec_later TO sec_owner")
@@ -415,7 +416,9 @@ def test_redis_acl_user_works_and_its_password_is_never_shown(request):
     from servers import RedisServer
 
     redis = RedisServer(user="twotier_app", password="s3cret-pw").start()
-    pg = own_cluster(request, redis, redis.url, "sec_auth_c", 2, "auth")
+    secret = redis.password_file()
+    pg = own_cluster(request, redis, redis.url, "sec_auth_c", 2, "auth",
+                     **{"twotier.redis_password_file": str(secret)})
     with pg.connect() as c:
         c.execute("SET twotier.l1_enabled = off")
         assert answer(c, "sec_auth_c", "1") == {"v": "v1"}
@@ -433,9 +436,10 @@ def test_redis_acl_user_works_and_its_password_is_never_shown(request):
     assert all("s3cret" not in s for s in shown), shown
     assert "s3cret" not in pg.log_text()
     # A wrong password: a WARNING that says so, and the source answers.
+    secret.write_text("wrong\n")
     with pg.connect() as c:
         notices = collect_notices(c)
-        c.execute(f"SET twotier.redis_url = 'redis://twotier_app:wrong@127.0.0.1:{redis.port}/0'")
+        c.execute(f"SET twotier.redis_url = 'redis://twotier_app@127.0.0.1:{redis.port}/1'")
         c.execute("SET twotier.l1_enabled = off")
         assert answer(c, "sec_auth_c", "2") == {"v": "v2"}
         assert any("WRONGPASS" in n or "auth" in n.lower() for n in notices), notices

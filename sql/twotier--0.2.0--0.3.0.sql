@@ -1,0 +1,505 @@
+-- twotier 0.2.0 -> 0.3.0. Released with 0.3.0: never edit this file after that; add a new
+-- upgrade script instead.
+\echo Use "ALTER EXTENSION twotier UPDATE" to load this file. \quit
+
+-- Rights come from the role current at the call (issue 25): define, drop and flush become C
+-- entries that pass that role to _define, _drop and _flush, which only the extension's owner
+-- may execute. 0.2.0's _define (granted to twotier_admin, deciding by the outer user) and
+-- _outer_user go.
+DROP FUNCTION twotier._define(text, text, interval, text[], interval, text[], name[], text[], text[], text, name);
+DROP FUNCTION twotier._outer_user();
+
+-- define's own DDL is recognised by a backend-local flag of the library's.
+CREATE  FUNCTION "_defining"() RETURNS bool /* bool */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_defining_wrapper';
+CREATE  FUNCTION "_set_defining"(
+	"on" bool /* bool */
+) RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_set_defining_wrapper';
+
+-- The CREATE check covers public too; the caller is an argument.
+CREATE FUNCTION twotier._define(
+    caller oid, caller_schemas name[],
+    name text, query text, ttl interval, watch text[], negative_ttl interval, vary_by text[],
+    key_types text[], key_names text[], returns text, schema name
+) RETURNS regprocedure
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $define$
+DECLARE
+    owner_oid oid;
+    pinned_path text;
+    old twotier.caches;
+    entry text;
+    parts text[];
+    tbl oid;
+    expr text;
+    fn regprocedure;
+    many regprocedure;
+    i int := 0;
+    tables oid[] := '{}';
+    exprs text[] := '{}';
+    entries text[] := '{}';
+    reads oid[];
+    rls_tables text;
+    unwatched text;
+    v text;
+    types oid[];
+    names text[];
+    n int;
+    problem text;
+    fn_schema name := coalesce(_define.schema, 'public');
+    fn_name text := 'cached_' || _define.name;
+    args text;
+    many_args text;
+    key_expr text;
+    many_keys text;
+    out_cols text;
+    getter text;
+    acl aclitem[];
+    grant_row record;
+BEGIN
+    IF name IS NULL OR name !~ '^[a-z_][a-z0-9_]*$' OR length(name) > 48 THEN
+        RAISE EXCEPTION 'twotier: invalid cache name %', coalesce(quote_literal(name), 'NULL')
+            USING ERRCODE = 'invalid_name',
+                  HINT = 'Use 1 to 48 lowercase letters, digits and underscores, starting with a letter or underscore.';
+    END IF;
+    IF query IS NULL OR ttl IS NULL OR ttl < interval '1 second' OR ttl > interval '365 days' THEN
+        RAISE EXCEPTION 'twotier: cache % needs a query and a ttl between 1 second and 365 days', name
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'For example ttl => interval ''5 minutes''.';
+    END IF;
+    IF negative_ttl IS NOT NULL AND (negative_ttl < interval '1 second' OR negative_ttl > interval '365 days') THEN
+        RAISE EXCEPTION 'twotier: negative_ttl of cache % must be between 1 second and 365 days', name
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOREACH v IN ARRAY coalesce(vary_by, '{}') LOOP
+        IF v IS NULL OR (v <> 'role' AND v !~ '^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)+$') THEN
+            RAISE EXCEPTION 'twotier: vary_by entry % is neither ''role'' nor a setting name', coalesce(quote_literal(v), 'NULL')
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'For example vary_by => ARRAY[''role'', ''request.jwt.claims''].';
+        END IF;
+    END LOOP;
+    IF returns IS NULL OR returns NOT IN ('jsonb', 'json') THEN
+        RAISE EXCEPTION 'twotier: returns must be ''jsonb'' or ''json'', not %', coalesce(quote_literal(returns), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'json hands the cached text to the client as it is; jsonb suits callers that use -> and ->> in SQL.';
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_namespace WHERE nspname = fn_schema)
+       OR fn_schema IN ('pg_catalog', 'information_schema', 'twotier') OR fn_schema ~ '^pg_(toast|temp|toast_temp)' THEN
+        RAISE EXCEPTION 'twotier: cannot create cache functions in schema %', quote_ident(fn_schema)
+            USING ERRCODE = 'invalid_schema_name', HINT = 'Name an existing schema of your own, such as public or api.';
+    END IF;
+
+    SELECT * INTO old FROM twotier.caches c WHERE c.name = _define.name FOR UPDATE;
+    IF FOUND THEN
+        -- The query will run as the cache's owner: only a role holding the owner's rights (or
+        -- a superuser) may change what runs. twotier_admin alone may drop it, not redefine it.
+        IF NOT (pg_has_role(caller, old.owner, 'USAGE') OR (SELECT rolsuper FROM pg_roles WHERE oid = caller)) THEN
+            RAISE EXCEPTION 'twotier: cache % belongs to %', name, old.owner
+                USING ERRCODE = 'insufficient_privilege',
+                      HINT = 'Only its owner (or a superuser) can redefine it; twotier.drop() it first to make it yours.';
+        END IF;
+        owner_oid := old.owner;
+    ELSE
+        owner_oid := caller;
+    END IF;
+    -- Every schema, public included, takes the right to create in it: the functions made
+    -- here are the caller's and the owner's as much as a CREATE FUNCTION of their own would be
+    -- (an admin without CREATE on public could otherwise shadow an app's functions there).
+    IF NOT (has_schema_privilege(caller, fn_schema, 'CREATE')
+            AND has_schema_privilege(owner_oid, fn_schema, 'CREATE')) THEN
+        RAISE EXCEPTION 'twotier: permission denied to create cache functions in schema %', quote_ident(fn_schema)
+            USING ERRCODE = 'insufficient_privilege', HINT = 'The schema''s owner can GRANT CREATE ON SCHEMA to the cache''s owner.';
+    END IF;
+
+    -- The path the query and the key expressions run with: the caller's schemas as they are
+    -- now (no "$user" resolved later, no temp schema), then pg_temp, last, so that no session's
+    -- temporary objects can stand in for the source's tables.
+    SELECT coalesce(string_agg(quote_ident(s), ', ' ORDER BY pos) || ', ', '') || 'pg_temp'
+      INTO pinned_path
+      FROM unnest(caller_schemas) WITH ORDINALITY AS t(s, pos)
+     WHERE s !~ '^pg_(toast_)?temp';
+
+    -- The key's types: as given (resolved as the owner, on the pinned path), or as the query
+    -- uses its parameters. An inferred single type without a canonical text form (float8,
+    -- numeric, ...) leaves the key text, as it was before keys had types.
+    IF key_types IS NOT NULL THEN
+        IF cardinality(key_types) NOT BETWEEN 1 AND 8 THEN
+            RAISE EXCEPTION 'twotier: cache % needs 1 to 8 key types, not %', name, cardinality(key_types)
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        types := twotier._resolve_key_types(key_types, owner_oid, pinned_path);
+    ELSE
+        BEGIN
+            types := twotier._infer_key_types(query, owner_oid, pinned_path);
+        EXCEPTION WHEN OTHERS THEN
+            types := NULL;
+        END;
+        IF coalesce(cardinality(types), 0) NOT BETWEEN 1 AND 8
+           OR (cardinality(types) = 1 AND twotier._key_type_problem(types[1]) IS NOT NULL) THEN
+            types := ARRAY['text'::regtype::oid];
+        END IF;
+    END IF;
+    n := cardinality(types);
+    FOR i IN 1 .. n LOOP
+        problem := twotier._key_type_problem(types[i]);
+        IF problem IS NOT NULL THEN
+            RAISE EXCEPTION 'twotier: key type % of cache % cannot be a key: %', types[i]::regtype, name, problem
+                USING ERRCODE = 'feature_not_supported',
+                      HINT = 'Keys can be int, bigint, smallint, oid, text, varchar, name, uuid, boolean, date, timestamp, timestamptz, an enum, or a domain over one of these; pass others as text you normalize yourself.';
+        END IF;
+    END LOOP;
+    names := coalesce(key_names, CASE WHEN n = 1 THEN ARRAY['key']
+                                      ELSE (SELECT array_agg('key' || g ORDER BY g) FROM generate_series(1, n) g) END);
+    IF cardinality(names) <> n OR EXISTS (SELECT FROM unnest(names) k WHERE k IS NULL OR k !~ '^[a-z_][a-z0-9_]*$' OR k = 'value')
+       OR (SELECT count(DISTINCT k) FROM unnest(names) k) <> n THEN
+        RAISE EXCEPTION 'twotier: cache % needs % distinct key names (lowercase identifiers, not "value")', name, n
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'For example key_names => ARRAY[''tenant'', ''locale''].';
+    END IF;
+
+    -- Parsed as the owner, with the pinned path and the key's types: one jsonb column.
+    BEGIN
+        reads := twotier._check_query(query, owner_oid, pinned_path, types);
+    EXCEPTION
+        WHEN datatype_mismatch OR undefined_table OR undefined_column OR syntax_error OR insufficient_privilege THEN
+            RAISE;
+        WHEN OTHERS THEN
+            IF key_types IS NULL THEN
+                RAISE;
+            END IF;
+            RAISE EXCEPTION 'twotier: the query of cache % does not take its key as (%): %', name,
+                    (SELECT string_agg(t::regtype::text, ', ') FROM unnest(types) t), SQLERRM
+                USING ERRCODE = 'datatype_mismatch',
+                      HINT = 'key_types must match how the query uses $1, $2, ...: e.g. key_types => ARRAY[''uuid''] for WHERE domain_id = $1.';
+    END;
+    -- A query that ignores (the last part of) the key would answer many keys alike: a mistake.
+    BEGIN
+        PERFORM twotier._check_query(query, owner_oid, pinned_path, types[1:n - 1]);
+        RAISE EXCEPTION 'twotier: the query of cache % does not use $%, the key''s last part', name, n
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Refer to the key as $1 (and its other parts as $2, ...), e.g. WHERE id = $1.';
+    EXCEPTION WHEN undefined_parameter THEN
+        NULL;
+    END;
+    -- Every caller would get the owner's rows: with row-level security that is a leak, unless
+    -- the entries vary by what the policies read.
+    IF coalesce(array_length(vary_by, 1), 0) = 0 THEN
+        SELECT string_agg(c.oid::regclass::text, ', ') INTO rls_tables
+          FROM pg_class c WHERE c.oid = ANY (reads) AND c.relrowsecurity;
+        IF rls_tables IS NOT NULL THEN
+            RAISE EXCEPTION 'twotier: cache % reads %, which has row-level security', name, rls_tables
+                USING ERRCODE = 'feature_not_supported',
+                      HINT = 'Declare what the policies depend on, e.g. vary_by => ARRAY[''role'', ''request.jwt.claims''], so that each caller gets its own entries.';
+        END IF;
+    END IF;
+
+    FOREACH entry IN ARRAY coalesce(watch, '{}') LOOP
+        parts := regexp_match(entry, '^\s*([^(]+?)\s*\((.*)\)\s*$');
+        IF parts IS NULL OR btrim(parts[2]) = '' THEN
+            RAISE EXCEPTION 'twotier: malformed watch entry %', quote_literal(entry)
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'Write table(key_expression), e.g. ''widget_configs(domain_id)'' or ''public.domains(lower(domain))''.';
+        END IF;
+        tbl := twotier._resolve_table(parts[1], caller_schemas);
+        IF tbl IS NULL THEN
+            RAISE EXCEPTION 'twotier: table % of watch entry % does not exist', parts[1], quote_literal(entry)
+                USING ERRCODE = 'undefined_table', HINT = 'Name a table on your search_path, or qualify it with its schema.';
+        END IF;
+        IF (SELECT relkind FROM pg_class WHERE oid = tbl) NOT IN ('r', 'p')
+           OR (SELECT relpersistence FROM pg_class WHERE oid = tbl) = 't' THEN
+            RAISE EXCEPTION 'twotier: % is not a table that can be watched', tbl::regclass
+                USING ERRCODE = 'wrong_object_type', HINT = 'Only permanent tables and partitioned tables can be watched.';
+        END IF;
+        IF NOT has_table_privilege(caller, tbl, 'TRIGGER') OR NOT has_table_privilege(owner_oid, tbl, 'TRIGGER') THEN
+            RAISE EXCEPTION 'twotier: permission denied to watch %', tbl::regclass
+                USING ERRCODE = 'insufficient_privilege', HINT = 'The table owner can GRANT TRIGGER on it.';
+        END IF;
+        expr := btrim(parts[2]);
+        -- The expression is spliced into a query over the row: nothing that could end a
+        -- quote, a statement or the line early is accepted.
+        IF expr ~ '(\$|;|--|/\*)' THEN
+            RAISE EXCEPTION 'twotier: watch expression % may not contain $, ;, -- or /*', quote_literal(expr)
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'Use a plain expression over the table''s columns, e.g. lower(domain).';
+        END IF;
+        PERFORM twotier._check_watch_expression(tbl, expr, owner_oid, pinned_path, types);
+        tables := tables || tbl;
+        exprs := exprs || expr;
+        -- Stored schema-qualified (regclass output under this function's path), so that a
+        -- dump restored elsewhere resolves the same table.
+        entries := entries || format('%s(%s)', tbl::regclass, expr);
+    END LOOP;
+
+    SELECT string_agg(c.oid::regclass::text, ', ') INTO unwatched
+      FROM pg_class c
+     WHERE c.oid = ANY (reads) AND c.relkind IN ('r', 'p')
+       AND c.relnamespace <> 'pg_catalog'::regnamespace
+       AND c.oid <> ALL (tables);
+    IF unwatched IS NOT NULL THEN
+        RAISE NOTICE 'twotier: cache % reads % without watching it', name, unwatched
+            USING HINT = 'Changes there reach the cache only when entries expire (ttl); add them to watch to invalidate at commit.';
+    END IF;
+
+    IF old.name IS NOT NULL THEN
+        -- Triggers only: the functions stay, with their owner and every GRANT on them, unless
+        -- their signature changes below.
+        PERFORM twotier._drop_objects(old, false);
+    END IF;
+
+    -- The generated functions. Types print schema-qualified where they need it (regtype
+    -- output under this function's path).
+    SELECT string_agg(format('%I %s', names[k], types[k]::regtype), ', ' ORDER BY k),
+           string_agg(format('%I %s[]', CASE WHEN n = 1 THEN 'keys' ELSE names[k] || 's' END, types[k]::regtype), ', ' ORDER BY k),
+           string_agg(format('%I %s', names[k], types[k]::regtype), ', ' ORDER BY k)
+      INTO args, many_args, out_cols
+      FROM generate_series(1, n) k;
+    -- Settings-free types render with their own cast; the others (and several parts) go
+    -- through key_text, which pins what their text depends on.
+    IF n = 1 AND NOT twotier._key_type_pinned(types[1]) THEN
+        key_expr := format('%I::text', names[1]);
+        many_keys := format('%s.keys::text[]', quote_ident(fn_name || '_many'));
+    ELSE
+        key_expr := format('twotier.key_text(%s)', (SELECT string_agg(quote_ident(x), ', ') FROM unnest(names) x));
+        many_keys := format('ARRAY(SELECT twotier.key_text(%s) FROM unnest(%s) WITH ORDINALITY AS u(%s, ord) ORDER BY ord)',
+                            (SELECT string_agg(format('u.c%s', k), ', ') FROM generate_series(1, n) k),
+                            (SELECT string_agg(format('%I.%I', fn_name || '_many', CASE WHEN n = 1 THEN 'keys' ELSE names[k] || 's' END), ', ')
+                               FROM generate_series(1, n) k),
+                            (SELECT string_agg(format('c%s', k), ', ') FROM generate_series(1, n) k));
+    END IF;
+    getter := CASE _define.returns WHEN 'json' THEN 'twotier.get_json' ELSE 'twotier.get' END;
+
+    -- Any function of these names in the schema that is not this cache's: even with other
+    -- argument types it would make calls with untyped literals ambiguous.
+    SELECT p.oid::regprocedure INTO fn FROM pg_proc p
+     WHERE p.pronamespace = fn_schema::regnamespace AND p.proname IN (fn_name, fn_name || '_many')
+       AND (old.name IS NULL OR p.oid NOT IN (old.function, coalesce(old.many_function, 0)))
+     LIMIT 1;
+    IF fn IS NOT NULL THEN
+        RAISE EXCEPTION 'twotier: function % already exists and is not a twotier cache', fn
+            USING ERRCODE = 'duplicate_function', HINT = 'Drop or rename it, or choose another cache name.';
+    END IF;
+    fn := to_regprocedure(format('%I.%I(%s)', fn_schema, fn_name,
+                                 (SELECT string_agg(t::regtype::text, ', ') FROM unnest(types) t)));
+    many := to_regprocedure(format('%I.%I(%s)', fn_schema, fn_name || '_many',
+                                   (SELECT string_agg(t::regtype::text || '[]', ', ') FROM unnest(types) t)));
+    -- From here on only DDL of define's own runs (no code of the caller's or the owner's): the
+    -- ALTER TABLEs that attach triggers and the GRANTs on the new functions must not make the
+    -- event triggers flush. A backend-local flag of the library's, which no session can set
+    -- (a placeholder setting could be).
+    PERFORM twotier._set_defining(true);
+    IF old.name IS NOT NULL AND (fn IS NULL OR old.returns <> _define.returns) THEN
+        -- Another signature, schema or return type: the old functions go, their grants come
+        -- over to the new ones. A view using the old function stops this (DROP without CASCADE).
+        SELECT proacl INTO acl FROM pg_proc WHERE oid = old.function;
+        PERFORM twotier._drop_objects(old, true);
+        fn := NULL;
+        many := NULL;
+    END IF;
+    IF fn IS NULL THEN
+        -- An inlinable SQL wrapper: the planner replaces cached_x(k) by twotier.get('x', k::text),
+        -- so the wrapper costs nothing per call.
+        EXECUTE format('CREATE FUNCTION %I.%I(%s) RETURNS %s LANGUAGE sql STABLE PARALLEL UNSAFE AS %L',
+                       fn_schema, fn_name, args, _define.returns, format('SELECT %s(%L, %s)', getter, name, key_expr));
+        fn := to_regprocedure(format('%I.%I(%s)', fn_schema, fn_name,
+                                     (SELECT string_agg(t::regtype::text, ', ') FROM unnest(types) t)));
+        -- Not an extension member (pg_dump must keep it), but gone with DROP EXTENSION ... CASCADE.
+        EXECUTE format('ALTER FUNCTION %s DEPENDS ON EXTENSION twotier', fn);
+        EXECUTE format('ALTER FUNCTION %s OWNER TO %s', fn, owner_oid::regrole);
+        -- The query runs with the owner's rights: reading the cache is granted explicitly.
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', fn);
+        FOR grant_row IN SELECT a.grantee, a.is_grantable FROM aclexplode(acl) a
+                          WHERE a.privilege_type = 'EXECUTE' AND a.grantee <> owner_oid LOOP
+            EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s%s', fn,
+                           CASE WHEN grant_row.grantee = 0 THEN 'PUBLIC' ELSE grant_row.grantee::regrole::text END,
+                           CASE WHEN grant_row.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
+        END LOOP;
+    END IF;
+    IF many IS NULL THEN
+        -- get_many checks EXECUTE on cached_<name> itself: one GRANT governs both functions.
+        -- One key part: get_many's rows come back in the order given, and the canonical text
+        -- reads back as the same value. Several parts: the rows are joined to the arguments.
+        EXECUTE format('CREATE FUNCTION %I.%I(%s) RETURNS TABLE (%s, value %s) LANGUAGE sql STABLE PARALLEL UNSAFE ROWS 10 AS %L',
+                       fn_schema, fn_name || '_many', many_args, out_cols, _define.returns,
+                       CASE WHEN n = 1 THEN
+                           format('SELECT m.key::%s, m.value FROM %s(%L, %s) AS m', types[1]::regtype,
+                                  CASE _define.returns WHEN 'json' THEN 'twotier.get_many_json' ELSE 'twotier.get_many' END,
+                                  name, many_keys)
+                       ELSE
+                           format('SELECT %s, m.value FROM unnest(%s) WITH ORDINALITY AS u(%s, ord) JOIN %s(%L, %s) WITH ORDINALITY AS m(key, value, ord) USING (ord) ORDER BY ord',
+                              (SELECT string_agg(format('u.c%s', k), ', ') FROM generate_series(1, n) k),
+                              (SELECT string_agg(format('%I.%I', fn_name || '_many', CASE WHEN n = 1 THEN 'keys' ELSE names[k] || 's' END), ', ')
+                                 FROM generate_series(1, n) k),
+                              (SELECT string_agg(format('c%s', k), ', ') FROM generate_series(1, n) k),
+                              CASE _define.returns WHEN 'json' THEN 'twotier.get_many_json' ELSE 'twotier.get_many' END,
+                              name, many_keys)
+                       END);
+        many := to_regprocedure(format('%I.%I(%s)', fn_schema, fn_name || '_many',
+                                       (SELECT string_agg(t::regtype::text || '[]', ', ') FROM unnest(types) t)));
+        EXECUTE format('ALTER FUNCTION %s DEPENDS ON EXTENSION twotier', many);
+        EXECUTE format('ALTER FUNCTION %s OWNER TO %s', many, owner_oid::regrole);
+    END IF;
+    EXECUTE format('COMMENT ON FUNCTION %s IS %L', fn, format('twotier cache %s (ttl %s): %s', name, ttl, query));
+    EXECUTE format('COMMENT ON FUNCTION %s IS %L', many,
+                   format('twotier cache %s, many keys in one call (reading needs EXECUTE on %s)', name, fn));
+
+    FOR i IN 1 .. coalesce(array_length(tables, 1), 0) LOOP
+        -- Row triggers are cloned onto every partition, present and future, so DML aimed at a
+        -- partition is seen. ENABLE ALWAYS: logical replication apply (and any session with
+        -- session_replication_role = replica) changes rows too.
+        EXECUTE format('CREATE TRIGGER %I AFTER INSERT OR UPDATE OR DELETE ON %s
+                        FOR EACH ROW EXECUTE FUNCTION twotier._trigger(%L, %L, %L)',
+                       format('twotier_%s_%s', name, i), tables[i]::regclass, name, tables[i], exprs[i]);
+        EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER %I', tables[i]::regclass, format('twotier_%s_%s', name, i));
+        PERFORM twotier._watch_truncate(tables[i]::regclass, format('twotier_%s_%s_trunc', name, i), name, exprs[i]);
+    END LOOP;
+    PERFORM twotier._set_defining(false);
+
+    -- Writers resolve their keys' version at PRE_COMMIT under this cache's lock; taking it
+    -- last keeps define from waiting on a writer that waits on define.
+    PERFORM twotier._lock_cache(name);
+    IF old.name IS NOT NULL THEN
+        UPDATE twotier.caches c SET query = _define.query, ttl = _define.ttl, negative_ttl = _define.negative_ttl,
+               watch = entries, vary_by = coalesce(_define.vary_by, '{}'),
+               key_types = types::regtype[], key_names = names, returns = _define.returns,
+               version = twotier._next_version(c.version), search_path = pinned_path, function = fn,
+               many_function = many, trigger_functions = '{}', updated_at = now()
+         WHERE c.name = _define.name;
+    ELSE
+        INSERT INTO twotier.caches (name, query, ttl, negative_ttl, watch, vary_by, key_types, key_names, returns,
+                                    version, owner, search_path, function, many_function)
+        VALUES (name, query, ttl, negative_ttl, entries, coalesce(vary_by, '{}'), types::regtype[], names, _define.returns,
+                twotier._next_version(), owner_oid, pinned_path, fn, many);
+    END IF;
+    PERFORM twotier._catalog_changed();
+    RETURN fn;
+END
+$define$;
+CREATE OR REPLACE FUNCTION twotier.define(name text, query text, ttl interval, watch text[],
+                               negative_ttl interval DEFAULT NULL, vary_by text[] DEFAULT NULL,
+                               key_types text[] DEFAULT NULL, key_names text[] DEFAULT NULL,
+                               returns text DEFAULT 'jsonb', schema name DEFAULT 'public')
+-- A C entry (twotier.flush and twotier.drop too): it refuses to run inside a
+-- security-restricted operation (ANALYZE, VACUUM, REINDEX, CREATE INDEX, REFRESH MATERIALIZED
+-- VIEW, where user code runs with a superuser as session user), takes the role current at the
+-- call and its search_path's schemas (what the cache pins, with pg_temp last), and runs
+-- twotier._define as the extension's owner with them.
+RETURNS regprocedure LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'twotier_admin_call';
+COMMENT ON FUNCTION twotier.define(text, text, interval, text[], interval, text[], text[], text[], text, name) IS
+    'Create or replace cache NAME: SCHEMA.cached_NAME(key) runs QUERY ($1 = key; $1, $2, ... for a key of several KEY_TYPES) through the cache and returns RETURNS (jsonb or json); SCHEMA.cached_NAME_many(keys[]) reads many keys at once. Entries live TTL, changes to WATCH tables (''table(key_expression)'') invalidate them at commit, and VARY_BY (''role'' and setting names) gives each caller its own entries, with the query run as the caller. KEY_TYPES default to how the query uses its parameters.';
+
+CREATE FUNCTION twotier._drop(caller oid, name text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c twotier.caches;
+BEGIN
+    SELECT * INTO c FROM twotier.caches WHERE caches.name = _drop.name FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'twotier: cache "%" does not exist', name
+            USING ERRCODE = 'undefined_object', HINT = 'SELECT name FROM twotier.caches lists the caches.';
+    END IF;
+    IF NOT twotier._may_administer(caller, c.owner) THEN
+        RAISE EXCEPTION 'twotier: cache % belongs to %', name, c.owner
+            USING ERRCODE = 'insufficient_privilege', HINT = 'Only its owner or a member of twotier_admin can drop it.';
+    END IF;
+    PERFORM twotier._drop_objects(c);
+    PERFORM twotier._lock_cache(name);
+    DELETE FROM twotier.caches WHERE caches.name = _drop.name;
+    PERFORM twotier._catalog_changed();
+END
+$$;
+CREATE OR REPLACE FUNCTION twotier.drop(name text) RETURNS void
+    LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'twotier_admin_call';
+COMMENT ON FUNCTION twotier.drop(text) IS 'Drop cache NAME: its functions, triggers and catalog row; its entries are never read again.';
+
+CREATE FUNCTION twotier._flush(caller oid, cache text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c twotier.caches;
+BEGIN
+    SELECT * INTO c FROM twotier.caches WHERE name = cache FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'twotier: cache "%" does not exist', cache
+            USING ERRCODE = 'undefined_object', HINT = 'SELECT name FROM twotier.caches lists the caches.';
+    END IF;
+    IF NOT twotier._may_administer(caller, c.owner) THEN
+        RAISE EXCEPTION 'twotier: cache % belongs to %', cache, c.owner
+            USING ERRCODE = 'insufficient_privilege', HINT = 'Only its owner or a member of twotier_admin can flush it.';
+    END IF;
+    -- O(1): readers move to new keys once this commits; the old ones expire on their TTL.
+    PERFORM twotier._new_version(cache);
+END
+$$;
+CREATE OR REPLACE FUNCTION twotier.flush(cache text) RETURNS void
+    LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'twotier_admin_call';
+COMMENT ON FUNCTION twotier.flush(text) IS 'Empty a cache in O(1) by moving it to a new key version, effective at commit.';
+
+-- define's ALTERs are excepted by the flag, not by a setting any session could set.
+CREATE OR REPLACE FUNCTION twotier._on_ddl() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t record;
+    args text[];
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_event_trigger_ddl_commands() c
+                    WHERE c.object_type IN ('table', 'table column')) THEN
+        RETURN;
+    END IF;
+    FOR t IN SELECT tg.tgrelid::regclass AS rel, tg.tgname, tg.tgargs
+               FROM pg_trigger tg JOIN pg_class c ON c.oid = tg.tgrelid
+              WHERE tg.tgfoid = 'twotier._trigger()'::regprocedure AND tg.tgparentid = 0
+                AND c.relkind = 'p' AND (tg.tgtype & 1) = 1 LOOP
+        args := string_to_array(encode(t.tgargs, 'escape'), '\000');
+        PERFORM twotier._watch_truncate(t.rel, t.tgname || '_trunc', args[1], args[3]);
+    END LOOP;
+    -- ALTER TABLE changes rows that no trigger sees: ATTACH and DETACH PARTITION bring rows in
+    -- and take them out, ALTER COLUMN ... TYPE ... USING rewrites them. The caches watching
+    -- the table are flushed when this transaction commits (define's own ALTERs excepted).
+    IF twotier._defining() THEN
+        RETURN;
+    END IF;
+    FOR t IN SELECT DISTINCT (string_to_array(encode(tg.tgargs, 'escape'), '\000'))[1] AS cache
+               FROM pg_event_trigger_ddl_commands() d
+               JOIN pg_trigger tg ON tg.tgrelid = d.objid
+              WHERE d.command_tag = 'ALTER TABLE' AND d.object_type = 'table'
+                AND tg.tgfoid = 'twotier._trigger()'::regprocedure LOOP
+        IF EXISTS (SELECT FROM twotier.caches WHERE name = t.cache) THEN
+            PERFORM twotier._new_version(t.cache);
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- Who may read which rows changed. A cache whose entries vary by role or setting holds answers
+-- computed under the old rights: GRANT and REVOKE (which name no object to event triggers) and
+-- CREATE/ALTER/DROP POLICY move every such cache to a new version when they commit. define's
+-- own GRANTs on the functions it makes are excepted. Role membership (GRANT role TO role)
+-- reaches no event trigger: see docs/security.md for its bound.
+CREATE FUNCTION twotier._on_rights_change() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c text;
+BEGIN
+    IF twotier._defining() THEN
+        RETURN;
+    END IF;
+    FOR c IN SELECT name FROM twotier.caches WHERE vary_by <> '{}' ORDER BY name LOOP
+        PERFORM twotier._new_version(c);
+    END LOOP;
+END
+$$;
+CREATE EVENT TRIGGER twotier_rights ON ddl_command_end
+    WHEN TAG IN ('GRANT', 'REVOKE', 'CREATE POLICY', 'ALTER POLICY', 'DROP POLICY')
+    EXECUTE FUNCTION twotier._on_rights_change();
+ALTER EVENT TRIGGER twotier_rights ENABLE ALWAYS;
+
+-- Privileges: the new internals are the extension owner's alone; define, drop and flush keep
+-- their grants (CREATE OR REPLACE), restated here as the install script has them.
+REVOKE ALL ON FUNCTION twotier._defining(), twotier._set_defining(boolean),
+    twotier._define(oid, name[], text, text, interval, text[], interval, text[], text[], text[], text, name),
+    twotier._drop(oid, text), twotier._flush(oid, text), twotier._on_rights_change() FROM PUBLIC;
+REVOKE ALL ON FUNCTION twotier.define(text, text, interval, text[], interval, text[], text[], text[], text, name),
+    twotier.drop(text), twotier.flush(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION twotier.define(text, text, interval, text[], interval, text[], text[], text[], text, name),
+    twotier.drop(text), twotier.flush(text) TO twotier_admin;

@@ -7,7 +7,7 @@ use crate::gucs;
 use crate::invalidation;
 use crate::keys::{self, KeyGlob};
 use crate::l1;
-use crate::l2_redis;
+use crate::l2;
 use crate::read_through;
 use crate::stats::Counter;
 use pgrx::datum::DatumWithOid;
@@ -168,7 +168,7 @@ fn set_value(cache: &str, key: &str, value: JsonB) {
         .unwrap_or_default();
     let key = &crate::typed_keys::canonical(&def.key_types, key);
     let l2_key = keys::full_key(&def.key_prefix, &catalog::effective_key(&def, key));
-    match l2_redis::set(&l2_key, &json, def.ttl_s) {
+    match l2::set(&l2_key, &json, def.ttl_s) {
         Ok(()) => {
             if gucs::log_events() {
                 pgrx::log!("twotier SET: {}:{key} TTL: {}s", def.name, def.ttl_s);
@@ -190,7 +190,7 @@ fn invalidate(cache: &str, key: &str) {
     catalog::require_read(&def);
     let key = &crate::typed_keys::canonical(&def.key_types, key);
     let l2_key = keys::full_key(&def.key_prefix, key);
-    if let Err(e) = l2_redis::invalidate(&[(l2_key.clone(), def.ttl_s)], 0) {
+    if let Err(e) = l2::invalidate(&[(l2_key.clone(), def.ttl_s)], 0) {
         if e.is_fault() {
             def.stats.bump(Counter::RedisErrors);
         }
@@ -218,7 +218,7 @@ fn invalidate_pattern(cache: &str, pattern: &str) -> i64 {
     };
     // L1 too: an entry can outlive its L2 copy (Redis flushed or restarted).
     let in_l1 = l1::invalidate_matching(&def.key_prefix, matches);
-    let result = l2_redis::invalidate_matching(&redis_pattern, matches).map(|n| n.max(in_l1));
+    let result = l2::invalidate_matching(&redis_pattern, matches).map(|n| n.max(in_l1));
     match result {
         Ok(n) => {
             def.stats.add(Counter::Invalidations, n as u64);
@@ -245,8 +245,8 @@ fn exists_entry(cache: &str, key: &str) -> bool {
     let key = &crate::typed_keys::canonical(&def.key_types, key);
     let l2_key = keys::full_key(&def.key_prefix, &catalog::effective_key(&def, key));
     matches!(
-        l2_redis::get(&l2_key),
-        Ok(l2_redis::Lookup::Value(_) | l2_redis::Lookup::Negative)
+        l2::get(&l2_key),
+        Ok(l2::Lookup::Value(_) | l2::Lookup::Negative)
     )
 }
 
@@ -254,7 +254,7 @@ fn exists_entry(cache: &str, key: &str) -> bool {
 #[pg_extern(volatile, parallel_unsafe)]
 fn status() -> JsonB {
     refuse_restricted("twotier.status");
-    let h = l2_redis::health();
+    let h = l2::health();
     let secs =
         |t: std::time::SystemTime| t.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).ok();
     let is_super = unsafe { pg_sys::superuser() };
@@ -262,8 +262,8 @@ fn status() -> JsonB {
         "database": catalog::database_name(),
         // `<system identifier>.<database oid>`: the part of every Redis key naming this database.
         "key_scope": catalog::database_scope(),
-        "preloaded": crate::shmem::preloaded(),
-        "stats_scope": if crate::shmem::preloaded() { "server" } else { "backend" },
+        "preloaded": crate::gucs::preloaded(),
+        "stats_scope": if crate::gucs::preloaded() { "server" } else { "backend" },
         "l2": {
             "configured": h.configured,
             "url": if is_super { serde_json::Value::from(h.url) } else { serde_json::Value::Null },
@@ -274,13 +274,13 @@ fn status() -> JsonB {
             "undelivered_invalidations": h.undelivered,
             "incarnation": if h.incarnation.is_empty() { serde_json::Value::Null } else { h.incarnation.into() },
             // Requests this session sent to Redis (a pipeline of many commands counts once).
-            "round_trips_in_session": l2_redis::round_trips(),
+            "round_trips_in_session": l2::round_trips(),
             "connect_timeout_ms": gucs::connect_timeout().as_millis() as u64,
             "read_timeout_ms": gucs::read_timeout().as_millis() as u64,
             "retry_interval_ms": gucs::retry_interval().as_millis() as u64,
         },
         "l1": l1_status(),
-        "outbox": crate::outbox::status(),
+        "outbox": crate::invalidation::outbox::status(),
         "stats": crate::stats::status(),
         "enabled": gucs::enabled(),
     }))
@@ -289,7 +289,7 @@ fn status() -> JsonB {
 fn l1_status() -> serde_json::Value {
     use std::sync::atomic::Ordering::Relaxed;
     let Some(l1) = l1::shared() else {
-        let why = if crate::shmem::preloaded() {
+        let why = if crate::gucs::preloaded() {
             "off: twotier.l1_size_mb = 0"
         } else {
             "off: twotier is not in shared_preload_libraries"
@@ -316,7 +316,7 @@ fn l1_status() -> serde_json::Value {
             "subscription_state_since_epoch_ms": l1.subscribed_since_ms.load(Relaxed),
             "subscription_losses": l1.subscription_losses.load(Relaxed),
             "messages": l1.messages.load(Relaxed),
-            "channel": crate::worker::channel(),
+            "channel": crate::l2::channel::channel(),
         },
     })
 }
@@ -462,7 +462,7 @@ pub unsafe extern "C-unwind" fn twotier_admin_call(fcinfo: pg_sys::FunctionCallI
         let internal = &entry["twotier.".len()..];
         let query = format!("SELECT twotier._{internal}({})", placeholders.join(", "));
         let _scope = AdminScope::enter(internal);
-        let result = crate::source::as_owner(owner, c"pg_catalog, pg_temp", || {
+        let result = crate::spi::as_owner(owner, c"pg_catalog, pg_temp", || {
             if internal == "define" {
                 Spi::get_one_with_args::<Oid>(&format!("{query}::pg_catalog.oid"), &args)
             } else {

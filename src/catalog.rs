@@ -88,6 +88,13 @@ thread_local! {
 }
 /// Bumped by any change to roles or memberships: every cached ACL answer is then re-checked.
 static ACL_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Moved by every relcache invalidation this backend receives: a column may have been dropped,
+/// renamed or retyped, so whatever was planned against a table may be stale.
+static RELCACHE_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+pub fn relcache_generation() -> u64 {
+    RELCACHE_GENERATION.load(std::sync::atomic::Ordering::Relaxed)
+}
 static DEFS_STALE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 static CATALOG_OID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
@@ -122,8 +129,9 @@ fn guarded<T>(f: impl FnOnce() -> T) -> T {
 }
 
 unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: Datum, relid: Oid) {
-    // Only flags: an invalidation callback must not touch catalogs or free plans in use.
-    crate::triggers::PLANS_STALE.store(true, std::sync::atomic::Ordering::Relaxed);
+    // Only flags and counters: an invalidation callback must not touch catalogs or free plans
+    // in use. Modules above read the generation (the triggers' key plans).
+    RELCACHE_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let catalog = CATALOG_OID.load(std::sync::atomic::Ordering::Relaxed);
     if relid == Oid::INVALID || (catalog != 0 && relid.to_u32() == catalog) {
         DEFS_STALE.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -229,7 +237,7 @@ fn load(name: &str) -> Option<CacheDef> {
     // The latest committed row, never one seen through an old snapshot (REPEATABLE READ, or
     // a statement that started before a flush committed): a backend must not keep using a
     // version that a flush, TRUNCATE or redefinition has already left.
-    let rows = crate::source::query_latest(
+    let rows = crate::spi::query_latest(
         c"SELECT query, extract(epoch FROM ttl)::bigint, extract(epoch FROM negative_ttl)::bigint,
                  version, owner::oid, search_path, function::oid, array_to_string(vary_by, ','),
                  array_to_string(key_types::oid[], ','), returns
@@ -326,19 +334,12 @@ fn _lock_cache(name: &str) {
     cache_lock(name, pg_sys::ExclusiveLock);
 }
 
-/// TRUNCATE of a watched table: the whole cache is invalidated by moving it to a new
-/// version when this transaction commits, and the transaction becomes a writer of it.
-pub fn truncated(name: &str) {
-    move_to_new_version(name);
-    crate::invalidation::collect(name, std::iter::empty());
-}
-
 /// Flushes cache `name` when this transaction commits (TRUNCATE, or a bulk change at
 /// PRE_COMMIT): `twotier._new_version`, as the bootstrap superuser.
 pub fn move_to_new_version(name: &str) {
     // PRE_COMMIT runs after the last statement's snapshot is gone; SPI needs one.
     unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
-    let moved = crate::source::as_owner(
+    let moved = crate::spi::as_owner(
         Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
         c"pg_catalog, pg_temp",
         || Spi::run_with_args("SELECT twotier._new_version($1)", &[name.into()]),
@@ -394,7 +395,7 @@ pub fn require_read(def: &CacheDef) {
 
 fn warn_once_if_not_preloaded() {
     static TOLD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    if !crate::shmem::preloaded() && !TOLD.swap(true, std::sync::atomic::Ordering::Relaxed) {
+    if !crate::gucs::preloaded() && !TOLD.swap(true, std::sync::atomic::Ordering::Relaxed) {
         pg_sys::panic::ErrorReport::new(
             PgSqlErrorCode::ERRCODE_WARNING,
             "twotier is not in shared_preload_libraries: L1 and L2 are off (only the source answers) and twotier.stats counts this session only",
@@ -420,25 +421,6 @@ pub extern "C" fn pg_finfo__outer_user_wrapper() -> &'static pg_sys::Pg_finfo_re
 #[pg_guard]
 pub unsafe extern "C-unwind" fn _outer_user_wrapper(_fcinfo: pg_sys::FunctionCallInfo) -> Datum {
     Datum::from(unsafe { pg_sys::GetOuterUserId() })
-}
-
-/// Checks a cache query's shape; returns the relations it reads.
-#[pg_extern(volatile, parallel_unsafe)]
-fn _check_query(query: &str, owner: Oid, search_path: &str, key_types: Vec<Oid>) -> Vec<Oid> {
-    let path = CString::new(search_path).unwrap_or_default();
-    crate::source::check_query(query, owner, &path, &key_types)
-}
-
-#[pg_extern(volatile, parallel_unsafe)]
-fn _check_watch_expression(
-    table: Oid,
-    expression: &str,
-    owner: Oid,
-    search_path: &str,
-    key_types: Vec<Oid>,
-) {
-    let path = CString::new(search_path).unwrap_or_default();
-    crate::source::check_watch_expression(table, expression, owner, &path, &key_types);
 }
 
 /// Queues a relcache invalidation of the catalog: every backend drops its definitions when

@@ -1,6 +1,6 @@
 //! Errors that reach a caller, one enum per subsystem, each mapped to a deliberate SQLSTATE
 //! with a hint where the user can act. Redis faults are deliberately absent: they never reach
-//! a caller as an ERROR (see `l2_redis::L2Error`, which is logged and counted instead).
+//! a caller as an ERROR (see `l2::L2Error`, which is logged and counted instead).
 
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::{PgLogLevel, PgSqlErrorCode};

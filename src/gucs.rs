@@ -34,7 +34,16 @@ static REDIS_TLS_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CSt
 static REDIS_PASSWORD_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static TEST_WEAK_CACHE_LOCK: GucSetting<bool> = GucSetting::<bool>::new(false);
 
+static mut PRELOADED: bool = false;
+
+/// Whether the library was loaded by `shared_preload_libraries` (shared memory, workers, the
+/// WAL resource manager) rather than by a session: fixed at `_PG_init`.
+pub fn preloaded() -> bool {
+    unsafe { PRELOADED }
+}
+
 pub fn init() {
+    unsafe { PRELOADED = pgrx::pg_sys::process_shared_preload_libraries_in_progress };
     init_l1();
     for (name, short, setting) in [
         (

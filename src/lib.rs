@@ -10,17 +10,14 @@ mod gucs;
 mod invalidation;
 mod keys;
 mod l1;
-mod l2_redis;
-mod outbox;
+mod l2;
 mod read_through;
 mod server_text;
 mod shmem;
 mod source;
+mod spi;
 mod stats;
-mod triggers;
 mod typed_keys;
-mod wal;
-mod worker;
 
 ::pgrx::pg_module_magic!();
 
@@ -30,9 +27,9 @@ extension_sql_file!("../sql/twotier.sql", name = "twotier_catalog", finalize);
 pub extern "C-unwind" fn _PG_init() {
     gucs::init();
     shmem::init();
-    wal::init();
-    if shmem::preloaded() && gucs::l1_size_mb() > 0 {
-        worker::register();
+    invalidation::wal::init();
+    if gucs::preloaded() && gucs::l1_size_mb() > 0 {
+        invalidation::listener::register();
     }
     catalog::init();
     invalidation::init();

@@ -5,10 +5,10 @@ use crate::catalog::{self, CacheDef};
 use crate::error::{CallError, Raise};
 use crate::gucs;
 use crate::invalidation;
+use crate::invalidation::outbox;
 use crate::keys;
 use crate::l1::{self, L1Value};
-use crate::l2_redis::{self, Lookup};
-use crate::outbox;
+use crate::l2::{self, Lookup};
 use crate::source;
 use crate::stats::{Counter, Path};
 use pgrx::pg_sys::{self, Datum, Oid};
@@ -150,7 +150,7 @@ enum L2Miss {
     InFlight,
     /// Absent (or unreadable): a fill must find L2 as `read` saw it, with the outbox state
     /// still at `trust`.
-    Absent { read: l2_redis::Read, trust: u64 },
+    Absent { read: l2::Read, trust: u64 },
 }
 
 impl<'a> Call<'a> {
@@ -249,7 +249,7 @@ impl<'a> Call<'a> {
             self.def.stats.bump(Counter::L2Skips);
             return Err(L2Miss::Unused);
         };
-        let read = match l2_redis::read(&self.tier_key) {
+        let read = match l2::read(&self.tier_key) {
             Ok(read) => read,
             Err(e) => {
                 if e.is_fault() {
@@ -262,7 +262,7 @@ impl<'a> Call<'a> {
     }
 
     /// What an L2 read says for this key: `Ok(answer)` on a hit, `Err(why not)` otherwise.
-    fn l2_answer(&self, read: l2_redis::Read, trust: u64) -> Result<Option<Datum>, L2Miss> {
+    fn l2_answer(&self, read: l2::Read, trust: u64) -> Result<Option<Datum>, L2Miss> {
         let def = self.def;
         match &read.lookup {
             Lookup::Value(text) => match native_from_text(text, def.returns_json) {
@@ -317,7 +317,7 @@ impl<'a> Call<'a> {
     /// Another server holds this key's stampede lease: poll L2 for its fill, a bounded time.
     /// `Some(answer)` when the fill came (served like any L2 hit, with every L2 check).
     fn wait_for_l2_fill(&self, wait: std::time::Duration) -> Option<Option<Datum>> {
-        if !l2_redis::lease_held(&self.tier_key).unwrap_or(false) {
+        if !l2::lease_held(&self.tier_key).unwrap_or(false) {
             return None;
         }
         let deadline = Instant::now() + wait;
@@ -330,7 +330,7 @@ impl<'a> Call<'a> {
                     return Some(answer);
                 }
                 Err(L2Miss::Absent { .. }) => {
-                    if !l2_redis::lease_held(&self.tier_key).unwrap_or(false) {
+                    if !l2::lease_held(&self.tier_key).unwrap_or(false) {
                         return None;
                     }
                 }
@@ -368,7 +368,7 @@ impl<'a> Call<'a> {
                     return answer;
                 }
             } else if self.may_fill {
-                leased = l2_redis::take_lease(&self.tier_key, wait * 2).unwrap_or(false);
+                leased = l2::take_lease(&self.tier_key, wait * 2).unwrap_or(false);
             }
         }
         def.stats.bump(Counter::Misses);
@@ -402,10 +402,10 @@ impl<'a> Call<'a> {
                 && !unsafe { pg_sys::RecoveryInProgress() }
                 && outbox::still_trusted(*trust);
             if leased && !l2_fill {
-                l2_redis::release_lease(&self.tier_key);
+                l2::release_lease(&self.tier_key);
             }
             if l2_fill {
-                match l2_redis::fill(&self.tier_key, read, json, ttl) {
+                match l2::fill(&self.tier_key, read, json, ttl) {
                     Ok(true) => {
                         def.stats.bump(Counter::Fills);
                         self.log("SET", &format!(" TTL: {ttl}s"));
@@ -572,7 +572,7 @@ fn l2_batch(
     let mut reads = if tier_keys.is_empty() {
         Vec::new().into_iter()
     } else {
-        match l2_redis::read_many(&tier_keys) {
+        match l2::read_many(&tier_keys) {
             Ok(reads) => reads.into_iter(),
             Err(e) => {
                 if e.is_fault() {

@@ -7,18 +7,12 @@ use std::ffi::CStr;
 
 static mut PREV_REQUEST: pg_sys::shmem_request_hook_type = None;
 static mut PREV_STARTUP: pg_sys::shmem_startup_hook_type = None;
-static mut PRELOADED: bool = false;
-
-pub fn preloaded() -> bool {
-    unsafe { PRELOADED }
-}
 
 pub fn init() {
     unsafe {
         if !pg_sys::process_shared_preload_libraries_in_progress {
             return;
         }
-        PRELOADED = true;
         PREV_REQUEST = pg_sys::shmem_request_hook;
         pg_sys::shmem_request_hook = Some(on_shmem_request);
         PREV_STARTUP = pg_sys::shmem_startup_hook;
@@ -33,7 +27,7 @@ unsafe extern "C-unwind" fn on_shmem_request() {
             prev();
         }
         pg_sys::RequestAddinShmemSpace(crate::stats::shmem_size());
-        pg_sys::RequestAddinShmemSpace(crate::outbox::shmem_size());
+        pg_sys::RequestAddinShmemSpace(crate::invalidation::outbox::shmem_size());
         pg_sys::RequestAddinShmemSpace(crate::l1::shmem_size());
         crate::l1::request_locks();
     }
@@ -56,8 +50,8 @@ unsafe extern "C-unwind" fn on_shmem_startup() {
         pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
         let (ptr, found) = region(c"twotier stats", crate::stats::shmem_size());
         crate::stats::attach(ptr, !found);
-        let (ptr, found) = region(c"twotier outbox", crate::outbox::shmem_size());
-        crate::outbox::attach(ptr, !found);
+        let (ptr, found) = region(c"twotier outbox", crate::invalidation::outbox::shmem_size());
+        crate::invalidation::outbox::attach(ptr, !found);
         if crate::l1::shmem_size() > 0 {
             let (ptr, found) = region(c"twotier l1", crate::l1::shmem_size());
             crate::l1::attach(ptr, !found);

@@ -4,7 +4,9 @@
 
 use crate::catalog::CacheDef;
 use crate::error::{CallError, CatalogError, InternalError, Raise};
+use crate::spi::{as_owner, with_settings, SpiConnection, PINNED};
 use pgrx::pg_sys::{self, Datum, Oid};
+use pgrx::prelude::*;
 
 extern "C-unwind" {
     // The fmgr entry point itself (pg_sys wraps it in a Rust fn), for DirectFunctionCall.
@@ -19,76 +21,6 @@ use std::ffi::{CStr, CString};
 pub struct SourceValue {
     pub datum: Datum,
     pub json: String,
-}
-
-/// Runs `f` with `settings` in force, as a function's SET clause would set them; the previous
-/// values come back after it (and on ERROR, with the (sub)transaction's abort).
-pub fn with_settings<R>(settings: &[(&CStr, &CStr)], f: impl FnOnce() -> R) -> R {
-    unsafe {
-        let nest = pg_sys::NewGUCNestLevel();
-        for (name, value) in settings {
-            pg_sys::set_config_option(
-                name.as_ptr(),
-                value.as_ptr(),
-                pg_sys::GucContext::PGC_USERSET,
-                pg_sys::GucSource::PGC_S_SESSION,
-                pg_sys::GucAction::GUC_ACTION_SAVE,
-                true,
-                0,
-                false,
-            );
-        }
-        let result = f();
-        pg_sys::AtEOXact_GUC(true, nest);
-        result
-    }
-}
-
-/// Settings that change how values are rendered to text and json: a cache's query and its key
-/// expressions run with these, never with the session's, so that what one caller's session
-/// says cannot change what every caller is served.
-pub const PINNED: [(&CStr, &CStr); 5] = [
-    (c"DateStyle", c"ISO, MDY"),
-    (c"TimeZone", c"UTC"),
-    (c"IntervalStyle", c"postgres"),
-    (c"extra_float_digits", c"1"),
-    (c"bytea_output", c"hex"),
-];
-
-/// Runs `f` as `owner` with `search_path`, the way a SECURITY DEFINER function with a SET
-/// clause would. On ERROR the (sub)transaction abort restores user and GUC state.
-pub fn as_owner<R>(owner: Oid, search_path: &CStr, f: impl FnOnce() -> R) -> R {
-    unsafe {
-        let mut saved_user = Oid::INVALID;
-        let mut saved_sec = 0;
-        pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_sec);
-        pg_sys::SetUserIdAndSecContext(
-            owner,
-            saved_sec | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
-        );
-        let result = with_settings(&[(c"search_path", search_path)], f);
-        pg_sys::SetUserIdAndSecContext(saved_user, saved_sec);
-        result
-    }
-}
-
-struct SpiConnection;
-
-impl SpiConnection {
-    fn open() -> Self {
-        unsafe { pg_sys::SPI_connect() };
-        SpiConnection
-    }
-}
-
-impl Drop for SpiConnection {
-    fn drop(&mut self) {
-        // On the error path PostgreSQL's abort processing cleans up SPI itself; finishing here
-        // during an unwind would act on a stack that is being torn down.
-        if !std::thread::panicking() {
-            unsafe { pg_sys::SPI_finish() };
-        }
-    }
 }
 
 fn single_plan_source(plan: pg_sys::SPIPlanPtr) -> Option<*mut pg_sys::CachedPlanSource> {
@@ -211,59 +143,6 @@ pub fn check_watch_expression(
             &mut [],
         );
     });
-}
-
-/// Runs a read-only query with the latest committed state, whatever the transaction's
-/// isolation level or snapshot: for the extension's own tables, which must never be read as
-/// of an old snapshot. Returns each row's columns as text. `args` are text parameters.
-pub fn query_latest(sql: &CStr, args: &[&str]) -> Vec<Vec<Option<String>>> {
-    let _spi = SpiConnection::open();
-    unsafe {
-        let mut types: Vec<Oid> = vec![pg_sys::TEXTOID; args.len()];
-        let mut values: Vec<Datum> = args
-            .iter()
-            .map(|a| {
-                Datum::from(pg_sys::cstring_to_text_with_len(
-                    a.as_ptr().cast(),
-                    a.len() as i32,
-                ))
-            })
-            .collect();
-        let nulls: Vec<std::ffi::c_char> = vec![b' ' as std::ffi::c_char; args.len() + 1];
-        pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot());
-        // read_only: run under the snapshot just pushed instead of taking another one.
-        let rc = pg_sys::SPI_execute_with_args(
-            sql.as_ptr(),
-            args.len() as i32,
-            types.as_mut_ptr(),
-            values.as_mut_ptr(),
-            nulls.as_ptr(),
-            true,
-            0,
-        );
-        pg_sys::PopActiveSnapshot();
-        if rc != pg_sys::SPI_OK_SELECT as i32 {
-            InternalError::Spi {
-                what: "reading twotier's catalog",
-                code: rc,
-            }
-            .raise();
-        }
-        let table = pg_sys::SPI_tuptable;
-        let mut rows = Vec::new();
-        for i in 0..pg_sys::SPI_processed as usize {
-            let tuple = *(*table).vals.add(i);
-            let natts = (*(*table).tupdesc).natts;
-            let row = (1..=natts)
-                .map(|c| {
-                    let v = pg_sys::SPI_getvalue(tuple, (*table).tupdesc, c);
-                    (!v.is_null()).then(|| CStr::from_ptr(v).to_string_lossy().into_owned())
-                })
-                .collect();
-            rows.push(row);
-        }
-        rows
-    }
 }
 
 /// What makes a relation unfit for an answer: row-level security when the answer is shared
@@ -416,4 +295,24 @@ unsafe fn rel_name(relid: Oid) -> String {
             CStr::from_ptr(name).to_string_lossy().into_owned()
         }
     }
+}
+
+/// `define`'s checks, as SQL functions (executable by the extension's owner only).
+/// Checks a cache query's shape; returns the relations it reads.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _check_query(query: &str, owner: Oid, search_path: &str, key_types: Vec<Oid>) -> Vec<Oid> {
+    let path = CString::new(search_path).unwrap_or_default();
+    check_query(query, owner, &path, &key_types)
+}
+
+#[pg_extern(volatile, parallel_unsafe)]
+fn _check_watch_expression(
+    table: Oid,
+    expression: &str,
+    owner: Oid,
+    search_path: &str,
+    key_types: Vec<Oid>,
+) {
+    let path = CString::new(search_path).unwrap_or_default();
+    check_watch_expression(table, expression, owner, &path, &key_types);
 }

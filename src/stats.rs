@@ -231,12 +231,12 @@ fn claim(slots: &'static [CacheStats], db: u32, name: &str) -> Option<&'static C
 /// name that was found to be gone.
 fn reclaim(slots: &'static [CacheStats], db: u32) -> usize {
     let caches: std::collections::HashSet<String> =
-        crate::source::query_latest(c"SELECT name FROM twotier.caches", &[])
+        crate::spi::query_latest(c"SELECT name FROM twotier.caches", &[])
             .into_iter()
             .filter_map(|r| r.into_iter().next().flatten())
             .collect();
     let databases: std::collections::HashSet<u32> =
-        crate::source::query_latest(c"SELECT oid::int8 FROM pg_catalog.pg_database", &[])
+        crate::spi::query_latest(c"SELECT oid::int8 FROM pg_catalog.pg_database", &[])
             .into_iter()
             .filter_map(|r| r.into_iter().next().flatten())
             .filter_map(|v| v.parse::<u32>().ok())

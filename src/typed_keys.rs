@@ -1,12 +1,11 @@
 //! Typed and composite keys. Every tier stores a key as text; a typed key's text is its
 //! canonical form: each part rendered by its type's output function with the settings that
-//! shape text pinned (`source::PINNED`), several parts joined by `keys::compose`. The app's
+//! shape text pinned (`spi::PINNED`), several parts joined by `keys::compose`. The app's
 //! call (`cached_x(uuid)`, through `twotier.key_text` or a plain cast), the source query's
 //! parameters and the triggers' keys all go through the same rendering, so they agree.
 
 use crate::error::{CallError, Raise};
 use crate::keys;
-use crate::source;
 use pgrx::pg_sys::{self, Datum, Oid};
 use pgrx::prelude::*;
 use std::cell::RefCell;
@@ -20,7 +19,7 @@ pub struct KeyType {
     input: Oid,
     ioparam: Oid,
     output: Oid,
-    /// Its text depends on settings (DateStyle, TimeZone): rendered under `source::PINNED`.
+    /// Its text depends on settings (DateStyle, TimeZone): rendered under `spi::PINNED`.
     pub pinned: bool,
 }
 
@@ -173,7 +172,7 @@ pub fn canonical(types: &[KeyType], key: &str) -> String {
             return key.to_string();
         }
     }
-    source::with_settings(&source::PINNED, || read_key(types, key).1)
+    crate::spi::with_settings(&crate::spi::PINNED, || read_key(types, key).1)
 }
 
 #[no_mangle]
@@ -221,7 +220,7 @@ pub unsafe extern "C-unwind" fn twotier_key_text(fcinfo: pg_sys::FunctionCallInf
                 .collect()
         };
         let parts = if types.iter().any(|t| t.pinned) {
-            source::with_settings(&source::PINNED, render)
+            crate::spi::with_settings(&crate::spi::PINNED, render)
         } else {
             render()
         };
@@ -251,7 +250,7 @@ fn _resolve_key_types(names: Vec<Option<String>>, owner: Oid, search_path: &str)
             let Some(name) = name else {
                 CallError::UnknownKeyType("NULL".into()).raise();
             };
-            let found = source::as_owner(owner, &path, || {
+            let found = crate::spi::as_owner(owner, &path, || {
                 Spi::get_one_with_args::<Oid>(
                     "SELECT pg_catalog.to_regtype($1)::oid",
                     &[name.as_str().into()],
@@ -308,7 +307,7 @@ unsafe extern "C-unwind" fn infer_setup(
 fn _infer_key_types(query: &str, owner: Oid, search_path: &str) -> Vec<Oid> {
     let path = CString::new(search_path).unwrap_or_default();
     let sql = CString::new(query).unwrap_or_default();
-    source::as_owner(owner, &path, || unsafe {
+    crate::spi::as_owner(owner, &path, || unsafe {
         pg_sys::SPI_connect();
         let mut state = Inferred {
             types: std::ptr::null_mut(),
@@ -418,7 +417,8 @@ mod tests {
     #[pg_test]
     fn parameters_read_each_part_and_check_its_text() {
         let types = [KeyType::of(pg_sys::INT4OID), KeyType::of(pg_sys::TEXTOID)];
-        let values = source::with_settings(&source::PINNED, || parameters(&types, "42,\"x,y\""));
+        let values =
+            crate::spi::with_settings(&crate::spi::PINNED, || parameters(&types, "42,\"x,y\""));
         assert_eq!(values.len(), 2);
         assert_eq!(
             unsafe { i32::from_datum(values[0], false) },

@@ -2,7 +2,7 @@
 each read runs `SELECT cached_x(k), (SELECT ver FROM x WHERE k = ...)` in one statement, and
 the cached version must never be older than the one the statement's own snapshot sees. On the
 standby that holds only because the writer's invalidation is in the WAL, replayed before its
-commit (src/wal.rs); with the test-only `twotier.test_no_wal` the check finds older reads."""
+commit (src/invalidation/wal.rs); with the test-only `twotier.test_no_wal` the check finds older reads."""
 import os
 import random
 import threading

@@ -10,6 +10,8 @@
 //! generation before it goes to L2 or the source and its fill is refused if it moved, so an
 //! L1 fill can never put back a value older than an invalidation it raced with.
 
+pub mod marks;
+
 use crate::gucs;
 use pgrx::pg_sys;
 use std::hash::{Hash, Hasher};
@@ -589,7 +591,7 @@ pub fn in_flight(hash: u64) -> bool {
 }
 
 fn still_running(mark: &AtomicU32) -> bool {
-    matches!(crate::wal::read_mark(mark), crate::wal::Mark::Running)
+    matches!(marks::read_mark(mark), marks::Mark::Running)
 }
 
 /// Replay (startup process) of an invalidation by transaction `xid`, read from the WAL before
@@ -599,7 +601,7 @@ pub fn replay_invalidation(key: &str, xid: u32) {
     let hash = hash_key(key);
     // The startup process is the only writer of marks; readers only clear finished ones.
     let slot = std::slice::from_ref(&shared.replay_xid[gen_slot(hash)]);
-    let placed = crate::wal::claim_mark(slot, xid).is_some();
+    let placed = marks::claim_mark(slot, xid).is_some();
     if shared.replay_overflow_active.load(Ordering::Acquire)
         && !shared.replay_overflow.iter().any(still_running)
     {
@@ -608,7 +610,7 @@ pub fn replay_invalidation(key: &str, xid: u32) {
             .store(false, Ordering::Release);
     }
     if !placed {
-        match crate::wal::claim_mark(&shared.replay_overflow, xid) {
+        match marks::claim_mark(&shared.replay_overflow, xid) {
             Some(_) => shared.replay_overflow_active.store(true, Ordering::Release),
             None => shared.replay_lost.store(true, Ordering::Release),
         }

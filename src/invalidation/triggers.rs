@@ -22,10 +22,6 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
-
-/// Set by any relcache invalidation: a column may have been dropped, renamed or retyped.
-pub static PLANS_STALE: AtomicBool = AtomicBool::new(false);
 
 enum KeyPlan {
     Column {
@@ -57,6 +53,8 @@ struct Fired {
 thread_local! {
     /// Per trigger (and relation: a cloned trigger on a partition has its own oid).
     static PLANS: RefCell<HashMap<(Oid, Oid), Rc<Fired>>> = RefCell::new(HashMap::new());
+    /// `catalog::relcache_generation()` when PLANS were last known good.
+    static PLANS_GENERATION: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 fn refuse(message: String) -> ! {
@@ -90,7 +88,7 @@ fn output_is_stable(typ: Oid) -> bool {
 
 /// Runs `f` with the settings that shape a value's text pinned to fixed values.
 pub fn with_pinned_output<R>(f: impl FnOnce() -> R) -> R {
-    source::with_settings(&source::PINNED, f)
+    crate::spi::with_settings(&crate::spi::PINNED, f)
 }
 
 unsafe fn trigger_args(trigger: *const pg_sys::Trigger) -> Vec<String> {
@@ -119,7 +117,10 @@ fn is_plain_column(expression: &str) -> Option<String> {
 
 unsafe fn plan_for(td: *const pg_sys::TriggerData) -> Rc<Fired> {
     unsafe {
-        if PLANS_STALE.swap(false, Ordering::Relaxed) {
+        // Any relcache invalidation since the plans were made: a column may have been
+        // dropped, renamed or retyped.
+        let generation = catalog::relcache_generation();
+        if PLANS_GENERATION.with(|g| g.replace(generation)) != generation {
             PLANS.with(|p| p.borrow_mut().clear());
         }
         let trigger = (*td).tg_trigger;
@@ -189,7 +190,7 @@ unsafe fn plan_for(td: *const pg_sys::TriggerData) -> Rc<Fired> {
                 );
                 let sql = CString::new(sql).unwrap_or_default();
                 let mut types = [(*(*rel).rd_rel).reltype];
-                let plan = source::as_owner(def.owner, &def.search_path, || {
+                let plan = crate::spi::as_owner(def.owner, &def.search_path, || {
                     pg_sys::SPI_connect();
                     let plan = pg_sys::SPI_prepare(sql.as_ptr(), 1, types.as_mut_ptr());
                     if !plan.is_null() {
@@ -227,8 +228,8 @@ fn quote_ident(name: &str) -> String {
 /// The watched table (of `def`'s watch list, resolved with its search_path) that `relid` is,
 /// or is a partition of.
 fn watched_by_name(def: &catalog::CacheDef, relid: Oid) -> Option<Oid> {
-    let rows = source::as_owner(def.owner, &def.search_path, || {
-        source::query_latest(
+    let rows = crate::spi::as_owner(def.owner, &def.search_path, || {
+        crate::spi::query_latest(
             c"SELECT t::oid FROM twotier.caches c, unnest(c.watch) AS w,
                     to_regclass(substring(w FROM '^\\s*([^(]+?)\\s*\\(')) AS t
               WHERE c.name = $1 AND t IS NOT NULL",
@@ -242,7 +243,7 @@ fn watched_by_name(def: &catalog::CacheDef, relid: Oid) -> Option<Oid> {
 }
 
 fn is_partition_of(relid: Oid, ancestor: Oid) -> bool {
-    let rows = source::query_latest(
+    let rows = crate::spi::query_latest(
         c"SELECT 1 FROM pg_catalog.pg_partition_ancestors($1::text::oid) WHERE relid = $2::text::oid",
         &[&relid.to_u32().to_string(), &ancestor.to_u32().to_string()],
     );
@@ -281,7 +282,7 @@ unsafe fn key_of(plan: &KeyPlan, slot: *mut pg_sys::TupleTableSlot, out: &mut Ve
                 key_types,
             } => {
                 let row = pg_sys::ExecFetchSlotHeapTupleDatum(slot);
-                source::as_owner(*owner, search_path, || {
+                crate::spi::as_owner(*owner, search_path, || {
                     with_pinned_output(|| {
                         pg_sys::SPI_connect();
                         let mut values = [row];
@@ -343,7 +344,10 @@ pub unsafe extern "C-unwind" fn twotier_trigger(fcinfo: pg_sys::FunctionCallInfo
         let fired = plan_for(td);
         let event = (*td).tg_event & pg_sys::TRIGGER_EVENT_OPMASK;
         if event == pg_sys::TRIGGER_EVENT_TRUNCATE {
-            catalog::truncated(&fired.cache);
+            // The whole cache goes: a new version when this transaction commits, and the
+            // transaction becomes a writer of it.
+            catalog::move_to_new_version(&fired.cache);
+            invalidation::collect(&fired.cache, std::iter::empty());
             return Datum::from(0);
         }
         if (*td).tg_event & pg_sys::TRIGGER_EVENT_ROW == 0 {

@@ -12,7 +12,6 @@ use crate::gucs;
 use crate::l1;
 use pgrx::pg_sys;
 use std::ffi::c_char;
-use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
 
 const RM_ID: u8 = pg_sys::RM_EXPERIMENTAL_ID as u8;
 const XLOG_TWOTIER_INVALIDATE: u8 = 0x00;
@@ -87,7 +86,7 @@ pub fn log_invalidation<'a>(keys: impl Iterator<Item = &'a str>, to_outbox: bool
     unsafe {
         if gucs::test_no_wal()
             || pg_sys::wal_level < pg_sys::WalLevel::WAL_LEVEL_REPLICA as i32
-            || !crate::shmem::preloaded()
+            || !crate::gucs::preloaded()
         {
             return;
         }
@@ -117,46 +116,6 @@ unsafe fn record_data<'a>(record: *mut pg_sys::XLogReaderState) -> (&'a [u8], u3
     }
 }
 
-/// Whether `xid` is still running as this server sees it: on a standby, whether its commit
-/// (or abort) has not been replayed yet.
-pub fn xid_running(xid: u32) -> bool {
-    unsafe { pg_sys::TransactionIdIsInProgress(pg_sys::TransactionId::from(xid)) }
-}
-
-/// A mark holding the xid of a transaction whose invalidation was replayed (0: none).
-pub enum Mark {
-    Empty,
-    Running,
-    /// Its commit or abort is replayed; `cleared_here` if this call reset the mark to 0.
-    Ended {
-        cleared_here: bool,
-    },
-}
-
-/// Reads a mark; one whose xid has ended is cleared on the way, by whoever sees it first.
-pub fn read_mark(mark: &AtomicU32) -> Mark {
-    let xid = mark.load(SeqCst);
-    if xid == 0 {
-        Mark::Empty
-    } else if xid_running(xid) {
-        Mark::Running
-    } else {
-        Mark::Ended {
-            cleared_here: mark.compare_exchange(xid, 0, SeqCst, SeqCst).is_ok(),
-        }
-    }
-}
-
-/// Replay: puts `xid` in a mark of `marks` that is empty, already holds it, or holds an ended
-/// xid. Returns what it replaced, or None when every mark holds another running xid.
-pub fn claim_mark(marks: &[AtomicU32], xid: u32) -> Option<u32> {
-    let free = marks.iter().find(|m| {
-        let held = m.load(SeqCst);
-        held == 0 || held == xid || !xid_running(held)
-    })?;
-    Some(free.swap(xid, SeqCst))
-}
-
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn redo(record: *mut pg_sys::XLogReaderState) {
     let (data, xid) = unsafe { record_data(record) };
@@ -164,7 +123,7 @@ unsafe extern "C-unwind" fn redo(record: *mut pg_sys::XLogReaderState) {
     // starts untrusted until the outbox worker has read the table.
     let (flags, db, keys) = decode(data);
     if flags & FLAG_OUTBOX != 0 {
-        crate::outbox::replay_outbox_write(pg_sys::Oid::from(db), xid);
+        crate::invalidation::outbox::replay_outbox_write(pg_sys::Oid::from(db), xid);
     }
     for key in keys {
         l1::replay_invalidation(key, xid);

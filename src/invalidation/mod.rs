@@ -3,13 +3,17 @@
 //! ROLLBACK. A transaction that collected keys for a cache is a writer of that cache: it reads
 //! it from the source until it ends (read-your-writes without publishing uncommitted data).
 
+pub mod listener;
+pub mod outbox;
+pub mod triggers;
+pub mod wal;
+
 use crate::catalog;
 use crate::error::{CallError, Raise};
 use crate::gucs;
 use crate::keys;
 use crate::l1;
-use crate::l2_redis::{self, L2Error};
-use crate::outbox;
+use crate::l2::{self, L2Error};
 use crate::stats::{CacheStats, Counter};
 use pgrx::pg_sys;
 use std::cell::RefCell;
@@ -168,7 +172,7 @@ fn announce() {
     }
     ANNOUNCED.with(|a| *a.borrow_mut() = batch.clone());
     let mut to_outbox = false;
-    if let Err(e) = l2_redis::mark_in_flight(&batch) {
+    if let Err(e) = l2::mark_in_flight(&batch) {
         if e.is_fault() {
             for s in &stats {
                 s.bump(Counter::RedisErrors);
@@ -182,7 +186,7 @@ fn announce() {
     }
     // Before the commit record: a standby replays this first, keeps the keys out of its L1
     // until it replays the commit, and (keys in the outbox) stops trusting L2.
-    crate::wal::log_invalidation(batch.iter().map(|(k, _)| k.as_str()), to_outbox);
+    crate::invalidation::wal::log_invalidation(batch.iter().map(|(k, _)| k.as_str()), to_outbox);
 }
 
 fn deliver(resolved: &[Resolved], announced: &[(String, i64)]) {
@@ -218,7 +222,7 @@ fn deliver(resolved: &[Resolved], announced: &[(String, i64)]) {
 /// value. Releases exactly what PRE_COMMIT took: the in-flight counters are shared, so
 /// releasing a key this transaction did not announce would release another writer's.
 fn complete(announced: &[(String, i64)], commit_lsn: u64) -> Result<(), L2Error> {
-    let result = l2_redis::invalidate_async(announced, commit_lsn);
+    let result = l2::invalidate_async(announced, commit_lsn);
     for (key, _) in announced {
         l1::end_invalidation(key);
     }

@@ -8,8 +8,8 @@
 //! standby cannot refill L1 from a snapshot that does not contain the change yet.
 
 use crate::gucs;
-use crate::keys;
 use crate::l1;
+use crate::l2::channel;
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
 };
@@ -19,30 +19,6 @@ use std::time::{Duration, Instant};
 
 /// How long the subscription may stay silent before the listener checks it with a PING.
 const PING_EVERY: Duration = Duration::from_secs(1);
-
-pub fn channel() -> String {
-    format!("{}:invalidations", keys::escape(gucs::key_prefix()))
-}
-
-/// This server, as its messages name it: a standby shares its primary's system identifier,
-/// so the postmaster's pid and start time tell the two apart.
-fn origin() -> &'static str {
-    static ORIGIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    ORIGIN.get_or_init(|| unsafe {
-        let (pid, started) = (pg_sys::PostmasterPid, pg_sys::PgStartTime);
-        format!("{:x}.{pid}.{started}", pg_sys::GetSystemIdentifier())
-    })
-}
-
-/// Message: first line `lsn <commit LSN> <origin>`, then one L1 key per line.
-pub fn message(commit_lsn: u64, keys: &[&str]) -> String {
-    let mut out = format!("lsn {commit_lsn} {}", origin());
-    for k in keys {
-        out.push('\n');
-        out.push_str(k);
-    }
-    out
-}
 
 pub fn register() {
     BackgroundWorkerBuilder::new("twotier L1 listener")
@@ -91,19 +67,13 @@ fn wait_for_replay(lsn: u64) {
 }
 
 fn apply(payload: &str) {
-    let mut lines = payload.split('\n');
-    let mut head = lines
-        .next()
-        .and_then(|l| l.strip_prefix("lsn "))
-        .unwrap_or("")
-        .split(' ');
-    let lsn = head.next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+    let (lsn, origin, keys) = channel::decode(payload);
     // This server's own commits invalidated its L1 themselves, before the message was sent.
-    if head.next() == Some(origin()) {
+    if origin == channel::origin() {
         return;
     }
     wait_for_replay(lsn);
-    for key in lines.filter(|k| !k.is_empty()) {
+    for key in keys {
         l1::invalidate(key);
     }
 }
@@ -117,7 +87,10 @@ fn set_subscribed(shared: &l1::L1Shared, on: bool) {
             shared
                 .subscribed_since_ms
                 .store(l1::now_ms(), Ordering::Relaxed);
-            pgrx::log!("twotier listener: subscribed to {}; L1 flushed", channel());
+            pgrx::log!(
+                "twotier listener: subscribed to {}; L1 flushed",
+                channel::channel()
+            );
         } else {
             shared.subscription_losses.fetch_add(1, Ordering::Relaxed);
             shared
@@ -131,12 +104,14 @@ fn set_subscribed(shared: &l1::L1Shared, on: bool) {
 /// Listens until the subscription fails or the worker is told to stop. `Ok` means stop.
 fn listen(shared: &l1::L1Shared, url: &str) -> Result<(), String> {
     // The same client as every backend's: the password file and the TLS settings apply.
-    let client = crate::l2_redis::client_for(url).map_err(|e| e.to_string())?;
+    let client = crate::l2::client_for(url).map_err(|e| e.to_string())?;
     let mut con = client
         .get_connection_with_timeout(gucs::connect_timeout())
         .map_err(|e| e.to_string())?;
     let mut pubsub = con.as_pubsub();
-    pubsub.subscribe(channel()).map_err(|e| e.to_string())?;
+    pubsub
+        .subscribe(channel::channel())
+        .map_err(|e| e.to_string())?;
     pubsub
         .set_read_timeout(Some(Duration::from_millis(250)))
         .map_err(|e| e.to_string())?;
@@ -158,7 +133,7 @@ fn listen(shared: &l1::L1Shared, url: &str) -> Result<(), String> {
                 shared.messages.fetch_add(1, Ordering::Relaxed);
                 apply(&String::from_utf8_lossy(msg.get_payload_bytes()));
             }
-            Err(e) if e.is_timeout() || crate::l2_redis::interrupted(&e) => {
+            Err(e) if e.is_timeout() || crate::l2::interrupted(&e) => {
                 // A quiet channel and a dead one (Redis paused, a network gone silent) read
                 // the same: after a quiet second, ask. No answer within the read timeout is
                 // a lost subscription.

@@ -17,8 +17,7 @@
 
 use crate::error::{InternalError, Raise};
 use crate::gucs;
-use crate::l2_redis;
-use crate::source;
+use crate::l2;
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
 };
@@ -113,7 +112,7 @@ fn state_of(db: Oid) -> Option<&'static DbState> {
 pub fn replay_outbox_write(db: Oid, xid: u32) {
     let Some(st) = state_of(db) else { return };
     st.dirty_seq.fetch_add(1, SeqCst);
-    match crate::wal::claim_mark(&st.replay_xids, xid) {
+    match crate::l1::marks::claim_mark(&st.replay_xids, xid) {
         // Overwrote an ended one nobody had noticed yet: its rows still need a look.
         Some(finished) if finished != 0 && finished != xid => {
             st.dirty_seq.fetch_add(1, SeqCst);
@@ -155,12 +154,12 @@ fn clean_seq(st: &DbState) -> Option<u64> {
         return None;
     }
     for mark in &st.replay_xids {
-        match crate::wal::read_mark(mark) {
-            crate::wal::Mark::Empty => continue,
-            crate::wal::Mark::Running => return None,
+        match crate::l1::marks::read_mark(mark) {
+            crate::l1::marks::Mark::Empty => continue,
+            crate::l1::marks::Mark::Running => return None,
             // Its commit (or abort) is replayed: whoever sees that first makes the state dirty
             // again, so that the worker re-reads the table, now with those rows in it.
-            crate::wal::Mark::Ended { cleared_here } => {
+            crate::l1::marks::Mark::Ended { cleared_here } => {
                 if cleared_here {
                     st.dirty_seq.fetch_add(1, SeqCst);
                 }
@@ -237,7 +236,7 @@ fn backlog(all: bool) -> Option<i64> {
         } else {
             c"SELECT count(*) FROM (SELECT FROM twotier.outbox LIMIT 1) AS any_row"
         };
-        source::query_latest(sql, &[])
+        crate::spi::query_latest(sql, &[])
             .first()
             .and_then(|r| r.first().cloned().flatten())
             .and_then(|n| n.parse().ok())
@@ -246,7 +245,7 @@ fn backlog(all: bool) -> Option<i64> {
 
 fn as_outbox_owner<R>(f: impl FnOnce() -> R) -> R {
     // The outbox holds keys of every cache: no caller reads or writes it with their own rights.
-    source::as_owner(
+    crate::spi::as_owner(
         Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
         c"pg_catalog, pg_temp",
         f,
@@ -465,7 +464,7 @@ pub unsafe extern "C-unwind" fn twotier_outbox_main(arg: pg_sys::Datum) {
     let mut backoff = Duration::from_millis(50);
     let mut idle_since = Instant::now();
     let mut seen = std::collections::HashSet::new();
-    while !crate::worker::stopping() {
+    while !crate::invalidation::listener::stopping() {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
@@ -519,7 +518,7 @@ pub unsafe extern "C-unwind" fn twotier_outbox_main(arg: pg_sys::Datum) {
             idle_since = Instant::now();
             let batch: Vec<(String, i64)> = rows.iter().map(|(_, k, t)| (k.clone(), *t)).collect();
             let lsn = unsafe { pg_sys::GetXLogInsertRecPtr() };
-            match l2_redis::deliver_outbox(&batch, lsn) {
+            match l2::deliver_outbox(&batch, lsn) {
                 Ok(()) => {
                     delete(rows.iter().map(|(id, _, _)| *id).collect());
                     st.delivered.fetch_add(rows.len() as u64, SeqCst);
@@ -535,7 +534,7 @@ pub unsafe extern "C-unwind" fn twotier_outbox_main(arg: pg_sys::Datum) {
                 }
             }
         };
-        if !pause.is_zero() && !crate::worker::wait(pause) {
+        if !pause.is_zero() && !crate::invalidation::listener::wait(pause) {
             break;
         }
     }

@@ -3,8 +3,18 @@
 //! `twotier.retry_interval_ms` instead of paying a timeout on every call. Nothing in here
 //! raises an ERROR; every failure comes back as an `L2Error` for the caller to count.
 
+pub mod channel;
+pub mod layout;
+mod link;
+
+pub(crate) use link::client_for;
+use link::{connect, interrupt_pending, Link};
+
+pub use layout::{classify, l2_key, tier_key_of, Lookup};
+use layout::{lease_key, FILL_SCRIPT, NEGATIVE};
+
 use crate::gucs;
-use pgrx::pg_sys;
+
 use std::cell::RefCell;
 use std::ffi::CString;
 use std::time::{Duration, Instant, SystemTime};
@@ -31,51 +41,6 @@ impl L2Error {
     pub fn is_fault(&self) -> bool {
         !matches!(self, L2Error::Off | L2Error::Skipped | L2Error::Interrupted)
     }
-}
-
-/// What a GET found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Lookup {
-    /// JSON text of a cached value.
-    Value(Vec<u8>),
-    /// A cached "no row".
-    Negative,
-    /// A writer is committing a change to this key: read the source, fill nothing.
-    InFlight,
-    /// Nothing usable; `seen` is the exact raw content (absent or a tombstone) that a fill
-    /// must still find in place to be allowed.
-    Absent { seen: Option<Vec<u8>> },
-}
-
-const NEGATIVE: &[u8] = b"!none";
-const TOMBSTONE_PREFIX: &[u8] = b"!inval:";
-const INFLIGHT_PREFIX: &[u8] = b"!inflight:";
-
-/// Compare-and-set fill: writes only if the key still holds exactly what the reader saw
-/// before querying the source, and only if that read is at most `twotier.tombstone_ttl_s`
-/// old by Redis's own clock. An invalidation in between replaced the value with a fresh
-/// tombstone, so a reader holding pre-commit data can never put it back; and because no fill
-/// can follow an older read, a tombstone only has to live that long, not the cache TTL.
-/// Returns 1 (stored), 0 (invalidated meanwhile) or -1 (read too old).
-const FILL_SCRIPT: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-if now - tonumber(ARGV[5]) > tonumber(ARGV[6]) then
-  return -1
-end
-local cur = redis.call('GET', KEYS[1])
-if (ARGV[1] == '0' and cur == false) or (ARGV[1] == '1' and cur == ARGV[2]) then
-  redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4])
-  redis.call('DEL', KEYS[2])
-  return 1
-end
-redis.call('DEL', KEYS[2])
-return 0
-"#;
-
-/// The stampede lease of a key: `~` never occurs in an escaped key, so no entry has this name.
-fn lease_key(l2: &str) -> String {
-    format!("{l2}~lease")
 }
 
 /// Takes the cross-server stampede lease of `key` for `ttl`: servers sharing this Redis that
@@ -131,31 +96,6 @@ pub struct Read {
     pub at_us: i64,
 }
 
-/// Where a tier key lives in this Redis: the server's incarnation (the first 12 characters of
-/// its `run_id`, new at every Redis start) follows the key prefix. A Redis restarted from an
-/// old RDB or AOF file holds values older than tombstones it lost; under a new incarnation
-/// nothing written before the restart is ever read again.
-pub fn l2_key(incarnation: &str, tier_key: &str) -> String {
-    let cut = tier_key.find(':').unwrap_or(0);
-    let mut out = String::with_capacity(tier_key.len() + incarnation.len() + 1);
-    out.push_str(&tier_key[..cut]);
-    out.push(':');
-    out.push_str(incarnation);
-    if cut == 0 {
-        out.push(':');
-    }
-    out.push_str(&tier_key[cut..]);
-    out
-}
-
-/// Inverse of [`l2_key`]; None for a key of another incarnation.
-pub fn tier_key_of(incarnation: &str, l2: &str) -> Option<String> {
-    let cut = l2.find(':')?;
-    let rest = l2[cut + 1..].strip_prefix(incarnation)?;
-    rest.starts_with(':')
-        .then(|| format!("{}{rest}", &l2[..cut]))
-}
-
 /// The connection's view of Redis that every operation needs.
 pub struct Ctx<'a> {
     pub tombstone: &'a str,
@@ -197,245 +137,6 @@ thread_local! {
         unread_replies: 0,
         undelivered: Vec::new(),
     });
-}
-
-/// A Redis connection and its socket, which this backend waits on itself: the redis crate's
-/// blocking reads retry on EINTR, so a cancel or statement_timeout arriving while Redis hangs
-/// would wait out the whole read timeout, twice. `poll` is never restarted after a signal.
-struct Link {
-    con: redis::Connection,
-    fd: Option<i32>,
-}
-
-#[repr(C)]
-struct PollFd {
-    fd: i32,
-    events: i16,
-    revents: i16,
-}
-
-extern "C" {
-    fn poll(fds: *mut PollFd, nfds: u64, timeout: i32) -> i32;
-}
-
-/// Sockets open in this process: the one a connect adds is the Redis connection's.
-fn socket_fds() -> std::collections::HashSet<i32> {
-    std::fs::read_dir("/proc/self/fd")
-        .map(|dir| {
-            dir.flatten()
-                .filter(|e| {
-                    std::fs::read_link(e.path())
-                        .is_ok_and(|t| t.to_string_lossy().starts_with("socket:"))
-                })
-                .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Whether a cancel, timeout or termination is waiting to be served here.
-fn interrupt_pending() -> bool {
-    unsafe {
-        pg_sys::InterruptPending != 0
-            && pg_sys::InterruptHoldoffCount == 0
-            && pg_sys::CritSectionCount == 0
-    }
-}
-
-impl Link {
-    /// Waits until the first reply can be read, the read timeout passes, or an interrupt is
-    /// pending (where interrupts can be served).
-    fn wait_readable(&self) -> redis::RedisResult<()> {
-        let Some(fd) = self.fd else { return Ok(()) };
-        let deadline = Instant::now() + gucs::read_timeout();
-        loop {
-            if interrupt_pending() {
-                return Err(std::io::Error::from(std::io::ErrorKind::Interrupted).into());
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "no reply within twotier.read_timeout_ms",
-                )
-                .into());
-            }
-            let mut p = PollFd {
-                fd,
-                events: 1, // POLLIN
-                revents: 0,
-            };
-            let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
-            let rc = unsafe { poll(&mut p, 1, ms) };
-            if rc > 0 {
-                return Ok(());
-            }
-            if rc < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-                return Err(std::io::Error::last_os_error().into());
-            }
-        }
-    }
-
-    /// Sends `cmds` in one write, without reading their replies.
-    fn send(&mut self, cmds: &[redis::Cmd]) -> redis::RedisResult<()> {
-        let mut packed = Vec::new();
-        for c in cmds {
-            c.write_packed_command(&mut packed);
-        }
-        self.con.send_packed_command(&packed)
-    }
-
-    /// Sends `cmds` in one write and reads one reply each. A server error (OOM, READONLY)
-    /// is returned after every reply has been read, so the stream stays usable.
-    fn exchange(&mut self, cmds: &[redis::Cmd]) -> redis::RedisResult<Vec<redis::Value>> {
-        ROUND_TRIPS.with(|n| n.set(n.get() + 1));
-        self.send(cmds)?;
-        self.receive(cmds.len())
-    }
-
-    fn receive(&mut self, n: usize) -> redis::RedisResult<Vec<redis::Value>> {
-        let mut out = Vec::with_capacity(n);
-        let mut server_error = None;
-        for i in 0..n {
-            if i == 0 {
-                self.wait_readable()?;
-            }
-            match self.con.recv_response()?.extract_error() {
-                Ok(v) => out.push(v),
-                Err(e) => {
-                    server_error.get_or_insert(e);
-                    out.push(redis::Value::Nil);
-                }
-            }
-        }
-        match server_error {
-            Some(e) => Err(e),
-            None => Ok(out),
-        }
-    }
-
-    /// One command, one typed reply.
-    fn call<T: redis::FromRedisValue>(&mut self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
-        let mut values = self.exchange(std::slice::from_ref(cmd))?;
-        redis::from_owned_redis_value(values.pop().unwrap_or(redis::Value::Nil))
-    }
-}
-
-/// `host` resolved within `timeout`: getaddrinfo has no timeout of its own, and a DNS server
-/// that does not answer must not hold a cache call longer than `twotier.connect_timeout_ms`.
-/// The lookup runs on a short-lived thread that touches nothing of PostgreSQL; if it is late,
-/// it is left to finish on its own.
-fn resolve(host: &str, port: u16, timeout: Duration) -> Result<std::net::SocketAddr, L2Error> {
-    use std::net::ToSocketAddrs;
-    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
-        return Ok(std::net::SocketAddr::new(ip, port));
-    }
-    let (tx, rx) = std::sync::mpsc::channel();
-    let name = host.to_string();
-    std::thread::Builder::new()
-        .name("twotier-dns".into())
-        .spawn(move || {
-            let _ = tx.send(
-                (name.as_str(), port)
-                    .to_socket_addrs()
-                    .map(|mut a| a.next()),
-            );
-        })
-        .map_err(|e| L2Error::Redis(redis::RedisError::from(e)))?;
-    let failed = |what: String| {
-        L2Error::Redis(redis::RedisError::from((
-            redis::ErrorKind::IoError,
-            "could not resolve the Redis host",
-            what,
-        )))
-    };
-    match rx.recv_timeout(timeout) {
-        Ok(Ok(Some(addr))) => Ok(addr),
-        Ok(Ok(None)) => Err(failed(format!("{host}: no address"))),
-        Ok(Err(e)) => Err(failed(format!("{host}: {e}"))),
-        Err(_) => Err(failed(format!("{host}: no answer within {timeout:?}"))),
-    }
-}
-
-/// A client for `url`: rediss:// URLs get the CA and client certificate of the
-/// `twotier.redis_tls_*` settings (the system trust store when no CA is set).
-pub(crate) fn client_for(url: &str) -> Result<redis::Client, L2Error> {
-    let bad = |e: String| L2Error::BadUrl(e);
-    let mut info =
-        redis::IntoConnectionInfo::into_connection_info(url).map_err(|e| bad(e.to_string()))?;
-    // The password never sits in a setting (pg_settings, SHOW and the server log show
-    // settings): it comes from a file only the server's OS user reads.
-    if let Some(password) = gucs::redis_password().map_err(L2Error::PasswordFile)? {
-        info.redis.password = Some(password);
-    }
-    match info.addr {
-        redis::ConnectionAddr::TcpTls { insecure: true, .. } => {
-            return Err(bad(
-                "rediss:// with #insecure (no certificate verification) is refused".into(),
-            ))
-        }
-        redis::ConnectionAddr::TcpTls { .. } => {}
-        _ => return redis::Client::open(info).map_err(|e| bad(e.to_string())),
-    }
-    let [ca, cert, key] = gucs::redis_tls_files();
-    let read =
-        |path: &str| std::fs::read(path).map_err(|e| bad(format!("cannot read {path}: {e}")));
-    let client_tls = match (cert, key) {
-        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
-            client_cert: read(&cert)?,
-            client_key: read(&key)?,
-        }),
-        (None, None) => None,
-        _ => {
-            return Err(bad(
-                "twotier.redis_tls_cert_file and twotier.redis_tls_key_file go together".into(),
-            ))
-        }
-    };
-    let root_cert = ca.map(|ca| read(&ca)).transpose()?;
-    redis::Client::build_with_tls(
-        info,
-        redis::TlsCertificates {
-            client_tls,
-            root_cert,
-        },
-    )
-    .map_err(|e| bad(e.to_string()))
-}
-
-fn connect(url: &str) -> Result<(Link, String), L2Error> {
-    let mut client = client_for(url)?;
-    if let redis::ConnectionAddr::Tcp(host, port) = &client.get_connection_info().addr {
-        let addr = resolve(host, *port, gucs::connect_timeout())?;
-        let mut info = client.get_connection_info().clone();
-        info.addr = redis::ConnectionAddr::Tcp(addr.ip().to_string(), addr.port());
-        client = redis::Client::open(info).map_err(|e| L2Error::BadUrl(e.to_string()))?;
-    }
-    let before = socket_fds();
-    let con = client.get_connection_with_timeout(gucs::connect_timeout())?;
-    let after = socket_fds();
-    let mut new = after.difference(&before);
-    let fd = match (new.next(), new.next()) {
-        (Some(fd), None) => Some(*fd),
-        // Not exactly one new socket: wait in the crate's read instead (not interruptible).
-        _ => None,
-    };
-    con.set_read_timeout(Some(gucs::read_timeout()))?;
-    con.set_write_timeout(Some(gucs::read_timeout()))?;
-    let mut link = Link { con, fd };
-    let info: String = link.call(redis::cmd("INFO").arg("server"))?;
-    let run_id = info
-        .lines()
-        .find_map(|l| l.strip_prefix("run_id:"))
-        .map(|id| id.trim().chars().take(12).collect::<String>())
-        .filter(|id| !id.is_empty())
-        .ok_or_else(|| {
-            L2Error::Redis(redis::RedisError::from((
-                redis::ErrorKind::ResponseError,
-                "INFO server has no run_id",
-            )))
-        })?;
-    Ok((link, run_id))
 }
 
 fn warn_rate_limited(state: &mut State, message: String) {
@@ -488,8 +189,8 @@ fn invalidation_cmds(ctx: &Ctx, chunk: &[(String, i64)], commit_lsn: u64) -> Vec
 /// The channel message by which every server sharing this Redis drops `tier_keys` from its L1.
 fn publish(tier_keys: &[&str], commit_lsn: u64) -> redis::Cmd {
     let mut c = redis::cmd("PUBLISH");
-    c.arg(crate::worker::channel())
-        .arg(crate::worker::message(commit_lsn, tier_keys));
+    c.arg(channel::channel())
+        .arg(channel::message(commit_lsn, tier_keys));
     c
 }
 
@@ -725,17 +426,6 @@ pub fn read_many(keys: &[&str]) -> Result<Vec<Read>, L2Error> {
         }
         Ok(out)
     })
-}
-
-pub fn classify(raw: Option<Vec<u8>>) -> Lookup {
-    match raw {
-        Some(v) if v == NEGATIVE => Lookup::Negative,
-        Some(v) if v.starts_with(TOMBSTONE_PREFIX) => Lookup::Absent { seen: Some(v) },
-        Some(v) if v.starts_with(INFLIGHT_PREFIX) => Lookup::InFlight,
-        Some(v) if v.first() == Some(&b'!') => Lookup::Absent { seen: Some(v) },
-        Some(v) => Lookup::Value(v),
-        None => Lookup::Absent { seen: None },
-    }
 }
 
 /// Fills `key` with `value` (None = negative entry) unless it changed since `read`, or `read`

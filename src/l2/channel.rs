@@ -1,0 +1,57 @@
+//! The invalidation channel's name and messages: every server sharing a Redis publishes the
+//! keys its commits invalidated there, and each server's listener drops them from its L1.
+
+use crate::gucs;
+use crate::keys;
+use pgrx::pg_sys;
+
+pub fn channel() -> String {
+    format!("{}:invalidations", keys::escape(gucs::key_prefix()))
+}
+
+/// This server, as its messages name it: a standby shares its primary's system identifier,
+/// so the postmaster's pid and start time tell the two apart.
+pub fn origin() -> &'static str {
+    static ORIGIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ORIGIN.get_or_init(|| unsafe {
+        let (pid, started) = (pg_sys::PostmasterPid, pg_sys::PgStartTime);
+        format!("{:x}.{pid}.{started}", pg_sys::GetSystemIdentifier())
+    })
+}
+
+/// Message: first line `lsn <commit LSN> <origin>`, then one L1 key per line.
+pub fn message(commit_lsn: u64, keys: &[&str]) -> String {
+    let mut out = format!("lsn {commit_lsn} {}", origin());
+    for k in keys {
+        out.push('\n');
+        out.push_str(k);
+    }
+    out
+}
+
+/// A message read back: the commit's LSN, the origin server, and the L1 keys. Anything
+/// malformed reads as LSN 0 from no origin, whose keys are still dropped (dropping is safe).
+pub fn decode(payload: &str) -> (u64, &str, Vec<&str>) {
+    let mut lines = payload.split('\n');
+    let mut head = lines
+        .next()
+        .and_then(|l| l.strip_prefix("lsn "))
+        .unwrap_or("")
+        .split(' ');
+    let lsn = head.next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+    let origin = head.next().unwrap_or("");
+    (lsn, origin, lines.filter(|k| !k.is_empty()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode;
+
+    #[test]
+    fn a_message_reads_back_as_written() {
+        let payload = "lsn 12345 abc.1.2\nk1\nk:2\n";
+        assert_eq!(decode(payload), (12345, "abc.1.2", vec!["k1", "k:2"]));
+        assert_eq!(decode("garbage\nk"), (0, "", vec!["k"]));
+        assert_eq!(decode(""), (0, "", vec![]));
+    }
+}

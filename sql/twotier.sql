@@ -124,6 +124,60 @@ BEGIN
 END
 $$;
 
+-- What each cache's query depends on, as PostgreSQL's pg_depend says (recorded by
+-- twotier._record_dependencies): DDL on any of these moves the cache to a new version. A
+-- cache with no row here (not recorded yet, or what it depended on was dropped) counts as
+-- depending on everything: any DDL moves it and records it again. Not dumped: OIDs do not
+-- survive pg_dump, and a restored cache is recorded again at the first DDL.
+CREATE TABLE twotier.dependencies (
+    cache text NOT NULL,
+    classid oid NOT NULL,
+    objid oid NOT NULL,
+    PRIMARY KEY (cache, classid, objid)
+);
+COMMENT ON TABLE twotier.dependencies IS 'What each cache''s query depends on (pg_depend''s classid, objid; 0, 0 marks a recorded cache). Managed by twotier.';
+GRANT SELECT ON twotier.dependencies TO PUBLIC;
+
+-- Records what cache `name`'s query depends on: PostgreSQL parses the query as the body of a
+-- SQL-standard function made as the owner in the session's temporary schema
+-- (twotier._dependency_probe), pg_depend lists what it names, and that is followed to what
+-- those objects are built on (a table's columns to their types and domains, a view through its
+-- rewrite rule to its tables, a composite type to its relation and attributes, a SQL-standard
+-- function to what its body names: every normal, automatic and internal dependency forward,
+-- and internal ones backward, since an internal part of an object is the object). The probe
+-- is then dropped. Run with the "defining" flag set.
+CREATE FUNCTION twotier._record_dependencies(name text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
+DECLARE
+    c twotier.caches;
+    probe oid;
+BEGIN
+    SELECT * INTO c FROM twotier.caches k WHERE k.name = _record_dependencies.name;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    DELETE FROM twotier.dependencies d WHERE d.cache = c.name;
+    probe := twotier._dependency_probe(c.query, c.owner, c.search_path,
+                                       (SELECT string_agg(t::text, ', ') FROM unnest(c.key_types) t));
+    INSERT INTO twotier.dependencies (cache, classid, objid)
+    WITH RECURSIVE d(classid, objid) AS (
+        SELECT 'pg_proc'::regclass::oid, probe
+      UNION
+        SELECT CASE WHEN dep.classid = d.classid AND dep.objid = d.objid THEN dep.refclassid ELSE dep.classid END,
+               CASE WHEN dep.classid = d.classid AND dep.objid = d.objid THEN dep.refobjid ELSE dep.objid END
+          FROM d JOIN pg_depend dep
+            ON (dep.classid = d.classid AND dep.objid = d.objid AND dep.deptype IN ('n', 'a', 'i'))
+            OR (dep.refclassid = d.classid AND dep.refobjid = d.objid AND dep.deptype = 'i')
+    )
+    SELECT c.name, d.classid, d.objid FROM d
+     WHERE NOT (d.classid = 'pg_proc'::regclass AND d.objid = probe)
+       AND NOT (d.classid = 'pg_namespace'::regclass AND d.objid = pg_my_temp_schema())
+    UNION SELECT c.name, 0, 0
+    ON CONFLICT DO NOTHING;
+    EXECUTE format('DROP FUNCTION %s', probe::regprocedure);
+END
+$$;
+
 -- The table a watch entry names, resolved without any cast under a caller's search_path:
 -- parse_ident splits the name, and an unqualified one is looked up in `schemas` (the caller's
 -- search_path as define() saw it), in order. NULL if there is no such table.
@@ -493,6 +547,7 @@ BEGIN
         EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER %I', tables[i]::regclass, format('twotier_%s_%s', name, i));
         PERFORM twotier._watch_truncate(tables[i]::regclass, format('twotier_%s_%s_trunc', name, i), name, exprs[i]);
     END LOOP;
+
     PERFORM twotier._set_defining(false);
 
     -- Writers resolve their keys' version at PRE_COMMIT under this cache's lock; taking it
@@ -511,6 +566,17 @@ BEGIN
         VALUES (name, query, ttl, negative_ttl, entries, coalesce(vary_by, '{}'), types::regtype[], names, _define.returns,
                 twotier._next_version(), owner_oid, pinned_path, fn, many);
     END IF;
+    -- What the query depends on, as PostgreSQL says: DDL on any of it moves the cache to a new
+    -- version (twotier._on_dependency_change). The probe is define's own DDL.
+    PERFORM twotier._set_defining(true);
+    BEGIN
+        PERFORM twotier._record_dependencies(name);
+    EXCEPTION WHEN OTHERS THEN
+        -- (the owner may not create temporary objects): unknown, so any DDL moves the cache.
+        RAISE NOTICE 'twotier: the dependencies of cache % cannot be recorded: %', name, SQLERRM
+            USING HINT = 'Every DDL statement will flush this cache; GRANT TEMPORARY ON DATABASE to its owner and define it again to flush it only when what it reads changes.';
+    END;
+    PERFORM twotier._set_defining(false);
     PERFORM twotier._catalog_changed();
     RETURN fn;
 END
@@ -546,6 +612,7 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege', HINT = 'Only its owner or a member of twotier_admin can drop it.';
     END IF;
     PERFORM twotier._drop_objects(c);
+    DELETE FROM twotier.dependencies d WHERE d.cache = c.name;
     PERFORM twotier._lock_cache(name);
     DELETE FROM twotier.caches WHERE caches.name = _drop.name;
     PERFORM twotier._catalog_changed();
@@ -669,6 +736,67 @@ CREATE EVENT TRIGGER twotier_partitions ON ddl_command_end
     EXECUTE FUNCTION twotier._on_ddl();
 ALTER EVENT TRIGGER twotier_partitions ENABLE ALWAYS;
 
+-- Migrations. DDL on anything a cache's query depends on (twotier.dependencies: an ALTER
+-- TABLE such as RENAME COLUMN or ALTER COLUMN ... TYPE, ALTER TYPE ... RENAME VALUE or RENAME
+-- ATTRIBUTE, CREATE OR REPLACE VIEW or FUNCTION, ALTER DOMAIN, ALTER SEQUENCE, ...) moves the
+-- cache to a new version when it commits, so old-shaped values are never read again, and
+-- records its dependencies again (the DDL may have changed them). A cache whose dependencies
+-- are unknown moves at every DDL. twotier's own DDL is excepted.
+CREATE FUNCTION twotier._on_dependency_change() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c text;
+BEGIN
+    IF twotier._defining() THEN
+        RETURN;
+    END IF;
+    FOR c IN SELECT k.name FROM twotier.caches k
+              WHERE NOT EXISTS (SELECT FROM twotier.dependencies d WHERE d.cache = k.name)
+                 OR EXISTS (SELECT FROM twotier.dependencies d
+                              JOIN pg_event_trigger_ddl_commands() e ON e.classid = d.classid AND e.objid = d.objid
+                             WHERE d.cache = k.name)
+              ORDER BY 1 LOOP
+        PERFORM twotier._new_version(c);
+        PERFORM twotier._set_defining(true);
+        BEGIN
+            PERFORM twotier._record_dependencies(c);
+        EXCEPTION WHEN OTHERS THEN
+            -- The query does not parse now (a migration half done): unknown until it does.
+            DELETE FROM twotier.dependencies d WHERE d.cache = c;
+        END;
+        PERFORM twotier._set_defining(false);
+    END LOOP;
+END
+$$;
+CREATE EVENT TRIGGER twotier_dependencies ON ddl_command_end
+    EXECUTE FUNCTION twotier._on_dependency_change();
+ALTER EVENT TRIGGER twotier_dependencies ENABLE ALWAYS;
+
+-- A DROP of something a cache depends on (a column, a view, a function, a type): the cache
+-- moves to a new version and its dependencies become unknown (recorded again at the next DDL
+-- that leaves its query parseable). Its calls raise the source query's own ERROR meanwhile.
+CREATE FUNCTION twotier._on_dependency_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c text;
+BEGIN
+    IF twotier._defining() THEN
+        RETURN;
+    END IF;
+    FOR c IN SELECT DISTINCT d.cache
+               FROM pg_event_trigger_dropped_objects() o
+               JOIN twotier.dependencies d ON d.classid = o.classid AND d.objid = o.objid
+               JOIN twotier.caches k ON k.name = d.cache
+              ORDER BY 1 LOOP
+        PERFORM twotier._new_version(c);
+        DELETE FROM twotier.dependencies d WHERE d.cache = c;
+    END LOOP;
+END
+$$;
+CREATE EVENT TRIGGER twotier_dependency_drops ON sql_drop
+    EXECUTE FUNCTION twotier._on_dependency_drop();
+ALTER EVENT TRIGGER twotier_dependency_drops ENABLE ALWAYS;
+
 -- Who may read which rows changed. A cache whose entries vary by role or setting holds answers
 -- computed under the old rights: GRANT and REVOKE (which name no object to event triggers) and
 -- CREATE/ALTER/DROP POLICY move every such cache to a new version when they commit. define's
@@ -687,6 +815,7 @@ BEGIN
     END LOOP;
 END
 $$;
+
 CREATE EVENT TRIGGER twotier_rights ON ddl_command_end
     WHEN TAG IN ('GRANT', 'REVOKE', 'CREATE POLICY', 'ALTER POLICY', 'DROP POLICY')
     EXECUTE FUNCTION twotier._on_rights_change();

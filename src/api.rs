@@ -353,46 +353,21 @@ fn warm(cache: &str, keys_query: &str) -> i64 {
     keys.len() as i64
 }
 
-thread_local! {
-    /// Which admin entry runs in this backend now, if any.
-    static ADMIN_CALL: std::cell::Cell<Option<&'static str>> = const { std::cell::Cell::new(None) };
-    /// Set by `_define` around its own DDL (trigger attachment, GRANTs on the functions it
-    /// made), for the event triggers, which must not flush for those. A backend-local flag:
-    /// no session can set it, as it could a placeholder setting.
-    static DEFINING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// The scope of one admin entry: whatever ends it (return or ERROR) clears its flags.
+/// The scope of one admin entry: whatever ends it (return or ERROR) clears the "defining"
+/// flag its internal function may have set.
 struct AdminScope;
 
 impl AdminScope {
-    fn enter(entry: &'static str) -> AdminScope {
-        ADMIN_CALL.with(|c| c.set(Some(entry)));
-        DEFINING.with(|d| d.set(false));
+    fn enter() -> AdminScope {
+        catalog::set_defining(false);
         AdminScope
     }
 }
 
 impl Drop for AdminScope {
     fn drop(&mut self) {
-        ADMIN_CALL.with(|c| c.set(None));
-        DEFINING.with(|d| d.set(false));
+        catalog::set_defining(false);
     }
-}
-
-/// `twotier._set_defining(on)`: only `_define`, run by `twotier.define`, calls it; anywhere
-/// else it changes nothing.
-#[pg_extern(volatile, parallel_unsafe)]
-fn _set_defining(on: bool) {
-    if ADMIN_CALL.with(|c| c.get()) == Some("define") {
-        DEFINING.with(|d| d.set(on));
-    }
-}
-
-/// Whether the DDL running now is `define`'s own (see `_set_defining`).
-#[pg_extern(volatile, parallel_unsafe)]
-fn _defining() -> bool {
-    DEFINING.with(|d| d.get())
 }
 
 #[no_mangle]
@@ -461,7 +436,7 @@ pub unsafe extern "C-unwind" fn twotier_admin_call(fcinfo: pg_sys::FunctionCallI
         }
         let internal = &entry["twotier.".len()..];
         let query = format!("SELECT twotier._{internal}({})", placeholders.join(", "));
-        let _scope = AdminScope::enter(internal);
+        let _scope = AdminScope::enter();
         let result = crate::spi::as_owner(owner, c"pg_catalog, pg_temp", || {
             if internal == "define" {
                 Spi::get_one_with_args::<Oid>(&format!("{query}::pg_catalog.oid"), &args)

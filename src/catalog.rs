@@ -433,3 +433,27 @@ fn _catalog_changed() {
     }
     DEFS_STALE.store(true, std::sync::atomic::Ordering::Relaxed);
 }
+
+thread_local! {
+    /// Set by twotier's own internals around DDL of their own (define attaching triggers and
+    /// granting its functions, drop, recording a query's dependencies), for the event triggers,
+    /// which must not flush for those. A backend-local flag: no session can set it, as it could
+    /// a placeholder setting. Cleared when the admin call or the transaction ends.
+    static DEFINING: Cell<bool> = const { Cell::new(false) };
+}
+
+pub fn set_defining(on: bool) {
+    DEFINING.with(|d| d.set(on));
+}
+
+/// `twotier._set_defining(on)`: executable by the extension's owner only (its internals).
+#[pg_extern(volatile, parallel_unsafe)]
+fn _set_defining(on: bool) {
+    set_defining(on);
+}
+
+/// Whether the DDL running now is twotier's own (see `_set_defining`).
+#[pg_extern(volatile, parallel_unsafe)]
+fn _defining() -> bool {
+    DEFINING.with(|d| d.get())
+}

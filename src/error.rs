@@ -15,6 +15,8 @@ pub enum CatalogError {
         "twotier: the cache query must return exactly one column of type jsonb, it returns {0}"
     )]
     QueryShape(String),
+    #[error("twotier: the query's dependencies cannot be recorded: {0}")]
+    Dependencies(String),
     #[error("twotier: watch expression {expression:?} gives {found} value(s), the key has {parts} part(s)")]
     WatchArity {
         expression: String,
@@ -100,6 +102,7 @@ impl Raise for CatalogError {
     fn sqlstate(&self) -> PgSqlErrorCode {
         match self {
             CatalogError::UnknownCache(_) => PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            CatalogError::Dependencies(_) => PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
             CatalogError::QueryShape(_) | CatalogError::WatchArity { .. } => {
                 PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH
             }
@@ -110,6 +113,10 @@ impl Raise for CatalogError {
             CatalogError::UnknownCache(_) => {
                 Some("Caches are created with twotier.define(); SELECT name FROM twotier.caches lists them.".into())
             }
+            CatalogError::Dependencies(_) => Some(
+                "The query must be one that a SQL function with BEGIN ATOMIC can hold (no utility statements); the ERROR above says what PostgreSQL refused."
+                    .into(),
+            ),
             CatalogError::QueryShape(_) => Some(
                 "Select a single jsonb expression, e.g. SELECT to_jsonb(t) FROM t WHERE id = $1::int or jsonb_build_object(...)."
                     .into(),

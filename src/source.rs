@@ -316,3 +316,35 @@ fn _check_watch_expression(
     let path = CString::new(search_path).unwrap_or_default();
     check_watch_expression(table, expression, owner, &path, &key_types);
 }
+
+/// Has PostgreSQL say what a cache's query depends on: creates a SQL-standard function
+/// (`BEGIN ATOMIC`, PostgreSQL 14+) in the session's temporary schema whose body is the query,
+/// as the cache's owner on the pinned path, and returns it. Its body is parsed once, here, and
+/// every table, column, view, function, type and sequence it names goes into `pg_depend`, as
+/// for a view; `twotier._record_dependencies` reads them and drops the function. It is not
+/// kept: a function using a column would forbid `ALTER COLUMN ... TYPE` on it. Created as the
+/// owner, not the extension's owner: the query text is the owner's, and nothing spliced from
+/// it can run with rights the owner does not have.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _dependency_probe(query: &str, owner: Oid, search_path: &str, argument_types: &str) -> Oid {
+    let path = CString::new(search_path).unwrap_or_default();
+    // One statement (define prepared it); a trailing `;` or comment must not meet the END.
+    let body = query.trim_end().trim_end_matches(';');
+    let name = "pg_temp.\"twotier dependency probe\"";
+    let sql = format!(
+        "CREATE FUNCTION {name}({argument_types}) RETURNS jsonb LANGUAGE sql STABLE\nBEGIN ATOMIC\n{body}\n;\nEND"
+    );
+    as_owner(owner, &path, || {
+        Spi::run(&sql).unwrap_or_else(|e| CatalogError::Dependencies(e.to_string()).raise())
+    });
+    let signature = format!("{name}({argument_types})");
+    Spi::get_one_with_args::<Oid>(
+        "SELECT pg_catalog.to_regprocedure($1)::pg_catalog.oid",
+        &[signature.as_str().into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| {
+        CatalogError::Dependencies("the probe function was not created".into()).raise()
+    })
+}

@@ -81,6 +81,7 @@ unsafe extern "C-unwind" fn on_xact_event(
         }
         XACT_EVENT_PRE_COMMIT => announce(),
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
+            catalog::set_defining(false);
             PENDING.with(|p| p.borrow_mut().clear());
             let resolved = RESOLVED.with(|r| std::mem::take(&mut *r.borrow_mut()));
             let announced = ANNOUNCED.with(|a| std::mem::take(&mut *a.borrow_mut()));
@@ -94,6 +95,7 @@ unsafe extern "C-unwind" fn on_xact_event(
             outbox::end_transaction();
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
+            catalog::set_defining(false);
             PENDING.with(|p| p.borrow_mut().clear());
             RESOLVED.with(|r| r.borrow_mut().clear());
             // Aborted after PRE_COMMIT: release the keys (invalidating them is harmless).

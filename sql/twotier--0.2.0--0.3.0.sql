@@ -631,3 +631,11 @@ REVOKE ALL ON FUNCTION twotier.define(text, text, interval, text[], interval, te
     twotier.drop(text), twotier.flush(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION twotier.define(text, text, interval, text[], interval, text[], text[], text[], text, name),
     twotier.drop(text), twotier.flush(text) TO twotier_admin;
+
+-- 0.3.0 keeps undelivered invalidations in shared memory and the WAL (the ledger, see
+-- docs/design.md), not in a table. Rows still here were never delivered to Redis: every cache
+-- moves to a new version, which needs no delivery, and the table goes.
+UPDATE twotier.caches SET version = twotier._next_version(version), updated_at = pg_catalog.now()
+ WHERE EXISTS (SELECT FROM twotier.outbox);
+SELECT twotier._catalog_changed();
+DROP TABLE twotier.outbox;

@@ -46,19 +46,6 @@ SELECT pg_catalog.pg_extension_config_dump('twotier.caches', '');
 COMMENT ON TABLE twotier.caches IS 'One row per cache created by twotier.define(); change it only through define, drop and flush.';
 GRANT SELECT ON twotier.caches TO PUBLIC;
 
--- Invalidations that could not be put in Redis before their commit became visible, written
--- in the writer's transaction (so they commit, or vanish, with the change itself) and deleted
--- by the outbox worker once delivered. While a database has rows here, no backend of this
--- server reads or fills L2. No role but the extension's owner reads it: keys can be personal.
-CREATE TABLE twotier.outbox (
-    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    key text NOT NULL,
-    ttl_s int NOT NULL,
-    queued_at timestamptz NOT NULL DEFAULT pg_catalog.now()
-);
-COMMENT ON TABLE twotier.outbox IS 'Invalidations not yet delivered to Redis; L2 is not used while this has rows. Managed by twotier.';
-REVOKE ALL ON twotier.outbox FROM PUBLIC;
-
 -- The trigger of every watched table. C, not SECURITY DEFINER: it only collects keys, and
 -- evaluates a key expression as the cache's owner. Only define() attaches it.
 CREATE FUNCTION twotier._trigger() RETURNS trigger

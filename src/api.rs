@@ -273,6 +273,7 @@ fn status() -> JsonB {
             "last_error": h.last_error,
             "undelivered_invalidations": h.undelivered,
             "incarnation": if h.incarnation.is_empty() { serde_json::Value::Null } else { h.incarnation.into() },
+            "maxmemory_policy": h.maxmemory_policy,
             // Requests this session sent to Redis (a pipeline of many commands counts once).
             "round_trips_in_session": l2::round_trips(),
             "connect_timeout_ms": gucs::connect_timeout().as_millis() as u64,
@@ -280,7 +281,7 @@ fn status() -> JsonB {
             "retry_interval_ms": gucs::retry_interval().as_millis() as u64,
         },
         "l1": l1_status(),
-        "outbox": crate::invalidation::outbox::status(),
+        "delivery": crate::invalidation::ledger::status(),
         "stats": crate::stats::status(),
         "enabled": gucs::enabled(),
     }))

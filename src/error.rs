@@ -198,7 +198,7 @@ impl Raise for CallError {
 }
 
 /// Failures of twotier's own machinery (not of a caller's input): the SPI calls that read or
-/// write its catalog and outbox. Not XX000: an operator can act on these (a damaged or
+/// write its catalog. Not XX000: an operator can act on these (a damaged or
 /// hand-edited catalog, a missing privilege of the extension's owner).
 #[derive(Debug, Error)]
 pub enum InternalError {

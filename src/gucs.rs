@@ -26,7 +26,9 @@ static TOMBSTONE_TTL_S: GucSetting<i32> = GucSetting::<i32>::new(30);
 static STAMPEDE_WAIT_MS: GucSetting<i32> = GucSetting::<i32>::new(200);
 static TTL_JITTER_PCT: GucSetting<i32> = GucSetting::<i32>::new(5);
 static FLUSH_ABOVE_KEYS: GucSetting<i32> = GucSetting::<i32>::new(1000);
-static TEST_NO_OUTBOX: GucSetting<bool> = GucSetting::<bool>::new(false);
+static TEST_NO_LEDGER: GucSetting<bool> = GucSetting::<bool>::new(false);
+static TEST_FILL_TRUSTS_REDIS: GucSetting<bool> = GucSetting::<bool>::new(false);
+static LEDGER_MB: GucSetting<i32> = GucSetting::<i32>::new(32);
 static TEST_NO_WAL: GucSetting<bool> = GucSetting::<bool>::new(false);
 static REDIS_TLS_CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static REDIS_TLS_CERT_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -234,10 +236,18 @@ pub fn init() {
         GucFlags::default(),
     );
     GucRegistry::define_bool_guc(
-        c"twotier.test_no_outbox",
-        c"Test only: invalidations that cannot reach Redis are dropped instead of kept in the outbox.",
+        c"twotier.test_no_ledger",
+        c"Test only: a writer's keys are not kept in the ledger, so nothing takes them to Redis.",
         c"Turns off the protection the consistency tests check, to show that they can fail. Never in production.",
-        &TEST_NO_OUTBOX,
+        &TEST_NO_LEDGER,
+        GucContext::Suset,
+        GucFlags::NO_SHOW_ALL,
+    );
+    GucRegistry::define_bool_guc(
+        c"twotier.test_fill_trusts_redis",
+        c"Test only: an L2 fill is checked against Redis alone, not against this server's ledger.",
+        c"Turns off the protection the forgetful-Redis tests check, to show that they can fail. Never in production.",
+        &TEST_FILL_TRUSTS_REDIS,
         GucContext::Suset,
         GucFlags::NO_SHOW_ALL,
     );
@@ -267,6 +277,16 @@ pub fn init_l1() {
         &STATS_SLOTS,
         16,
         1_000_000,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"twotier.ledger_mb",
+        c"Shared memory for invalidations not yet delivered to Redis, in megabytes.",
+        c"Allocated at server start (about 100 bytes per key). A writer whose keys do not fit moves the cache to a new version instead.",
+        &LEDGER_MB,
+        1,
+        65_536,
         GucContext::Postmaster,
         GucFlags::default(),
     );
@@ -552,8 +572,17 @@ pub fn test_weak_cache_lock() -> bool {
     TEST_WEAK_CACHE_LOCK.get()
 }
 
-pub fn test_no_outbox() -> bool {
-    TEST_NO_OUTBOX.get()
+pub fn test_no_ledger() -> bool {
+    TEST_NO_LEDGER.get()
+}
+
+pub fn test_fill_trusts_redis() -> bool {
+    TEST_FILL_TRUSTS_REDIS.get()
+}
+
+/// Shared memory for undelivered invalidations, in bytes (0 without preload).
+pub fn ledger_bytes() -> usize {
+    LEDGER_MB.get().max(1) as usize * 1024 * 1024
 }
 
 /// Whether the server (postgresql.conf, not this session) has a Redis: a session that set

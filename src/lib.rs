@@ -28,6 +28,9 @@ pub extern "C-unwind" fn _PG_init() {
     gucs::init();
     shmem::init();
     invalidation::wal::init();
+    if gucs::preloaded() {
+        invalidation::delivery::register();
+    }
     if gucs::preloaded() && gucs::l1_size_mb() > 0 {
         invalidation::listener::register();
     }

@@ -5,7 +5,7 @@ use crate::catalog::{self, CacheDef};
 use crate::error::{CallError, Raise};
 use crate::gucs;
 use crate::invalidation;
-use crate::invalidation::outbox;
+use crate::invalidation::ledger::{self, Guarded};
 use crate::keys;
 use crate::l1::{self, L1Value};
 use crate::l2::{self, Lookup};
@@ -148,9 +148,9 @@ enum L2Miss {
     /// A commit is changing this key right now: what the source shows this snapshot may be
     /// about to become old, so it is returned but stored nowhere.
     InFlight,
-    /// Absent (or unreadable): a fill must find L2 as `read` saw it, with the outbox state
-    /// still at `trust`.
-    Absent { read: l2::Read, trust: u64 },
+    /// Absent (or unreadable): a fill must find L2 as `read` saw it, and the ledger's
+    /// generation for the key still at `gen`.
+    Absent { read: l2::Read, gen: u64 },
 }
 
 impl<'a> Call<'a> {
@@ -245,9 +245,14 @@ impl<'a> Call<'a> {
         if gucs::redis_url().is_empty() {
             return Err(L2Miss::Unused);
         }
-        let Some(trust) = outbox::l2_trust() else {
-            self.def.stats.bump(Counter::L2Skips);
-            return Err(L2Miss::Unused);
+        let gen = match ledger::guard(self.hash) {
+            Guarded::Clear(gen) => gen,
+            Guarded::Untrusted => {
+                self.def.stats.bump(Counter::L2Skips);
+                return Err(L2Miss::Unused);
+            }
+            // Committed, not yet in Redis: the source has it, L1 may keep it, L2 not yet.
+            Guarded::Undelivered => return Err(L2Miss::Unused),
         };
         let read = match l2::read(&self.tier_key) {
             Ok(read) => read,
@@ -258,11 +263,11 @@ impl<'a> Call<'a> {
                 return Err(L2Miss::Unused);
             }
         };
-        self.l2_answer(read, trust)
+        self.l2_answer(read, gen)
     }
 
     /// What an L2 read says for this key: `Ok(answer)` on a hit, `Err(why not)` otherwise.
-    fn l2_answer(&self, read: l2::Read, trust: u64) -> Result<Option<Datum>, L2Miss> {
+    fn l2_answer(&self, read: l2::Read, gen: u64) -> Result<Option<Datum>, L2Miss> {
         let def = self.def;
         match &read.lookup {
             Lookup::Value(text) => match native_from_text(text, def.returns_json) {
@@ -278,7 +283,7 @@ impl<'a> Call<'a> {
                         def.name,
                         self.key
                     );
-                    Err(L2Miss::Absent { read, trust })
+                    Err(L2Miss::Absent { read, gen })
                 }
             },
             Lookup::Negative => {
@@ -290,7 +295,7 @@ impl<'a> Call<'a> {
                 Ok(self.hit(Path::L2Hit, Counter::NegativeHits, " (l2, no row)", None))
             }
             Lookup::InFlight => Err(L2Miss::InFlight),
-            Lookup::Absent { .. } => Err(L2Miss::Absent { read, trust }),
+            Lookup::Absent { .. } => Err(L2Miss::Absent { read, gen }),
         }
     }
 
@@ -395,17 +400,30 @@ impl<'a> Call<'a> {
             );
         }
         let mut invalidated_meanwhile = false;
-        if let L2Miss::Absent { read, trust } = &l2 {
+        if let L2Miss::Absent { read, gen } = &l2 {
             // A standby may lag its primary: what it reads must not become everyone's entry.
+            // The ledger, not Redis, says whether a commit touched the key since the read
+            // began: Redis may have lost that commit's tombstone already.
+            let checked =
+                |hash, gen| gucs::test_fill_trusts_redis() || ledger::still_clear(hash, gen);
             let l2_fill = self.may_fill
                 && !too_large
                 && !unsafe { pg_sys::RecoveryInProgress() }
-                && outbox::still_trusted(*trust);
+                && checked(self.hash, *gen);
             if leased && !l2_fill {
                 l2::release_lease(&self.tier_key);
             }
             if l2_fill {
                 match l2::fill(&self.tier_key, read, json, ttl) {
+                    Ok(true) if !checked(self.hash, *gen) => {
+                        // A commit reached PRE_COMMIT between the check and the SET, and its
+                        // tombstone may have landed (and been lost) before this fill: the
+                        // key gets a tombstone of its own.
+                        ledger::requeue(&self.tier_key);
+                        invalidated_meanwhile = true;
+                        def.stats.bump(Counter::FillsRejected);
+                        self.log("SET", " undone: invalidated while storing");
+                    }
                     Ok(true) => {
                         def.stats.bump(Counter::Fills);
                         self.log("SET", &format!(" TTL: {ttl}s"));
@@ -559,14 +577,24 @@ fn l2_batch(
     if gucs::redis_url().is_empty() {
         return answer_unasked();
     }
-    let Some(trust) = outbox::l2_trust() else {
+    if !ledger::l2_trusted() {
         def.stats.add(Counter::L2Skips, pending.len() as u64);
         return answer_unasked();
-    };
-    let tier_keys: Vec<&str> = pending
+    }
+    // Each key's ledger generation, read before L2 as in a single read; a key with an
+    // undelivered invalidation is not asked.
+    let gens: Vec<Option<u64>> = pending
         .iter()
         .zip(&in_flight)
-        .filter(|(_, f)| !**f)
+        .map(|(&i, &f)| match ledger::guard(calls[i].hash) {
+            Guarded::Clear(gen) if !f => Some(gen),
+            _ => None,
+        })
+        .collect();
+    let tier_keys: Vec<&str> = pending
+        .iter()
+        .zip(&gens)
+        .filter(|(_, g)| g.is_some())
         .map(|(&i, _)| calls[i].tier_key.as_str())
         .collect();
     let mut reads = if tier_keys.is_empty() {
@@ -584,13 +612,16 @@ fn l2_batch(
     };
     pending
         .iter()
-        .zip(&in_flight)
-        .map(|(&i, &f)| {
+        .zip(in_flight.iter().zip(&gens))
+        .map(|(&i, (&f, gen))| {
             if f {
                 return Err(L2Miss::InFlight);
             }
+            let Some(gen) = gen else {
+                return Err(L2Miss::Unused);
+            };
             match reads.next() {
-                Some(read) => calls[i].l2_answer(read, trust),
+                Some(read) => calls[i].l2_answer(read, *gen),
                 None => Err(L2Miss::Unused),
             }
         })

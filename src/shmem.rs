@@ -27,7 +27,8 @@ unsafe extern "C-unwind" fn on_shmem_request() {
             prev();
         }
         pg_sys::RequestAddinShmemSpace(crate::stats::shmem_size());
-        pg_sys::RequestAddinShmemSpace(crate::invalidation::outbox::shmem_size());
+        pg_sys::RequestAddinShmemSpace(crate::invalidation::ledger::shmem_size());
+        crate::invalidation::ledger::request_lock();
         pg_sys::RequestAddinShmemSpace(crate::l1::shmem_size());
         crate::l1::request_locks();
     }
@@ -50,8 +51,8 @@ unsafe extern "C-unwind" fn on_shmem_startup() {
         pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
         let (ptr, found) = region(c"twotier stats", crate::stats::shmem_size());
         crate::stats::attach(ptr, !found);
-        let (ptr, found) = region(c"twotier outbox", crate::invalidation::outbox::shmem_size());
-        crate::invalidation::outbox::attach(ptr, !found);
+        let (ptr, found) = region(c"twotier ledger", crate::invalidation::ledger::shmem_size());
+        crate::invalidation::ledger::attach(ptr, !found);
         if crate::l1::shmem_size() > 0 {
             let (ptr, found) = region(c"twotier l1", crate::l1::shmem_size());
             crate::l1::attach(ptr, !found);

@@ -258,25 +258,25 @@ def main():
             st = reader.execute("SELECT twotier.status()").fetchone()[0]
             print(f"  twotier.status(): Redis reachable = {st['l2']['reachable']}, last error: {st['l2']['last_error']!r},"
                   f" L1 entries = {st['l1']['entries']}, listener subscribed = {st['l1']['worker']['subscribed']}")
-            # A write while Redis is gone: its invalidation cannot reach Redis, so it is kept in
-            # twotier.outbox by the same transaction, and nobody reads L2 until it is delivered.
+            # A write while Redis is gone: the commit does not wait for Redis; its keys wait in the
+            # ledger (shared memory and the WAL), and nobody reads them from L2 until delivered.
             domain, tid = tenants[1]
             with pg.connect() as w:
                 w.execute("UPDATE widget_configs SET greeting = 'Written while Redis was down' WHERE domain_id = %s", (tid,))
-            st = reader.execute("SELECT twotier.status()->'outbox'").fetchone()[0]
-            print(f"An admin update commits while Redis is down: twotier.outbox holds {st['rows']} row(s),"
-                  f" L2 trusted = {st['l2_trusted']}; the reader gets "
+            st = reader.execute("SELECT twotier.status()->'delivery'").fetchone()[0]
+            print(f"An admin update commits while Redis is down: the ledger holds {st['undelivered']} undelivered"
+                  f" key(s) for the delivery worker; the reader gets "
                   f"{reader.execute('SELECT cached_widget_config(%s)->>%s', (tid, 'greeting')).fetchone()[0]!r}")
             redis.start()
             time.sleep(1.2)
             deadline = time.time() + 10
             while time.time() < deadline:
-                st = reader.execute("SELECT twotier.status()->'outbox'").fetchone()[0]
-                if st["rows"] == 0 and st["l2_trusted"]:
+                st = reader.execute("SELECT twotier.status()->'delivery'").fetchone()[0]
+                if st["undelivered"] == 0 and st["l2_trusted"]:
                     break
                 time.sleep(0.2)
-            print(f"Redis restarted (empty, under a new incarnation); the outbox worker delivered"
-                  f" {st['delivered']} invalidation(s), rows left {st['rows']}, L2 trusted = {st['l2_trusted']}.")
+            print(f"Redis restarted (empty, under a new incarnation); the delivery worker has delivered"
+                  f" {st['delivered']} invalidation(s) since the server started, undelivered now {st['undelivered']}.")
             print("After the retry interval calls fill it again:")
             reader.execute("SET twotier.l1_enabled = off")
             for domain, _ in tenants[:50]:

@@ -346,6 +346,24 @@ class RedisServer:
         self._junk_keys = 0
         self._memory_policy = None
 
+    def evict_under_pressure(self, junk_bytes: int = 24 << 20, limit: int = 8 << 20) -> int:
+        """`allkeys-lru` with a small `maxmemory`, then `junk_bytes` of junk: Redis evicts what
+        is older, tombstones included. Returns the number of keys evicted. `heal()` (through
+        `free_memory`) lifts the limit and restores the policy."""
+        r = self.client()
+        if self._memory_policy is None:
+            self._memory_policy = r.config_get("maxmemory-policy")["maxmemory-policy"]
+        before = int(r.info("stats")["evicted_keys"])
+        r.config_set("maxmemory-policy", "allkeys-lru")
+        r.config_set("maxmemory", limit)
+        chunk = b"e" * (32 << 10)
+        pipe = r.pipeline(transaction=False)
+        for _ in range(max(1, junk_bytes // len(chunk))):
+            pipe.set(f"junk:{self._junk_keys}", chunk)
+            self._junk_keys += 1
+        pipe.execute()
+        return int(r.info("stats")["evicted_keys"]) - before
+
     def make_readonly(self, on: bool = True) -> None:
         """on: REPLICAOF a throwaway empty master, so that every write gets READONLY (reads
         still work). The sync replaces this server's data by the master's, that is empties
@@ -542,6 +560,15 @@ class PgCluster:
     def restart(self) -> "PgCluster":
         self.stop()
         return self.start()
+
+    def crash(self) -> None:
+        """`pg_ctl stop -m immediate`: no shutdown checkpoint, crash recovery at the next start."""
+        if self.running:
+            _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop"])
+            self.running = False
+
+    def postmaster_pid(self) -> int:
+        return int((self.data / "postmaster.pid").read_text().split()[0])
 
     def reload(self) -> None:
         _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "reload"])

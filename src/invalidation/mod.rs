@@ -1,10 +1,11 @@
-//! Invalidation at commit. Triggers only collect keys here; they reach the tiers from the
-//! COMMIT callback, after the new rows are visible to every new snapshot, and are dropped on
-//! ROLLBACK. A transaction that collected keys for a cache is a writer of that cache: it reads
+//! Invalidation at commit. Triggers only collect keys here. At PRE_COMMIT they leave L1 and
+//! enter the ledger (shared memory) and the WAL; the delivery worker takes them to Redis after
+//! the commit. The writer does no network I/O for the cache. ROLLBACK publishes nothing. A transaction that collected keys for a cache is a writer of that cache: it reads
 //! it from the source until it ends (read-your-writes without publishing uncommitted data).
 
+pub mod delivery;
+pub mod ledger;
 pub mod listener;
-pub mod outbox;
 pub mod triggers;
 pub mod wal;
 
@@ -13,7 +14,6 @@ use crate::error::{CallError, Raise};
 use crate::gucs;
 use crate::keys;
 use crate::l1;
-use crate::l2::{self, L2Error};
 use crate::stats::{CacheStats, Counter};
 use pgrx::pg_sys;
 use std::cell::RefCell;
@@ -25,8 +25,8 @@ thread_local! {
     /// transaction is open moves the cache to a new version, and the keys must be invalidated
     /// where readers will look for them after this commit.
     static PENDING: RefCell<HashMap<String, BTreeSet<String>>> = RefCell::new(HashMap::new());
-    /// What PRE_COMMIT took out of play: released at COMMIT or ABORT.
-    static ANNOUNCED: RefCell<Vec<(String, i64)>> = const { RefCell::new(Vec::new()) };
+    /// What PRE_COMMIT took out of L1: released at COMMIT or ABORT.
+    static ANNOUNCED: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
     /// Per cache, for counting and logging at COMMIT.
     static RESOLVED: RefCell<Vec<Resolved>> = const { RefCell::new(Vec::new()) };
 }
@@ -85,34 +85,37 @@ unsafe extern "C-unwind" fn on_xact_event(
             PENDING.with(|p| p.borrow_mut().clear());
             let resolved = RESOLVED.with(|r| std::mem::take(&mut *r.borrow_mut()));
             let announced = ANNOUNCED.with(|a| std::mem::take(&mut *a.borrow_mut()));
-            if !resolved.is_empty() {
+            if !resolved.is_empty() || !announced.is_empty() {
                 // An ERROR here would be promoted to PANIC; nothing below raises one, and a
                 // Rust panic is contained rather than let out.
                 let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    deliver(&resolved, &announced)
+                    count_and_log(&resolved);
+                    release(&announced);
+                    ledger::end_own(true);
                 }));
             }
-            outbox::end_transaction();
+            ledger::release_reservation();
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
             catalog::set_defining(false);
             PENDING.with(|p| p.borrow_mut().clear());
             RESOLVED.with(|r| r.borrow_mut().clear());
-            // Aborted after PRE_COMMIT: release the keys (invalidating them is harmless).
+            // Aborted after PRE_COMMIT: release L1, drop the ledger's entries.
             let announced = ANNOUNCED.with(|a| std::mem::take(&mut *a.borrow_mut()));
             if !announced.is_empty() {
-                let _ = std::panic::catch_unwind(|| complete(&announced, 0));
+                let _ = std::panic::catch_unwind(|| release(&announced));
             }
-            outbox::end_transaction();
+            let _ = std::panic::catch_unwind(|| ledger::end_own(false));
+            ledger::release_reservation();
         }
         _ => {}
     }
 }
 
-/// PRE_COMMIT: before the new rows become visible, take the keys out of play in both tiers
-/// (L1 in-flight counters, L2 in-flight markers). Readers meanwhile go to the source and fill
-/// nothing, so none of them can serve or store the old value once the commit is visible. Keys
-/// that cannot be marked in Redis go to the outbox, in this transaction.
+/// PRE_COMMIT: before the new rows become visible, take the keys out of play. In L1 they are
+/// dropped and their slots held until COMMIT ends; in the ledger they stay undelivered (no
+/// L2 read, no L2 fill on this server) until Redis has their tombstones; the WAL record
+/// does the same on standbys. Nothing here waits on Redis.
 fn announce() {
     let mut pending: Vec<(String, Vec<String>)> = PENDING.with(|p| {
         p.borrow()
@@ -127,16 +130,23 @@ fn announce() {
     // Locks in one order, so that two writers never wait on each other in a cycle.
     pending.sort_by(|a, b| a.0.cmp(&b.0));
     let max_keys = gucs::flush_above_keys();
+    let use_ledger = ledger::available() && !gucs::test_no_ledger();
     // Versions are read under the caches' locks, which flush, TRUNCATE and define take
     // exclusively: none of them can commit between this read and this commit. A bulk change
     // takes it exclusively itself, and moves the cache to a new version: O(1) in Redis.
-    let mut batch: Vec<(String, i64)> = Vec::new();
     let mut flushed = Vec::with_capacity(pending.len());
     for (name, raw_keys) in &pending {
         // A cache whose entries vary by role or setting has no way to name every variant of
-        // a key: any change to it is a flush.
+        // a key: any change to it is a flush. Keys that do not fit in the ledger (Redis away
+        // for long) are a flush too: a new version needs nothing delivered.
         let bulk = catalog::lookup_fresh(name).is_some_and(|def| {
-            !def.vary_by.is_empty() || max_keys.is_some_and(|max| raw_keys.len() > max)
+            !def.vary_by.is_empty()
+                || max_keys.is_some_and(|max| raw_keys.len() > max)
+                || (use_ledger
+                    && !ledger::reserve(ledger::bytes_for(
+                        raw_keys.iter().map(|k| k.as_str()),
+                        def.key_prefix.len() + 24,
+                    )))
         });
         if bulk {
             catalog::move_to_new_version(name);
@@ -146,6 +156,7 @@ fn announce() {
         flushed.push(bulk);
     }
     catalog::accept_invalidations();
+    let mut batch: Vec<String> = Vec::new();
     let mut resolved = Vec::new();
     for ((name, raw_keys), flushed) in pending.into_iter().zip(flushed) {
         // A cache dropped meanwhile has nothing left to invalidate; its triggers are gone.
@@ -154,7 +165,7 @@ fn announce() {
         };
         if !flushed {
             for k in &raw_keys {
-                batch.push((keys::full_key(&def.key_prefix, k), def.ttl_s));
+                batch.push(keys::full_key(&def.key_prefix, k));
             }
         }
         resolved.push(Resolved {
@@ -164,34 +175,30 @@ fn announce() {
             flushed,
         });
     }
-    let stats: Vec<&'static CacheStats> = resolved.iter().map(|r| r.stats).collect();
     RESOLVED.with(|r| *r.borrow_mut() = resolved);
     if batch.is_empty() {
         return;
     }
-    for (key, _) in &batch {
+    for key in &batch {
         l1::begin_invalidation(key);
     }
     ANNOUNCED.with(|a| *a.borrow_mut() = batch.clone());
-    let mut to_outbox = false;
-    if let Err(e) = l2::mark_in_flight(&batch) {
-        if e.is_fault() {
-            for s in &stats {
-                s.bump(Counter::RedisErrors);
+    let refs: Vec<&str> = batch.iter().map(String::as_str).collect();
+    if use_ledger && !ledger::record(&refs) {
+        // The reservation makes this rare: every cache of this commit moves instead.
+        RESOLVED.with(|r| {
+            for res in r.borrow_mut().iter_mut().filter(|res| !res.flushed) {
+                catalog::move_to_new_version(&res.name);
+                res.flushed = true;
             }
-        }
-        let no_redis_anywhere = matches!(e, L2Error::Off) && !gucs::server_has_redis();
-        if !no_redis_anywhere && !gucs::test_no_outbox() {
-            outbox::record(&batch);
-            to_outbox = true;
-        }
+        });
     }
-    // Before the commit record: a standby replays this first, keeps the keys out of its L1
-    // until it replays the commit, and (keys in the outbox) stops trusting L2.
-    crate::invalidation::wal::log_invalidation(batch.iter().map(|(k, _)| k.as_str()), to_outbox);
+    // After the ledger, before the commit record: a standby replays this first, keeps the
+    // keys out of its L1 until it replays the commit and out of L2 until they are delivered.
+    wal::log_invalidation(refs.into_iter());
 }
 
-fn deliver(resolved: &[Resolved], announced: &[(String, i64)]) {
+fn count_and_log(resolved: &[Resolved]) {
     let log = gucs::log_events();
     for r in resolved {
         r.stats.add(Counter::Invalidations, r.raw_keys.len() as u64);
@@ -207,26 +214,13 @@ fn deliver(resolved: &[Resolved], announced: &[(String, i64)]) {
             }
         }
     }
-    if announced.is_empty() {
-        return;
-    }
-    if let Err(e) = complete(announced, unsafe { pg_sys::XactLastCommitEnd }) {
-        if e.is_fault() {
-            for r in resolved {
-                r.stats.bump(Counter::RedisErrors);
-            }
-        }
-    }
 }
 
-/// The end of an invalidation in both tiers. L2 first, then L1: a reader that sees the L1
-/// generation move has to find the L2 tombstone too, or it could refill L1 from the old L2
-/// value. Releases exactly what PRE_COMMIT took: the in-flight counters are shared, so
-/// releasing a key this transaction did not announce would release another writer's.
-fn complete(announced: &[(String, i64)], commit_lsn: u64) -> Result<(), L2Error> {
-    let result = l2::invalidate_async(announced, commit_lsn);
-    for (key, _) in announced {
+/// The end of a commit's hold on L1: exactly what PRE_COMMIT took (the in-flight counters
+/// are shared, so releasing a key this transaction did not announce would release
+/// another writer's). L2 is the ledger's business from here.
+fn release(announced: &[String]) {
+    for key in announced {
         l1::end_invalidation(key);
     }
-    result
 }

@@ -5,16 +5,22 @@
 //! no L2 read) until it replays the writer's commit. So a standby's cache is never older than
 //! the standby's own tables, whatever Redis and the invalidation channel do.
 //!
+//! The same records rebuild the ledger (`ledger.rs`): crash recovery and standbys replay each
+//! writer's keys into it, and the delivery worker's DELIVERED record ("every key before this
+//! position has reached Redis, in this epoch") takes them out again on standbys.
+//!
 //! The id is PostgreSQL's experimental one (128) until a production id is reserved on the
 //! wiki page "CustomWALResourceManagers" (see docs/design.md).
 
 use crate::gucs;
+use crate::invalidation::ledger;
 use crate::l1;
 use pgrx::pg_sys;
 use std::ffi::c_char;
 
 const RM_ID: u8 = pg_sys::RM_EXPERIMENTAL_ID as u8;
 const XLOG_TWOTIER_INVALIDATE: u8 = 0x00;
+const XLOG_TWOTIER_DELIVERED: u8 = 0x10;
 
 /// Registered only while shared_preload_libraries is processed (PostgreSQL refuses it
 /// otherwise), so a server that replays these records always has the redo function.
@@ -28,7 +34,7 @@ pub fn init() {
             rm_redo: Some(redo),
             rm_desc: Some(desc),
             rm_identify: Some(identify),
-            rm_startup: None,
+            rm_startup: Some(startup),
             rm_cleanup: None,
             rm_mask: None,
             rm_decode: None,
@@ -37,7 +43,7 @@ pub fn init() {
     }
 }
 
-/// Flag: the keys also went to the database's outbox (Redis could not be told).
+/// Flag of 0.2.0's records: the keys went to the outbox table (which 0.3.0 no longer has).
 const FLAG_OUTBOX: u32 = 1;
 const HEADER: usize = 12;
 
@@ -80,18 +86,15 @@ fn decode(data: &[u8]) -> (u32, u32, Vec<&str>) {
     (flags, db, keys)
 }
 
-/// At PRE_COMMIT of a writer: one record with every key it invalidates. Only where standbys
-/// can exist (wal_level replica or logical) and L1 is in shared memory.
-pub fn log_invalidation<'a>(keys: impl Iterator<Item = &'a str>, to_outbox: bool) {
+/// At PRE_COMMIT of a writer: one record with every key it invalidates, after the keys
+/// entered the ledger and before the commit record. Written at every wal_level: crash
+/// recovery rebuilds the ledger from it.
+pub fn log_invalidation<'a>(keys: impl Iterator<Item = &'a str>) {
     unsafe {
-        if gucs::test_no_wal()
-            || pg_sys::wal_level < pg_sys::WalLevel::WAL_LEVEL_REPLICA as i32
-            || !crate::gucs::preloaded()
-        {
+        if gucs::test_no_wal() || !crate::gucs::preloaded() {
             return;
         }
-        let flags = if to_outbox { FLAG_OUTBOX } else { 0 };
-        let mut data = encode(flags, pg_sys::MyDatabaseId.to_u32(), keys);
+        let mut data = encode(0, pg_sys::MyDatabaseId.to_u32(), keys);
         if data.len() <= HEADER {
             return;
         }
@@ -99,6 +102,29 @@ pub fn log_invalidation<'a>(keys: impl Iterator<Item = &'a str>, to_outbox: bool
         pg_sys::XLogRegisterData(data.as_mut_ptr() as _, data.len() as _);
         pg_sys::XLogInsert(RM_ID, XLOG_TWOTIER_INVALIDATE);
     }
+}
+
+/// The delivery worker's record: every key whose record is before `x` reached Redis, whose
+/// keys now live in `epoch`. Returns the record's end, for a caller that must flush it.
+pub fn log_delivered(epoch: u64, x: u64) -> u64 {
+    let mut data = [0u8; 16];
+    data[..8].copy_from_slice(&epoch.to_le_bytes());
+    data[8..].copy_from_slice(&x.to_le_bytes());
+    unsafe {
+        pg_sys::XLogBeginInsert();
+        pg_sys::XLogRegisterData(data.as_mut_ptr() as _, data.len() as _);
+        let end = pg_sys::XLogInsert(RM_ID, XLOG_TWOTIER_DELIVERED);
+        // Not a commit: without this the WAL writer would leave it unflushed (and unsent to
+        // standbys) until some commit comes by.
+        pg_sys::XLogSetAsyncXactLSN(end);
+        end
+    }
+}
+
+fn decode_delivered(data: &[u8]) -> Option<(u64, u64)> {
+    let epoch = u64::from_le_bytes(data.get(..8)?.try_into().ok()?);
+    let x = u64::from_le_bytes(data.get(8..16)?.try_into().ok()?);
+    Some((epoch, x))
 }
 
 unsafe fn record_data<'a>(record: *mut pg_sys::XLogReaderState) -> (&'a [u8], u32) {
@@ -116,15 +142,28 @@ unsafe fn record_data<'a>(record: *mut pg_sys::XLogReaderState) -> (&'a [u8], u3
     }
 }
 
+fn info_of(record: *mut pg_sys::XLogReaderState) -> u8 {
+    unsafe { (*(*record).record).header.xl_info & !(pg_sys::XLR_INFO_MASK as u8) }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn startup() {
+    ledger::replay_startup();
+}
+
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn redo(record: *mut pg_sys::XLogReaderState) {
     let (data, xid) = unsafe { record_data(record) };
-    // Crash recovery of a primary replays these too: harmless, L1 starts empty there, and L2
-    // starts untrusted until the outbox worker has read the table.
-    let (flags, db, keys) = decode(data);
-    if flags & FLAG_OUTBOX != 0 {
-        crate::invalidation::outbox::replay_outbox_write(pg_sys::Oid::from(db), xid);
+    let lsn = unsafe { (*record).ReadRecPtr };
+    if info_of(record) == XLOG_TWOTIER_DELIVERED {
+        if let Some((epoch, x)) = decode_delivered(data) {
+            ledger::replay_delivered(epoch, x, lsn);
+        }
+        return;
     }
+    let (_, db, keys) = decode(data);
+    // The ledger first: once the key is out of L1, the L2 copy must be out of reach too.
+    ledger::replay_record(db, xid, lsn, &keys);
     for key in keys {
         l1::replay_invalidation(key, xid);
     }
@@ -133,19 +172,24 @@ unsafe extern "C-unwind" fn redo(record: *mut pg_sys::XLogReaderState) {
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn desc(buf: pg_sys::StringInfo, record: *mut pg_sys::XLogReaderState) {
     let (data, _) = unsafe { record_data(record) };
-    let (flags, db, keys) = decode(data);
-    let text = format!(
-        "db {db}{}, {} keys{}",
-        if flags & FLAG_OUTBOX != 0 {
-            ", outbox"
-        } else {
-            ""
-        },
-        keys.len(),
-        keys.first()
-            .map(|k| format!(", first {k}"))
-            .unwrap_or_default()
-    );
+    let text = if info_of(record) == XLOG_TWOTIER_DELIVERED {
+        let (epoch, x) = decode_delivered(data).unwrap_or_default();
+        format!("epoch {epoch}, up to {:X}/{:X}", x >> 32, x & 0xffff_ffff)
+    } else {
+        let (flags, db, keys) = decode(data);
+        format!(
+            "db {db}{}, {} keys{}",
+            if flags & FLAG_OUTBOX != 0 {
+                ", outbox"
+            } else {
+                ""
+            },
+            keys.len(),
+            keys.first()
+                .map(|k| format!(", first {k}"))
+                .unwrap_or_default()
+        )
+    };
     if let Ok(c) = std::ffi::CString::new(text) {
         unsafe { pg_sys::appendStringInfoString(buf, c.as_ptr()) };
     }
@@ -155,6 +199,7 @@ unsafe extern "C-unwind" fn desc(buf: pg_sys::StringInfo, record: *mut pg_sys::X
 unsafe extern "C-unwind" fn identify(info: u8) -> *const c_char {
     match info & !(pg_sys::XLR_INFO_MASK as u8) {
         XLOG_TWOTIER_INVALIDATE => c"INVALIDATE".as_ptr(),
+        XLOG_TWOTIER_DELIVERED => c"DELIVERED".as_ptr(),
         _ => std::ptr::null(),
     }
 }

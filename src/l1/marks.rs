@@ -1,7 +1,7 @@
 //! Replayed-xid marks: a slot of shared memory holding the xid of a transaction whose
 //! invalidation a standby replayed before its commit. While that xid runs (its commit is not
 //! replayed yet), whatever the mark guards stays out of play. L1's slots and overflow use
-//! them, and so does the outbox's per-database state.
+//! them.
 
 use pgrx::pg_sys;
 use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
@@ -16,10 +16,8 @@ pub fn xid_running(xid: u32) -> bool {
 pub enum Mark {
     Empty,
     Running,
-    /// Its commit or abort is replayed; `cleared_here` if this call reset the mark to 0.
-    Ended {
-        cleared_here: bool,
-    },
+    /// Its commit or abort is replayed (the mark is cleared on the way).
+    Ended,
 }
 
 /// Reads a mark; one whose xid has ended is cleared on the way, by whoever sees it first.
@@ -30,9 +28,8 @@ pub fn read_mark(mark: &AtomicU32) -> Mark {
     } else if xid_running(xid) {
         Mark::Running
     } else {
-        Mark::Ended {
-            cleared_here: mark.compare_exchange(xid, 0, SeqCst, SeqCst).is_ok(),
-        }
+        let _ = mark.compare_exchange(xid, 0, SeqCst, SeqCst);
+        Mark::Ended
     }
 }
 

@@ -17,6 +17,7 @@ use crate::gucs;
 
 use std::cell::RefCell;
 use std::ffi::CString;
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 use thiserror::Error;
 
@@ -76,6 +77,26 @@ pub fn lease_held(key: &str) -> Result<bool, L2Error> {
     })
 }
 
+/// The L2 epoch lives in the ledger's shared memory (a layer up): it is handed down here
+/// once, at attach, so that every key this backend names carries it.
+static EPOCH: AtomicPtr<AtomicU64> = AtomicPtr::new(std::ptr::null_mut());
+
+pub fn set_epoch_source(epoch: &'static AtomicU64) {
+    EPOCH.store(
+        epoch as *const AtomicU64 as *mut AtomicU64,
+        Ordering::Release,
+    );
+}
+
+fn epoch() -> u64 {
+    let p = EPOCH.load(Ordering::Acquire);
+    if p.is_null() {
+        0
+    } else {
+        unsafe { (*p).load(Ordering::Acquire) }
+    }
+}
+
 thread_local! {
     /// Requests this backend sent to Redis and waited on, each one round trip however many
     /// commands it pipelined: `twotier.status()` shows it, tests and the bench count with it.
@@ -117,9 +138,9 @@ struct State {
     last_error: Option<String>,
     last_warning: Option<Instant>,
     tombstone_seq: u64,
-    /// Replies to commands sent without waiting (COMMIT-time tombstones), read before the
-    /// connection is used for anything else.
-    unread_replies: usize,
+    /// The incarnation with the L2 epoch appended (when it is not 0), and that epoch.
+    namespace: String,
+    namespace_epoch: u64,
     /// Invalidations that could not be delivered; sent before anything else once Redis answers.
     undelivered: Vec<(String, i64)>,
 }
@@ -134,7 +155,8 @@ thread_local! {
         last_error: None,
         last_warning: None,
         tombstone_seq: 0,
-        unread_replies: 0,
+        namespace: String::new(),
+        namespace_epoch: u64::MAX,
         undelivered: Vec::new(),
     });
 }
@@ -249,16 +271,24 @@ fn with_connection_inner<T>(
                     Ok((con, incarnation)) => {
                         state.con = Some(con);
                         state.incarnation = incarnation;
+                        state.namespace_epoch = u64::MAX;
                     }
                     Err(e) => return Err(fail(&mut state, &url_text, e, true)),
                 }
             }
             let tombstone = tombstone_value(&mut state);
+            let epoch = epoch();
+            if state.namespace_epoch != epoch {
+                state.namespace = match epoch {
+                    0 => state.incarnation.clone(),
+                    e => format!("{}-{e:x}", state.incarnation),
+                };
+                state.namespace_epoch = epoch;
+            }
             let State {
                 con,
                 undelivered,
-                incarnation,
-                unread_replies,
+                namespace,
                 ..
             } = &mut *state;
             let Some(con) = con.as_mut() else {
@@ -266,18 +296,9 @@ fn with_connection_inner<T>(
             };
             let ctx = Ctx {
                 tombstone: &tombstone,
-                incarnation,
+                incarnation: namespace,
             };
             let mut result = Ok(());
-            // A tombstone refused now (OOM, READONLY) leaves its in-flight marker in place,
-            // which keeps readers on the source: safe, so the reply only has to be consumed.
-            if *unread_replies > 0 {
-                let n = std::mem::take(unread_replies);
-                result = match con.receive(n) {
-                    Err(e) if is_connection_error(&e) => Err(e),
-                    _ => Ok(()),
-                };
-            }
             if !undelivered.is_empty() {
                 result = deliver(con, &ctx, undelivered, 0);
                 if result.is_ok() {
@@ -298,7 +319,6 @@ fn with_connection_inner<T>(
                 // The reply may be half read: the stream cannot be reused either way.
                 Err(e) if interrupted(&e) && interrupt_pending() => {
                     state.con = None;
-                    state.unread_replies = 0;
                     return Err(L2Error::Interrupted);
                 }
                 // A connection kept since an earlier call may have been closed by a Redis
@@ -311,7 +331,6 @@ fn with_connection_inner<T>(
                                 && (e.is_connection_dropped() || e.is_connection_refusal()))) =>
                 {
                     state.con = None;
-                    state.unread_replies = 0;
                     retries += 1;
                 }
                 Err(e) => {
@@ -347,7 +366,6 @@ fn fail(state: &mut State, url: &str, e: L2Error, connection_lost: bool) -> L2Er
     if connection_lost {
         // A timed-out request may still be answered later; the stream cannot be reused.
         state.con = None;
-        state.unread_replies = 0;
         state.resting_until = Some(Instant::now() + gucs::retry_interval());
         state.down_since.get_or_insert_with(SystemTime::now);
         let msg = format!(
@@ -484,54 +502,18 @@ pub fn invalidate(keys: &[(String, i64)], commit_lsn: u64) -> Result<(), L2Error
     result
 }
 
-/// COMMIT-time invalidation: tombstones and the channel message are written to the socket
-/// and the replies left for the next use of the connection, so the writer does not wait a
-/// second round trip. The in-flight markers written at PRE_COMMIT cover the keys until the
-/// tombstones land, or for their TTL if they never do.
-pub fn invalidate_async(keys: &[(String, i64)], commit_lsn: u64) -> Result<(), L2Error> {
-    if keys.is_empty() {
-        return Ok(());
-    }
-    let sent = with_connection(|con, ctx| {
-        let mut commands = 0;
-        for chunk in keys.chunks(1000) {
-            let cmds = invalidation_cmds(ctx, chunk, commit_lsn);
-            con.send(&cmds)?;
-            commands += cmds.len();
-        }
-        Ok(commands)
-    });
-    match sent {
-        Ok(n) => {
-            STATE.with(|cell| cell.borrow_mut().unread_replies += n);
-            Ok(())
-        }
-        Err(e) => Err(e),
-    }
-}
-
-/// The outbox worker's delivery: the rows it read stay in the table until this succeeds.
-pub fn deliver_outbox(keys: &[(String, i64)], lsn: u64) -> Result<(), L2Error> {
-    with_connection(|con, ctx| deliver(con, ctx, keys, lsn))
-}
-
-/// PRE_COMMIT half of an invalidation: marks each key as being changed by a commit in
-/// flight, so that no reader fills it from a snapshot taken before that commit.
-pub fn mark_in_flight(keys: &[(String, i64)]) -> Result<(), L2Error> {
-    if keys.is_empty() {
-        return Ok(());
-    }
+/// The delivery worker's exchange: tombstones and the channel message for `tier_keys`, one
+/// pipelined round trip per thousand keys. Until it succeeds the keys stay in the ledger.
+pub fn deliver_batch(tier_keys: &[&str], lsn: u64) -> Result<(), L2Error> {
     with_connection(|con, ctx| {
-        let marker = ctx.tombstone.replacen("!inval:", "!inflight:", 1);
-        // A marker whose tombstone never comes must still outlive every fill that could race
-        // it (tombstone_ttl_s), even for a cache whose TTL is shorter.
-        let ttl_floor = gucs::tombstone_ttl_s();
-        for chunk in keys.chunks(1000) {
-            let l2: Vec<(String, i64)> = chunk
-                .iter()
-                .map(|(k, t)| (ctx.key(k), (*t).max(ttl_floor)))
-                .collect();
-            con.exchange(&sets(l2.iter().map(|(k, t)| (k.as_str(), *t)), &marker))?;
+        for chunk in tier_keys.chunks(1000) {
+            let l2: Vec<String> = chunk.iter().map(|k| ctx.key(k)).collect();
+            let mut cmds = sets(
+                l2.iter().map(|k| (k.as_str(), gucs::tombstone_ttl_s())),
+                ctx.tombstone,
+            );
+            cmds.push(publish(chunk, lsn));
+            con.exchange(&cmds)?;
         }
         Ok(())
     })
@@ -601,13 +583,21 @@ pub struct Health {
     pub undelivered: usize,
     pub url: String,
     pub incarnation: String,
+    /// Redis's `maxmemory_policy`: every policy keeps the contract (docs/design.md, "Eviction
+    /// policies"); shown so that an operator sees what the hit ratio is up against.
+    pub maxmemory_policy: Option<String>,
 }
 
-/// Probes Redis with a PING (respecting the retry interval) and reports.
+/// Probes Redis with `INFO memory` (respecting the retry interval) and reports.
 pub fn health() -> Health {
     // Not counted: the counter shows what the session's own calls cost.
     let counted = round_trips();
-    let ping = with_connection(|con, _| con.call::<String>(&redis::cmd("PING")));
+    let ping = with_connection(|con, _| con.call::<String>(redis::cmd("INFO").arg("memory")));
+    let maxmemory_policy = ping.as_ref().ok().and_then(|info| {
+        info.lines()
+            .find_map(|l| l.strip_prefix("maxmemory_policy:"))
+            .map(|p| p.trim().to_string())
+    });
     ROUND_TRIPS.with(|n| n.set(counted));
     STATE.with(|cell| {
         let state = cell.borrow();
@@ -625,6 +615,7 @@ pub fn health() -> Health {
             last_error: state.last_error.clone(),
             undelivered: state.undelivered.len(),
             incarnation: state.incarnation.clone(),
+            maxmemory_policy,
             url: gucs::redacted_url(&gucs::redis_url().to_string_lossy()),
         }
     })

@@ -71,10 +71,20 @@ def db(cluster):
     conn.close()
 
 
-def redis_incarnation(redis_server) -> str:
-    """The part of every Redis key that names the Redis server's life: the first 12
-    characters of its run_id, which a restart (empty or from a snapshot) changes."""
-    return redis_server.run_id()[:12]
+def delivery_of(cluster) -> dict:
+    """`twotier.status()->'delivery'`: the ledger (undelivered keys, l2_trusted, delivered,
+    delivery_failures, epoch, worker_pid)."""
+    with cluster.connect() as c:
+        return c.execute("SELECT twotier.status()->'delivery'").fetchone()[0]
+
+
+def redis_incarnation(redis_server, cluster=None) -> str:
+    """The part of every Redis key that names the Redis server's life (the first 12
+    characters of its run_id, which a restart changes) and, once the cluster moved it, the
+    cluster's L2 epoch (every start without a complete ledger moves it)."""
+    inc = redis_server.run_id()[:12]
+    epoch = delivery_of(cluster)["epoch"] if cluster is not None else 0
+    return f"{inc}-{epoch:x}" if epoch else inc
 
 
 def database_scope(cluster, dbname: str = "postgres") -> str:
@@ -122,12 +132,12 @@ class Cache:
     def redis_key(self, key: str, incarnation: str | None = None) -> str:
         """`<prefix>:<incarnation>:<cluster>.<database oid>:<cache>:v<version>:<key>`; the
         incarnation of the Redis running now unless another one is given."""
-        inc = incarnation or redis_incarnation(self.redis)
+        inc = incarnation or redis_incarnation(self.redis, self.cluster)
         return f"twotier:{inc}:{self.scope}:{self.name}:v{self.version()}:{key}"
 
     def redis_pattern(self) -> str:
         """A SCAN pattern for every key of this cache (any version) in the running Redis."""
-        return f"twotier:{redis_incarnation(self.redis)}:{self.scope}:{self.name}:*"
+        return f"twotier:{redis_incarnation(self.redis, self.cluster)}:{self.scope}:{self.name}:*"
 
     def redis_value(self, key: str, incarnation: str | None = None):
         v = self.redis.client().get(self.redis_key(key, incarnation))
@@ -374,26 +384,19 @@ class Stack:
     def workload(self, cache: Cache, **kw) -> Workload:
         return Workload(cache, **kw)
 
-    def outbox(self) -> dict:
-        """`twotier.status()->'outbox'` from a fresh session: rows, l2_trusted, worker_pid,
-        delivered, last_error."""
-        with self.cluster.connect() as c:
-            return c.execute("SELECT twotier.status()->'outbox'").fetchone()[0]
+    def delivery(self) -> dict:
+        """`twotier.status()->'delivery'` from a fresh session."""
+        return delivery_of(self.cluster)
 
     def trusted(self) -> bool:
-        """Whether a backend that calls a cache now may use L2. status() shows the shared
-        state as last computed, and an untrusted state (every database's state after a
-        server start, say) is re-checked against the table by backends calling a cache and
-        by the worker: so one call through the `probe` cache comes first."""
-        with self.cluster.connect() as c:
-            c.execute("SELECT cached_probe('1')")
-            o = c.execute("SELECT twotier.status()->'outbox'").fetchone()[0]
-        return bool(o["l2_trusted"]) and o["rows"] == 0
+        """Whether every invalidation reached Redis and L2 is in use."""
+        o = self.delivery()
+        return bool(o["l2_trusted"]) and o["undelivered"] == 0
 
     def wait_trusted(self, timeout: float = 30.0) -> None:
-        """Waits until the outbox is delivered and L2 trusted again (the worker backs off)."""
+        """Waits until the ledger is delivered and L2 trusted (the worker backs off)."""
         if not wait_for(self.trusted, timeout=timeout, step=0.05):
-            raise AssertionError(f"outbox not delivered after {timeout}s: {self.outbox()}")
+            raise AssertionError(f"invalidations not delivered after {timeout}s: {self.delivery()}")
 
     def use_redis_url(self, url: str) -> None:
         """Points the whole server (backends and workers) at another Redis URL."""
@@ -401,7 +404,7 @@ class Stack:
         self.cluster.reload()
 
     def heal(self, timeout: float = 30.0) -> None:
-        """Ends any fault a test left behind and waits for the outbox to drain."""
+        """Ends any fault a test left behind and waits for the ledger to drain."""
         self.proxy.reset_replies(None)
         self.redis.heal()
         self.wait_trusted(timeout)

@@ -5,7 +5,7 @@ For each fault: every call answers the right row within 2 s and no ERROR reaches
 (the deliberate statement_timeout and cancel excepted, which must be the ordinary
 query_canceled and leave the session usable); no reader ever gets a ver older than one whose
 COMMIT had returned when the call was sent; the stats count the fault; commits that could
-not mark Redis went through the outbox; once the outbox is delivered (L2 trusted again)
+not mark Redis wait in the ledger; once they are delivered (L2 trusted again)
 every key reads its latest ver from a fresh session with L1 on and off; and the same
 sessions use L2 again without being told (l2_hits grows).
 """
@@ -40,7 +40,7 @@ class Fault:
     run: Callable  # makes the fault and ends it; returns when Redis is back
     prepare: Callable | None = None  # before the sessions start
     cleanup: Callable | None = None  # after the checks, also when they failed
-    # Commits during the fault cannot mark their keys in Redis: the outbox must carry them.
+    # Commits during the fault cannot mark their keys in Redis: the ledger must carry them.
     queues: bool = True
 
 
@@ -215,7 +215,7 @@ def test_fault(own_stack, fault):
     try:
         if fault.prepare:
             fault.prepare(ctx)
-        outbox_before = stack.outbox()
+        delivery_before = stack.delivery()
         wl = ctx.workload = stack.workload(cache, writers=2, readers=3, l1_readers=1,
                                                 limit_s=CALL_LIMIT_S, write_pause_s=0.002)
         fault_error = None
@@ -231,11 +231,11 @@ def test_fault(own_stack, fault):
             back = counters(cache)["l2_hits"]
             recovered = wait_for(lambda: counters(cache)["l2_hits"] > back, timeout=10)
         after = counters(cache)
-        outbox_after = stack.outbox()
+        delivery_after = stack.delivery()
         print(f"fault={fault.name!r} reads={wl.reads} writes={wl.writes} stale={len(wl.stale)} "
               f"errors={len(wl.errors)} redis_errors+={after['redis_errors'] - before['redis_errors']} "
               f"l2_skips+={after['l2_skips'] - before['l2_skips']} "
-              f"delivered+={outbox_after['delivered'] - outbox_before['delivered']} "
+              f"delivered+={delivery_after['delivered'] - delivery_before['delivered']} "
               f"max_read={wl.max_read_s:.3f}s warnings={wl.warnings}"
               + (f" canceled_after={ctx.notes['canceled_after_s']:.3f}s" if "canceled_after_s" in ctx.notes else ""))
 
@@ -247,8 +247,8 @@ def test_fault(own_stack, fault):
         assert (after["redis_errors"] + after["l2_skips"]) > (before["redis_errors"] + before["l2_skips"]), \
             "the stats did not count the fault"
         if fault.queues:
-            assert outbox_after["delivered"] > outbox_before["delivered"], \
-                "commits during the fault did not go through the outbox"
+            assert delivery_after["delivered"] > delivery_before["delivered"], \
+                "commits during the fault did not go through the ledger"
         assert recovered, "the sessions did not use L2 again after the fault"
 
         # Nothing stale is left in any tier: fresh sessions, L1 on and off.

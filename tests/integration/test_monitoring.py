@@ -77,22 +77,22 @@ def test_exporter_reports_every_twotier_metric(cluster, redis_server, make_cache
                  "l2_skips", "stampede_waits", "too_large", "l2_hit_mean_us", "l2_hit_p99_us", "l1_hit_p99_us",
                  "miss_mean_us"):
         assert metric(text, f"twotier_cache_{name}", cache.name) is not None, name
-    for name, want in (("l2_configured", 1), ("l2_reachable", 1), ("outbox_rows", 0), ("outbox_l2_trusted", 1),
+    for name, want in (("l2_configured", 1), ("l2_reachable", 1), ("delivery_undelivered", 0), ("delivery_l2_trusted", 1),
                        ("l1_available", 1), ("l1_listener_subscribed", 1)):
         assert metric(text, f"twotier_status_{name}") == want, (name, metric(text, f"twotier_status_{name}"))
     assert metric(text, "twotier_status_l1_entries") >= 1  # key 2 was read with L1 off
     assert metric(text, "twotier_status_stats_slots") == 256
     assert metric(text, "twotier_status_stats_slots_in_use") >= 1
 
-    # Redis away and a write: the exporter shows it unreachable and the outbox backlog.
+    # Redis away and a write: the exporter shows it unreachable and the ledger's backlog.
     redis_server.stop()
     try:
         cluster.sql(f"UPDATE {cache.name} SET ver = ver + 1 WHERE k = 1")
-        assert wait_for(lambda: metric(exporter(), "twotier_status_outbox_rows") >= 1, timeout=10)
+        assert wait_for(lambda: metric(exporter(), "twotier_status_delivery_undelivered") >= 1, timeout=10)
+        assert wait_for(lambda: metric(exporter(), "twotier_status_delivery_failures") >= 1, timeout=10)
         text = exporter()
         assert metric(text, "twotier_status_l2_reachable") == 0
-        assert metric(text, "twotier_status_outbox_l2_trusted") == 0
     finally:
         redis_server.start()
-    assert wait_for(lambda: metric(exporter(), "twotier_status_outbox_rows") == 0, timeout=30)
+    assert wait_for(lambda: metric(exporter(), "twotier_status_delivery_undelivered") == 0, timeout=30)
     time.sleep(0.1)

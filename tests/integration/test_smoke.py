@@ -1,7 +1,7 @@
 """The smoke test every supported PostgreSQL runs (./run test runs it on 16 and 18 too, with
 TWOTIER_PG_CONFIG pointing at their pg_config; the whole suite runs on 15): a typed cache is
 filled and hit in both tiers, a commit invalidates it, and with Redis down calls still answer
-and commits still invalidate, through the outbox once Redis is back."""
+and commits still invalidate, through the ledger once Redis is back."""
 import os
 import subprocess
 
@@ -46,17 +46,17 @@ def test_fill_hit_invalidate_and_redis_down(stack):
         assert read(cluster, cache, 2) == 0  # L1 answers
         cluster.sql(f"UPDATE {cache.name} SET ver = ver + 1 WHERE k = 2")
         assert read(cluster, cache, 2) == 1 and read(cluster, cache, 2, l1=False) == 1
-        assert cluster.sql("SELECT count(*) FROM twotier.outbox")[0][0] >= 1
+        assert cluster.sql("SELECT (twotier.status()->'delivery'->>'undelivered')::int")[0][0] >= 1
     finally:
         redis.start()
 
     def delivered():
         with cluster.connect() as c:
             c.execute("SELECT twotier.exists('probe_smoke', '1')")
-            return c.execute("SELECT (twotier.status()->'outbox'->>'rows')::int").fetchone()[0] == 0
+            return c.execute("SELECT (twotier.status()->'delivery'->>'undelivered')::int").fetchone()[0] == 0
 
     cluster.sql("CREATE TABLE IF NOT EXISTS probe_smoke (k int PRIMARY KEY)")
     cluster.sql("""SELECT twotier.define('probe_smoke', $q$SELECT to_jsonb(k) FROM probe_smoke WHERE k = $1$q$,
                                        '1 min', ARRAY['probe_smoke(k)'])""")
-    assert wait_for(delivered, timeout=30), "the outbox was not delivered once Redis was back"
+    assert wait_for(delivered, timeout=30), "the ledger was not delivered once Redis was back"
     assert read(cluster, cache, 2, l1=False) == 1 and read(cluster, cache, 2) == 1

@@ -141,6 +141,66 @@ def test_no_read_older_than_its_own_statement_on_either_server(request):
     assert lagging.older == {"primary": [], "standby": []}, f"replay paused and resumed: {summary}"
 
 
+OUTAGE_S = float(os.environ.get("TWOTIER_OUTAGE_SECONDS", "60"))
+
+
+def test_a_long_redis_outage_with_writers_and_readers_on_both_servers(request):
+    """Issue 18: Redis paused (the worst kind: sockets open, nothing answered) for a minute,
+    then full (noeviction) and then stopped for a quarter of that each, while 2 writers commit
+    thousands of transactions without waiting for Redis and readers read on the primary and
+    the standby. Then Redis is back: every key is delivered (both ledgers empty), nothing
+    read was older than its own statement, and no tier holds an old value."""
+    redis, primary, replica = make_stack(request)
+    check = SameStatementCheck(primary, replica, redis, writers=2, readers=2)
+    phases = iter([("pause", OUTAGE_S), ("full", OUTAGE_S / 4), ("stop", OUTAGE_S / 4)])
+    state = {"phase": None}
+
+    def outage():
+        phase = next(phases, None)
+        if phase is None:
+            time.sleep(0.2)
+            return
+        name, secs = phase
+        state["phase"] = name
+        if name == "pause":
+            redis.pause()
+            time.sleep(secs)
+            redis.resume()
+        elif name == "full":
+            redis.fill_memory()
+            time.sleep(secs)
+            redis.free_memory()
+        else:
+            redis.stop()
+            time.sleep(secs)
+            redis.start()
+        time.sleep(1)
+
+    summary = check.run(OUTAGE_S * 1.5 + 6, chaos=outage)
+    assert not check.errors[:5], check.errors[:5]
+    assert check.writes > 1000 and check.reads["standby"] > 100 and check.reads["primary"] > 100, summary
+    assert check.older == {"primary": [], "standby": []}, f"Redis paused, full and stopped: {summary}"
+
+    def delivery(server):
+        return server.sql("SELECT twotier.status()->'delivery'")[0][0]
+
+    assert wait_for(lambda: delivery(primary)["undelivered"] == 0, timeout=60), delivery(primary)
+    assert wait_for(lambda: delivery(replica)["undelivered"] == 0, timeout=30), delivery(replica)
+    d = delivery(primary)
+    print(f"outage: delivered={d['delivered']} failures={d['delivery_failures']} epoch_moves={d['epoch_moves']}")
+    assert d["delivered"] >= 1000 and d["delivery_failures"] >= 1, d
+    truth = dict(primary.sql("SELECT k, ver FROM ss"))
+    lsn = primary.sql("SELECT pg_current_wal_insert_lsn()")[0][0]
+    assert wait_for(lambda: replica.sql("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", str(lsn))[0][0], 10)
+    for server in (primary, replica):
+        for l1 in ("on", "off"):
+            with server.connect() as c:
+                c.execute(f"SET twotier.l1_enabled = {l1}")
+                got = {k: c.execute("SELECT (cached_ss(%s)->>'ver')::int", (str(k),)).fetchone()[0] for k in truth}
+            assert got == truth, f"stale after the outage (L1 {l1}): " + str(
+                {k: (got[k], truth[k]) for k in truth if got[k] != truth[k]})
+
+
 def test_without_the_wal_records_the_standby_serves_older_values(request):
     """The same check with the records turned off on the primary (test-only setting): the
     standby's listener alone cannot keep up with replay, and older reads appear."""
@@ -210,7 +270,7 @@ def test_a_standby_missing_a_key_waits_for_the_primarys_fill(request):
 
     with replica.connect() as r:
         assert wait_for(lambda: r.execute(
-            "SELECT (twotier.status()->'outbox'->>'l2_trusted')::bool").fetchone()[0], 10)
+            "SELECT (twotier.status()->'delivery'->>'l2_trusted')::bool").fetchone()[0], 10)
         r.execute("SET twotier.stampede_wait_ms = 3000")
         # 1. With the wait: the standby is answered by the primary's fill.
         box = {}

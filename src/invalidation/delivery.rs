@@ -1,0 +1,126 @@
+//! The delivery worker: one per primary, the only process that sends invalidations to Redis.
+//! Writers leave their keys in the ledger at PRE_COMMIT, mark them ready and wake it at COMMIT
+//! (once the commit is visible); it takes every ready key, sends the tombstones and the channel message in one
+//! pipelined exchange per batch, and only after Redis acknowledged removes them from the
+//! ledger and writes a DELIVERED record for standbys. While Redis is down, paused or full,
+//! keys wait in the ledger (and L2 is not used for them), and the worker retries with a
+//! growing pause. It needs no database connection: tier keys carry their database.
+
+use crate::gucs;
+use crate::invalidation::{ledger, listener, wal};
+use crate::l2;
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
+};
+use pgrx::pg_sys;
+use std::time::{Duration, Instant};
+
+const BATCH: usize = 1000;
+/// How often the ledger goes to its file while it changes, and how often an idle primary
+/// tells standbys where delivery stands.
+const SAVE_EVERY: Duration = Duration::from_secs(1);
+const RECORD_EVERY: Duration = Duration::from_secs(1);
+
+pub fn register() {
+    BackgroundWorkerBuilder::new("twotier delivery")
+        .set_type("twotier delivery")
+        .set_library("twotier")
+        .set_function("twotier_delivery_main")
+        .enable_shmem_access(None)
+        // A standby delivers nothing: its primary does. After a promotion it starts.
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(Some(Duration::from_secs(1)))
+        .load();
+}
+
+unsafe extern "C-unwind" fn on_exit(_code: i32, _arg: pg_sys::Datum) {
+    ledger::unregister_worker();
+}
+
+/// # Safety
+/// Entry point called by the postmaster for the worker registered by [`register`].
+#[no_mangle]
+#[pgrx::pg_guard]
+pub unsafe extern "C-unwind" fn twotier_delivery_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    if !ledger::available() {
+        return;
+    }
+    unsafe {
+        ledger::register_worker(pg_sys::MyLatch);
+        pg_sys::before_shmem_exit(Some(on_exit), pg_sys::Datum::from(0));
+    }
+    let mut backoff = Duration::from_millis(50);
+    let mut saved = u64::MAX;
+    let mut last_save = Instant::now();
+    let mut last_record = Instant::now();
+    let mut record_end = 0u64;
+    while !listener::stopping() {
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        let has_redis = !gucs::redis_url().is_empty();
+        if has_redis {
+            ledger::settle_start();
+        }
+        let batch = ledger::take_batch(BATCH);
+        let mut pause = if ledger::undelivered() > 0 {
+            // Keys of transactions still running (or Redis refusing): look again soon.
+            Duration::from_millis(10)
+        } else {
+            Duration::from_secs(1)
+        };
+        if !batch.deliver.is_empty() {
+            let keys: Vec<&str> = batch.deliver.iter().map(|(_, k, _)| k.as_str()).collect();
+            let lsn = unsafe { pg_sys::GetXLogInsertRecPtr() };
+            // The worker has no session: its redis_url is postgresql.conf's.
+            let sent = if has_redis {
+                l2::deliver_batch(&keys, lsn)
+            } else {
+                // No Redis to deliver to. A Redis configured later may hold values these keys
+                // made old: L2 moves to a new epoch before anyone reads it again.
+                ledger::forget_undelivered();
+                Ok(())
+            };
+            match sent {
+                Ok(()) => {
+                    ledger::settle(&batch, true);
+                    let x = ledger::delivered_up_to();
+                    record_end = wal::log_delivered(ledger::epoch(), x);
+                    ledger::set_last_x(x);
+                    last_record = Instant::now();
+                    backoff = Duration::from_millis(50);
+                    pause = Duration::ZERO;
+                }
+                Err(_) => {
+                    ledger::settle(&batch, false);
+                    pause = backoff;
+                    backoff =
+                        (backoff * 2).min(gucs::retry_interval().max(Duration::from_millis(100)));
+                }
+            }
+        } else if last_record.elapsed() >= RECORD_EVERY
+            && unsafe { pg_sys::GetXLogInsertRecPtr() } != record_end
+        {
+            // Idle, but other WAL went by: a standby that restarts from a later point learns
+            // from this that nothing before it is undelivered.
+            let x = ledger::delivered_up_to();
+            if x != ledger::last_x() || ledger::undelivered() == 0 {
+                record_end = wal::log_delivered(ledger::epoch(), x);
+                ledger::set_last_x(x);
+            }
+            last_record = Instant::now();
+        }
+        let changes = ledger::changes();
+        if changes != saved && last_save.elapsed() >= SAVE_EVERY {
+            if ledger::save_file(false) {
+                saved = changes;
+            }
+            last_save = Instant::now();
+        }
+        if !pause.is_zero() && !listener::wait(pause.min(SAVE_EVERY)) {
+            break;
+        }
+    }
+    ledger::save_file(false);
+}

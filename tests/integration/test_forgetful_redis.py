@@ -1,0 +1,97 @@
+"""A Redis that forgets (issue 19). A reader misses and runs a slow query (1.5 s) that reads the
+old row; meanwhile a writer commits and its tombstone is delivered; then Redis loses the
+tombstone (FLUSHALL, a restart without persistence, eviction under allkeys-lru). The reader's
+fill must not store the old row: its proof is the primary's ledger (the key's generation
+moved at the writer's PRE_COMMIT), not what Redis kept. With `twotier.test_fill_trusts_redis`
+(the proof of 0.2.0: a compare-and-set against the tombstone) each case stores the old row
+and serves it afterwards: the test can fail."""
+import itertools
+import threading
+import time
+
+import pytest
+from conftest import wait_for
+
+_names = itertools.count(1)
+SLOW_S = 1.5
+
+
+@pytest.fixture(autouse=True)
+def healthy(own_stack):
+    own_stack.heal()
+    yield
+    r = own_stack.redis.client()
+    r.config_set("maxmemory", 0)
+    r.config_set("maxmemory-policy", "noeviction")
+    own_stack.heal()
+
+
+def slow_cache(stack) -> str:
+    n = f"fr{next(_names)}"
+    stack.cluster.sql(f"CREATE TABLE {n} (k int PRIMARY KEY, v text)")
+    stack.cluster.sql(f"INSERT INTO {n} VALUES (1, 'old'), (2, 'other')")
+    stack.cluster.sql(f"""SELECT twotier.define('{n}', $q$SELECT jsonb_build_object('v', v,
+                              'slept', CASE WHEN k = 1 THEN pg_sleep({SLOW_S})::text END)
+                            FROM {n} WHERE k = $1::int$q$, '5 min', ARRAY['{n}(k)'])""")
+    return n
+
+
+def read(stack, n, l1=False):
+    with stack.cluster.connect() as c:
+        if not l1:
+            c.execute("SET twotier.l1_enabled = off")
+        return c.execute(f"SELECT cached_{n}('1')->>'v'").fetchone()[0]
+
+
+def evict_everything_old(stack):
+    """allkeys-lru with a small maxmemory, then junk until the older keys are gone."""
+    r = stack.redis.client()
+    r.config_set("maxmemory-policy", "allkeys-lru")
+    r.config_set("maxmemory", 8 << 20)
+    chunk = b"e" * (32 << 10)
+    pipe = r.pipeline(transaction=False)
+    for i in range(1200):  # ~38 MB through an 8 MB Redis
+        pipe.set(f"evict:{i}", chunk)
+    pipe.execute()
+    assert int(r.info("stats")["evicted_keys"]) > 0
+
+
+def lose_tombstones(stack, how):
+    if how == "flushall":
+        stack.redis.client().flushall()
+    elif how == "restart":
+        stack.redis.restart()
+    else:
+        evict_everything_old(stack)
+
+
+@pytest.mark.parametrize("protected", [True, False], ids=["ledger", "test_fill_trusts_redis"])
+@pytest.mark.parametrize("how", ["flushall", "restart", "evict"])
+def test_a_slow_fill_after_a_lost_tombstone(own_stack, how, protected):
+    stack = own_stack
+    n = slow_cache(stack)
+    box = {}
+
+    def slow_reader():
+        with stack.cluster.connect() as c:
+            c.execute("SET twotier.l1_enabled = off")
+            if not protected:
+                c.execute("SET twotier.test_fill_trusts_redis = on")
+            box["v"] = c.execute(f"SELECT cached_{n}('1')->>'v'").fetchone()[0]
+
+    t = threading.Thread(target=slow_reader)
+    t.start()
+    time.sleep(0.4)  # the reader missed L2 and is in its query, with the old row
+    with stack.cluster.connect() as w:
+        w.execute(f"UPDATE {n} SET v = 'new' WHERE k = 1")
+    assert wait_for(lambda: stack.delivery()["undelivered"] == 0, timeout=5), "the tombstone was not delivered"
+    lose_tombstones(stack, how)
+    t.join(10)
+    assert box.get("v") == "old", box  # it read before the commit: right for its snapshot
+    if how == "evict":
+        stack.redis.client().config_set("maxmemory", 0)
+    got = [read(stack, n), read(stack, n, l1=True)]
+    if protected:
+        assert got == ["new", "new"], f"the old row was stored after its tombstone was lost ({how}): {got}"
+    else:
+        assert "old" in got, f"without the ledger's check the lost tombstone should let the old row in: {got}"

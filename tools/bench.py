@@ -126,7 +126,7 @@ class Bench:
         return p
 
     def pgbench(self, scripts: list[Path], clients: int, duration: int | None = None, options: str = "",
-                weights: list[int] | None = None) -> dict:
+                weights: list[int] | None = None, builtin: str | None = None) -> dict:
         duration = duration or self.duration
         log_prefix = self.work / f"log{int(time.time() * 1e6)}"
         cmd = [str(PG_BIN / "pgbench"), "-n", "-M", "prepared", "-r", "-T", str(duration), "-c", str(clients),
@@ -134,6 +134,8 @@ class Bench:
                "-l", "--log-prefix", str(log_prefix)]
         for i, s in enumerate(scripts):
             cmd += ["-f", f"{s}@{weights[i]}" if weights else str(s)]
+        if builtin:
+            cmd += ["-b", builtin]
         env = dict(os.environ, PGOPTIONS=options) if options else None
         out = sh(cmd + ["postgres"], cwd=self.work, env=env).stdout
         tps = float(re.search(r"tps = ([\d.]+)", out).group(1))
@@ -375,7 +377,8 @@ class Bench:
         tombstones. Each measurement is on its own: one that fails prints why and the run goes on."""
         print("\n== what it costs a writer", flush=True)
         self.writer_result = {}
-        for measure in (self.writer_tables, self.writer_single_row, self.writer_bulk, self.writer_redis_memory):
+        for measure in (self.writer_tables, self.writer_single_row, self.writer_tpcb, self.writer_bulk,
+                        self.writer_redis_memory):
             try:
                 measure()
             except Exception as e:  # noqa: BLE001 - reported, never fatal to the rest of the run
@@ -500,6 +503,57 @@ class Bench:
             if redis == "down":
                 note.update({f"ledger_{k}": (round(v, 1) if isinstance(v, float) else v) for k, v in queue.items()})
             self.record("writer", f"UPDATE 1 row, watched table, Redis {redis}", clients, best["wt"], json.dumps(note))
+
+    TPCB_CACHES = (("tpcb_accounts", "SELECT to_jsonb(a) FROM pgbench_accounts a WHERE aid = $1::int", "pgbench_accounts(aid)"),
+                   ("tpcb_tellers", "SELECT to_jsonb(t) FROM pgbench_tellers t WHERE tid = $1::int", "pgbench_tellers(tid)"),
+                   ("tpcb_branches", "SELECT to_jsonb(b) FROM pgbench_branches b WHERE bid = $1::int", "pgbench_branches(bid)"))
+
+    def writer_tpcb(self):
+        """pgbench's own tpcb-like (4 clients) with three caches watching pgbench_accounts(aid),
+        pgbench_tellers(tid) and pgbench_branches(bid), against the same tables with no cache
+        (the caches dropped, so no trigger either); synchronous_commit on and off; best of
+        `reps` interleaved runs. Also the delivery worker's Redis exchanges per 1,000 commits
+        and its lag, from twotier.status()->'delivery'."""
+        scale = 1 if self.quick else 4
+        sh([str(PG_BIN / "pgbench"), "-i", "-q", "-s", str(scale), "-h", "127.0.0.1", "-p", str(self.pg.port),
+            "-U", "postgres", "postgres"], cwd=self.work)
+
+        def cached(on: bool):
+            for name, query, watch in self.TPCB_CACHES:
+                exists = self.sql("SELECT count(*) FROM twotier.caches WHERE name = %s", name)[0][0]
+                if on and not exists:
+                    self.sql(f"SELECT twotier.define('{name}', $q${query}$q$, '5 min', ARRAY['{watch}'])")
+                elif not on and exists:
+                    self.sql(f"SELECT twotier.drop('{name}')")
+
+        out = self.writer_result["tpcb"] = {"scale": scale}
+        for sync in ("on", "off"):
+            best: dict = {}
+            delivery = None
+            for _ in range(self.reps):
+                for watched in (False, True):
+                    cached(watched)
+                    d0 = self.sql("SELECT twotier.status()->'delivery'")[0][0]
+                    r = self.pgbench([], 4, options=f"-c synchronous_commit={sync}", builtin="tpcb-like")
+                    d1 = self.sql("SELECT twotier.status()->'delivery'")[0][0]
+                    if watched:
+                        keys = d1["delivered"] - d0["delivered"]
+                        delivery = {"keys": keys, "exchanges": d1["exchanges"] - d0["exchanges"],
+                                    "lag_p99_ms": d1.get("lag_p99_ms"), "max_lag_ms": d1.get("max_lag_ms")}
+                    if watched not in best or r["tps"] > best[watched]["tps"]:
+                        best[watched] = r
+            cached(False)
+            ratio = best[True]["tps"] / best[False]["tps"]
+            out[sync] = {"unwatched": best[False]["tps"], "watched": best[True]["tps"], "ratio": ratio,
+                         "delivery": delivery}
+            for watched, label in ((False, "no cache"), (True, "three caches")):
+                note = {"scale": scale, "synchronous_commit": sync}
+                if watched:
+                    note.update({"x_unwatched_tps": round(ratio, 3), "delivery": delivery})
+                self.record("writer", f"pgbench tpcb-like, {label}, synchronous_commit {sync}", 4, best[watched],
+                            json.dumps(note))
+            print(f"  tpcb-like, synchronous_commit {sync}: {best[False]['tps']:.0f} tps without caches,"
+                  f" {best[True]['tps']:.0f} with three (x {ratio:.2f}); delivery {delivery}", flush=True)
 
     def writer_bulk(self):
         """One UPDATE of every row of the table in one statement: the triggers collect 10,000
@@ -724,6 +778,14 @@ class Bench:
                 single.get("up", {}).get("ratio"), 0.85, True)
         verdict("writer, 4 clients, Redis down: single-row UPDATE TPS watched / unwatched >= 0.85",
                 single.get("down", {}).get("ratio"), 0.85, True)
+        tpcb = wr.get("tpcb", {})
+        verdict("writer: pgbench tpcb-like with three caches / without, synchronous_commit on >= 0.9",
+                tpcb.get("on", {}).get("ratio"), 0.9, True)
+        verdict("writer: pgbench tpcb-like with three caches / without, synchronous_commit off >= 0.8",
+                tpcb.get("off", {}).get("ratio"), 0.8, True)
+        lag = (tpcb.get("on", {}).get("delivery") or {}).get("lag_p99_ms")
+        verdict("writer: delivery lag p99 (COMMIT to Redis's acknowledgment) at the tpcb-like rate <= 10 ms",
+                lag, 10, fmt="{:.0f} ms")
         bulk = wr.get("bulk", {})
         verdict(f"writer: UPDATE of all {bulk.get('rows', self.WRITER_ROWS)} rows in one statement,"
                 " time watched / unwatched <= 1.5", bulk.get("ratio"), 1.5)

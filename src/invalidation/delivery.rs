@@ -16,10 +16,16 @@ use pgrx::pg_sys;
 use std::time::{Duration, Instant};
 
 const BATCH: usize = 1000;
-/// How often the ledger goes to its file while it changes, and how often an idle primary
-/// tells standbys where delivery stands.
+/// How often the worker looks whether the ledger must go to its file, and how often an idle
+/// primary tells standbys where delivery stands.
 const SAVE_EVERY: Duration = Duration::from_secs(1);
 const RECORD_EVERY: Duration = Duration::from_secs(1);
+/// At most one DELIVERED record per this while batches follow each other (each is a WAL
+/// insert and a flush for the WAL writer); the last one of a burst is always written.
+const RECORD_AFTER_BATCH: Duration = Duration::from_millis(10);
+/// After an exchange, commits gather this long before the next: under load, batches of many
+/// keys instead of one exchange per commit; idle, the first commit goes out at once.
+const GATHER: Duration = Duration::from_millis(2);
 
 pub fn register() {
     BackgroundWorkerBuilder::new("twotier delivery")
@@ -51,10 +57,12 @@ pub unsafe extern "C-unwind" fn twotier_delivery_main(_arg: pg_sys::Datum) {
         pg_sys::before_shmem_exit(Some(on_exit), pg_sys::Datum::from(0));
     }
     let mut backoff = Duration::from_millis(50);
-    let mut saved = u64::MAX;
+    let mut saved_x = 0u64;
     let mut last_save = Instant::now();
     let mut last_record = Instant::now();
     let mut record_end = 0u64;
+    let mut record_owed = false;
+    let mut last_exchange: Option<Instant> = None;
     while !listener::stopping() {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
@@ -62,6 +70,10 @@ pub unsafe extern "C-unwind" fn twotier_delivery_main(_arg: pg_sys::Datum) {
         let has_redis = !gucs::redis_url().is_empty();
         if has_redis {
             ledger::settle_start();
+        }
+        if let Some(left) = last_exchange.and_then(|t| GATHER.checked_sub(t.elapsed())) {
+            // Not a latch wait: every commit sets the latch, which would end it at once.
+            unsafe { pg_sys::pg_usleep(left.as_micros() as std::ffi::c_long) };
         }
         let batch = ledger::take_batch(BATCH);
         let mut pause = if ledger::undelivered() > 0 {
@@ -82,13 +94,11 @@ pub unsafe extern "C-unwind" fn twotier_delivery_main(_arg: pg_sys::Datum) {
                 ledger::forget_undelivered();
                 Ok(())
             };
+            last_exchange = Some(Instant::now());
             match sent {
                 Ok(()) => {
                     ledger::settle(&batch, true);
-                    let x = ledger::delivered_up_to();
-                    record_end = wal::log_delivered(ledger::epoch(), x);
-                    ledger::set_last_x(x);
-                    last_record = Instant::now();
+                    record_owed = true;
                     backoff = Duration::from_millis(50);
                     pause = Duration::ZERO;
                 }
@@ -99,7 +109,15 @@ pub unsafe extern "C-unwind" fn twotier_delivery_main(_arg: pg_sys::Datum) {
                         (backoff * 2).min(gucs::retry_interval().max(Duration::from_millis(100)));
                 }
             }
-        } else if last_record.elapsed() >= RECORD_EVERY
+        }
+        if record_owed && (last_record.elapsed() >= RECORD_AFTER_BATCH || !pause.is_zero()) {
+            let x = ledger::delivered_up_to();
+            record_end = wal::log_delivered(ledger::epoch(), x);
+            ledger::set_last_x(x);
+            last_record = Instant::now();
+            record_owed = false;
+        } else if batch.deliver.is_empty()
+            && last_record.elapsed() >= RECORD_EVERY
             && unsafe { pg_sys::GetXLogInsertRecPtr() } != record_end
         {
             // Idle, but other WAL went by: a standby that restarts from a later point learns
@@ -111,10 +129,13 @@ pub unsafe extern "C-unwind" fn twotier_delivery_main(_arg: pg_sys::Datum) {
             }
             last_record = Instant::now();
         }
-        let changes = ledger::changes();
-        if changes != saved && last_save.elapsed() >= SAVE_EVERY {
-            if ledger::save_file(false) {
-                saved = changes;
+        // Crash recovery replays every record after the last checkpoint's redo point, so the
+        // file is needed only for what is older: it is written when a checkpoint has begun
+        // since the last write (a few times an hour, not every second of a long outage with a
+        // ledger of hundreds of thousands of keys).
+        if last_save.elapsed() >= SAVE_EVERY && unsafe { pg_sys::GetRedoRecPtr() } > saved_x {
+            if let Some(x) = ledger::save_file(false) {
+                saved_x = x;
             }
             last_save = Instant::now();
         }

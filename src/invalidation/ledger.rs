@@ -44,6 +44,7 @@ const READY: u32 = 3;
 const STATE_UNKNOWN: u32 = 0;
 const STATE_COMPLETE: u32 = 1;
 
+const LAG_BUCKETS: [i64; 10] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000];
 const DIR: &str = "pg_twotier";
 const FILE: &str = "pg_twotier/ledger";
 const MAGIC: &[u8; 8] = b"TTLEDG01";
@@ -60,8 +61,16 @@ struct EntryHeader {
     lsn: u64,
     /// When it was appended (ms since the epoch): for the delivery lag and the oldest age.
     at_ms: i64,
-    state: u32,
+    /// Atomic: a committing writer marks its entries READY without the lock.
+    state: AtomicU32,
     _pad: u32,
+}
+
+impl EntryHeader {
+    /// Not done yet: PENDING or READY.
+    fn live(&self) -> bool {
+        matches!(self.state.load(SeqCst), PENDING | READY)
+    }
 }
 
 #[repr(C)]
@@ -72,6 +81,8 @@ pub struct Shared {
     tail: u64,
     reserved: u64,
     undelivered: u64,
+    /// `head - tail + reserved` as of the last change: read without the lock by writers.
+    used: AtomicU64,
     /// Set while an append or removal is half done: a ledger left so by a killed process is
     /// not saved as complete by the postmaster.
     modifying: AtomicBool,
@@ -100,6 +111,9 @@ pub struct Shared {
     /// From append to Redis's acknowledgment, for the last batch and the worst since start.
     last_lag_ms: AtomicI64,
     max_lag_ms: AtomicI64,
+    /// Keys delivered, by lag from append to acknowledgment: up to 1, 2, 5, 10, 20, 50,
+    /// 100, 200, 500, 1000 ms, and more.
+    lag_buckets: [AtomicU64; LAG_BUCKETS.len() + 1],
     exchanges: AtomicU64,
     pub worker_pid: AtomicI32,
     worker_latch: AtomicPtr<pg_sys::Latch>,
@@ -216,6 +230,12 @@ pub fn bytes_for<'a>(keys: impl Iterator<Item = &'a str>, extra_per_key: usize) 
 /// caller moves the cache to a new version instead, which needs no ledger.
 pub fn reserve(bytes: u64) -> bool {
     let Some(s) = shared() else { return true };
+    // Below half full no reservation is needed: a transaction brings at most
+    // twotier.flush_above_keys keys per cache (about 100 kB), and the other half would take
+    // a hundred such transactions appending at the same instant.
+    if s.used.load(SeqCst) + bytes < s.arena_bytes / 2 {
+        return true;
+    }
     let g = Guard::take();
     let m = locked(s, &g);
     // The worst case of wrapping: one entry's worth of padding at the end.
@@ -256,7 +276,7 @@ fn append(m: &mut Shared, db: u32, xid: u32, lsn: u64, key: &str, state: u32) ->
         if pad > 0 {
             let h = header_at(m, m.head);
             (*h).total = pad as u32;
-            (*h).state = SKIP;
+            (*h).state.store(SKIP, SeqCst);
             m.head += pad;
         }
         let h = header_at(m, m.head);
@@ -267,7 +287,7 @@ fn append(m: &mut Shared, db: u32, xid: u32, lsn: u64, key: &str, state: u32) ->
             xid,
             lsn,
             at_ms: l1::now_ms(),
-            state,
+            state: AtomicU32::new(state),
             _pad: 0,
         });
         std::ptr::copy_nonoverlapping(key.as_ptr(), (h as *mut u8).add(HDR), key.len());
@@ -284,10 +304,10 @@ fn append(m: &mut Shared, db: u32, xid: u32, lsn: u64, key: &str, state: u32) ->
 fn finish(m: &mut Shared, off: u64) {
     unsafe {
         let h = header_at(m, off);
-        if (*h).state != PENDING && (*h).state != READY {
+        if !(*h).live() {
             return;
         }
-        (*h).state = DONE;
+        (*h).state.store(DONE, SeqCst);
         let key = key_at(m, off, (*h).key_len as usize);
         let i = slot(l1::hash_key(key));
         // Generation first: a fill that saw the count at zero must also see the move.
@@ -301,7 +321,7 @@ fn finish(m: &mut Shared, off: u64) {
 fn advance_tail(m: &mut Shared) {
     while m.tail < m.head {
         let h = unsafe { &*header_at(m, m.tail) };
-        if h.state == PENDING || h.state == READY {
+        if h.live() {
             break;
         }
         m.tail += h.total.max(ALIGN as u32) as u64;
@@ -314,7 +334,7 @@ fn offsets(m: &Shared) -> Vec<u64> {
     let mut off = m.tail;
     while off < m.head {
         let h = unsafe { &*header_at(m, off) };
-        if h.state == PENDING || h.state == READY {
+        if h.live() {
             out.push(off);
         }
         off += h.total.max(ALIGN as u32) as u64;
@@ -327,6 +347,7 @@ fn begin(m: &mut Shared) {
 }
 
 fn end_change(m: &mut Shared) {
+    m.used.store(m.head - m.tail + m.reserved, SeqCst);
     m.changes.fetch_add(1, SeqCst);
     m.modifying.store(false, SeqCst);
 }
@@ -387,29 +408,25 @@ pub fn end_own(committed: bool) {
         return;
     }
     let Some(s) = shared() else { return };
-    if !committed {
-        s.dropped.fetch_add(own.len() as u64, SeqCst);
-    }
-    {
-        let g = Guard::take();
-        let m = locked(s, &g);
-        begin(m);
-        for off in own {
-            if committed {
-                let h = unsafe { &mut *header_at(m, off) };
-                if h.state == PENDING {
-                    h.state = READY;
-                }
-            } else {
-                finish(m, off);
-            }
-        }
-        advance_tail(m);
-        end_change(m);
-    }
     if committed {
+        // No lock: the state is atomic, and the tail never passes a PENDING entry, so these
+        // offsets are still this transaction's entries.
+        for off in own {
+            let h = unsafe { &*header_at(s, off) };
+            let _ = h.state.compare_exchange(PENDING, READY, SeqCst, SeqCst);
+        }
         wake_worker();
+        return;
     }
+    s.dropped.fetch_add(own.len() as u64, SeqCst);
+    let g = Guard::take();
+    let m = locked(s, &g);
+    begin(m);
+    for off in own {
+        finish(m, off);
+    }
+    advance_tail(m);
+    end_change(m);
 }
 
 /// Wakes the delivery worker. Never fails.
@@ -585,18 +602,19 @@ pub fn take_batch(max: usize) -> Batch {
     let Some(s) = shared() else { return batch };
     let g = Guard::take();
     let m = locked(s, &g);
-    for off in offsets(m) {
-        if batch.deliver.len() >= max {
-            break;
-        }
+    // From the tail, stopping at `max`: with Redis away for long the ledger holds hundreds
+    // of thousands of keys, and writers wait for this lock.
+    let mut off = m.tail;
+    while off < m.head && batch.deliver.len() < max {
         let h = unsafe { &*header_at(m, off) };
-        if h.state == READY {
+        if h.state.load(SeqCst) == READY {
             batch.deliver.push((
                 off,
                 unsafe { key_at(m, off, h.key_len as usize) }.to_string(),
                 h.at_ms,
             ));
         }
+        off += h.total.max(ALIGN as u32) as u64;
     }
     batch
 }
@@ -621,8 +639,16 @@ pub fn settle(batch: &Batch, delivered: bool) {
     }
     if delivered {
         s.delivered.fetch_add(batch.deliver.len() as u64, SeqCst);
+        let now = l1::now_ms();
+        for d in &batch.deliver {
+            let lag = now - d.2;
+            let i = LAG_BUCKETS
+                .iter()
+                .position(|b| lag <= *b)
+                .unwrap_or(LAG_BUCKETS.len());
+            s.lag_buckets[i].fetch_add(1, SeqCst);
+        }
         if let Some(oldest) = batch.deliver.iter().map(|d| d.2).min() {
-            let now = l1::now_ms();
             s.last_delivery_ms.store(now, SeqCst);
             s.last_lag_ms.store(now - oldest, SeqCst);
             s.max_lag_ms.fetch_max(now - oldest, SeqCst);
@@ -643,7 +669,7 @@ pub fn delivered_up_to() -> u64 {
     let mut off = m.tail;
     while off < m.head {
         let h = unsafe { &*header_at(m, off) };
-        if h.state == PENDING || h.state == READY {
+        if h.live() {
             return h.lsn;
         }
         off += h.total.max(ALIGN as u32) as u64;
@@ -666,10 +692,6 @@ pub fn undelivered() -> u64 {
         let g = Guard::take();
         locked(s, &g).undelivered
     })
-}
-
-pub fn changes() -> u64 {
-    shared().map_or(0, |s| s.changes.load(SeqCst))
 }
 
 pub fn register_worker(latch: *mut pg_sys::Latch) {
@@ -750,9 +772,8 @@ pub fn status() -> serde_json::Value {
     let (undelivered, used, oldest_ms) = {
         let g = Guard::take();
         let m = locked(s, &g);
-        let oldest = offsets(m)
-            .first()
-            .map(|off| unsafe { (*header_at(m, *off)).at_ms });
+        // The tail is the oldest entry not done (advance_tail keeps it so).
+        let oldest = (m.tail < m.head).then(|| unsafe { (*header_at(m, m.tail)).at_ms });
         (m.undelivered, m.head - m.tail, oldest)
     };
     let ms = |a: &AtomicI64| {
@@ -768,6 +789,7 @@ pub fn status() -> serde_json::Value {
         "oldest_undelivered_age_ms": oldest_ms.map(|t| (l1::now_ms() - t).max(0)),
         "last_batch_lag_ms": s.last_lag_ms.load(SeqCst),
         "max_lag_ms": s.max_lag_ms.load(SeqCst),
+        "lag_p99_ms": lag_p99(s),
         "exchanges": s.exchanges.load(SeqCst),
         "bytes_used": used,
         "bytes": s.arena_bytes,
@@ -783,6 +805,29 @@ pub fn status() -> serde_json::Value {
         "delivered_up_to": format_lsn(s.last_x.load(SeqCst)),
         "worker_pid": (pid != 0).then_some(pid),
     })
+}
+
+/// The bucket bound under which 99 % of the keys delivered since the start were (None before
+/// the first delivery; beyond the last bucket, the worst lag seen).
+fn lag_p99(s: &Shared) -> Option<i64> {
+    let counts: Vec<u64> = s.lag_buckets.iter().map(|b| b.load(SeqCst)).collect();
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let mut seen = 0;
+    for (i, n) in counts.iter().enumerate() {
+        seen += n;
+        if seen * 100 >= total * 99 {
+            return Some(
+                LAG_BUCKETS
+                    .get(i)
+                    .copied()
+                    .unwrap_or(s.max_lag_ms.load(SeqCst)),
+            );
+        }
+    }
+    None
 }
 
 fn format_lsn(lsn: u64) -> String {
@@ -808,8 +853,8 @@ fn position() -> u64 {
 /// `clean`: written when no process can append any more (the postmaster at exit) by a ledger
 /// known complete, so it holds every undelivered key; otherwise it holds every undelivered
 /// key whose record is before the position it records.
-pub fn save_file(clean: bool) -> bool {
-    let Some(s) = shared() else { return false };
+pub fn save_file(clean: bool) -> Option<u64> {
+    let s = shared()?;
     let parsed = {
         let guard = (!clean).then(Guard::take);
         let m = unsafe { &*(s as *const Shared) };
@@ -834,7 +879,8 @@ pub fn save_file(clean: bool) -> bool {
         drop(guard);
         parsed
     };
-    write_file(&encode_file(&parsed)).is_ok()
+    let x = parsed.x;
+    write_file(&encode_file(&parsed)).ok().map(|_| x)
 }
 
 fn write_file(bytes: &[u8]) -> std::io::Result<()> {
@@ -887,6 +933,7 @@ fn load_file() {
             return;
         }
     }
+    m.used.store(m.head - m.tail, SeqCst);
     m.file_x.store(parsed.x, SeqCst);
     m.file_clean.store(parsed.clean, SeqCst);
     if parsed.clean {

@@ -68,6 +68,19 @@ def sh(cmd, **kw):
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
 
 
+def lag_p99(before: dict, after: dict):
+    """p99 of the delivery lag (COMMIT to Redis's acknowledgment, bucket bounds in ms) of the keys
+    delivered between two `twotier.status()->'delivery'` readings."""
+    hist = [(b, n1 - n0) for (b, n1), (_, n0) in zip(after.get("lag_histogram", []), before.get("lag_histogram", []))]
+    total = sum(n for _, n in hist)
+    seen = 0
+    for bound, n in hist:
+        seen += n
+        if total and seen * 100 >= total * 99:
+            return bound if bound is not None else after.get("max_lag_ms")
+    return None
+
+
 class Bench:
     def __init__(self, quick: bool):
         self.quick = quick
@@ -493,10 +506,10 @@ class Bench:
                 exchanges = d1["exchanges"] - d0["exchanges"]
                 queue["up_keys_delivered"] = keys
                 queue["up_exchanges_per_1000_keys"] = round(1000 * exchanges / keys, 1) if keys else None
-                queue["up_max_lag_ms"] = d1["max_lag_ms"]
+                queue["up_lag_p99_ms"] = lag_p99(d0, d1)
                 print(f"  delivery with Redis up: {keys} keys in {exchanges} Redis exchanges"
-                      f" ({queue['up_exchanges_per_1000_keys']} per 1,000 commits); worst lag since start"
-                      f" {d1['max_lag_ms']} ms", flush=True)
+                      f" ({queue['up_exchanges_per_1000_keys']} per 1,000 commits); lag p99 <= {queue['up_lag_p99_ms']} ms",
+                      flush=True)
             self.record("writer", f"UPDATE 1 row, unwatched table, Redis {redis}", clients, best["wu"],
                         json.dumps({"rows": n, "redis": redis}))
             note = {"rows": n, "redis": redis, "x_unwatched_tps": round(ratio, 3)}
@@ -539,7 +552,7 @@ class Bench:
                     if watched:
                         keys = d1["delivered"] - d0["delivered"]
                         delivery = {"keys": keys, "exchanges": d1["exchanges"] - d0["exchanges"],
-                                    "lag_p99_ms": d1.get("lag_p99_ms"), "max_lag_ms": d1.get("max_lag_ms")}
+                                    "lag_p99_ms": lag_p99(d0, d1)}
                     if watched not in best or r["tps"] > best[watched]["tps"]:
                         best[watched] = r
             cached(False)

@@ -790,6 +790,9 @@ pub fn status() -> serde_json::Value {
         "last_batch_lag_ms": s.last_lag_ms.load(SeqCst),
         "max_lag_ms": s.max_lag_ms.load(SeqCst),
         "lag_p99_ms": lag_p99(s),
+        // [upper bound in ms (null: above the last), keys delivered within it] since the start.
+        "lag_histogram": LAG_BUCKETS.iter().map(|b| Some(*b)).chain([None]).zip(s.lag_buckets.iter())
+            .map(|(b, n)| serde_json::json!([b, n.load(SeqCst)])).collect::<Vec<_>>(),
         "exchanges": s.exchanges.load(SeqCst),
         "bytes_used": used,
         "bytes": s.arena_bytes,

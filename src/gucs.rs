@@ -351,18 +351,11 @@ unsafe extern "C-unwind" fn check_redis_url(
         source,
         PGC_S_TEST | PGC_S_DATABASE | PGC_S_USER | PGC_S_DATABASE_USER
     ) {
-        unsafe {
-            pgrx::pg_sys::GUC_check_errcode(
-                pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE as i32,
-            );
-            pgrx::pg_sys::GUC_check_errmsg_string = pgrx::pg_sys::pstrdup(
-                c"twotier.redis_url cannot be set per role, per database or per function".as_ptr(),
-            );
-            pgrx::pg_sys::GUC_check_errhint_string = pgrx::pg_sys::pstrdup(
-                c"Its password would be readable by every role in pg_db_role_setting; set it in postgresql.conf or with ALTER SYSTEM.".as_ptr(),
-            );
-        }
-        return false;
+        return refuse_setting(
+            pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            c"twotier.redis_url cannot be set per role, per database or per function",
+            c"Its password would be readable by every role in pg_db_role_setting; set it in postgresql.conf or with ALTER SYSTEM.",
+        );
     }
     let url = if newval.is_null() || unsafe { (*newval).is_null() } {
         c""
@@ -371,45 +364,35 @@ unsafe extern "C-unwind" fn check_redis_url(
     };
     if url_has_password(&url.to_string_lossy()) {
         // Our own message: PostgreSQL's would quote the value, password and all, in the log.
-        unsafe {
-            pgrx::pg_sys::GUC_check_errcode(
-                pgrx::PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE as i32,
-            );
-            pgrx::pg_sys::GUC_check_errmsg_string =
-                pgrx::pg_sys::pstrdup(c"twotier.redis_url must not hold a password".as_ptr());
-            pgrx::pg_sys::GUC_check_errhint_string = pgrx::pg_sys::pstrdup(
-                c"A setting's value reaches pg_settings, SHOW and the server log; put the password in a file readable only by the server's OS user and name it in twotier.redis_password_file.".as_ptr(),
-            );
-        }
-        return false;
+        return refuse_setting(
+            pgrx::PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            c"twotier.redis_url must not hold a password",
+            c"A setting's value reaches pg_settings, SHOW and the server log; put the password in a file readable only by the server's OS user and name it in twotier.redis_password_file.",
+        );
     }
     true
 }
 
-/// Whether a Redis URL carries a password, in any form the client accepts: `user:password@`
-/// or `:password@` before the host, or `pass=`/`password=` in the query (`redis+unix://`).
-pub fn url_has_password(url: &str) -> bool {
-    let Some(scheme_end) = url.find("://") else {
-        return false;
-    };
-    let rest = &url[scheme_end + 3..];
-    let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
-    let authority = before_query.split('/').next().unwrap_or("");
-    let in_userinfo = authority
-        .rsplit_once('@')
-        .is_some_and(|(userinfo, _)| userinfo.contains(':'));
-    let in_query = query.split(['&', '#']).any(|pair| {
-        let name = pair.split('=').next().unwrap_or("").to_ascii_lowercase();
-        name == "pass" || name == "password"
-    });
-    in_userinfo || in_query
+/// A check hook's refusal: the SQLSTATE, message and hint PostgreSQL reports. Always false.
+fn refuse_setting(code: pgrx::PgSqlErrorCode, message: &CStr, hint: &CStr) -> bool {
+    unsafe {
+        pgrx::pg_sys::GUC_check_errcode(code as i32);
+        pgrx::pg_sys::GUC_check_errmsg_string = pgrx::pg_sys::pstrdup(message.as_ptr());
+        pgrx::pg_sys::GUC_check_errhint_string = pgrx::pg_sys::pstrdup(hint.as_ptr());
+    }
+    false
 }
 
-/// The URL as any message or view may show it: whatever could be a credential masked.
-pub fn redacted_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_string();
-    };
+/// A Redis URL's parts: scheme, authority (`userinfo@host:port`), path, and the query if any.
+struct UrlParts<'a> {
+    scheme: &'a str,
+    authority: &'a str,
+    path: &'a str,
+    query: Option<&'a str>,
+}
+
+fn split_url(url: &str) -> Option<UrlParts<'_>> {
+    let scheme_end = url.find("://")?;
     let (scheme, rest) = (&url[..scheme_end], &url[scheme_end + 3..]);
     let (before_query, query) = match rest.split_once('?') {
         Some((b, q)) => (b, Some(q)),
@@ -418,6 +401,42 @@ pub fn redacted_url(url: &str) -> String {
     let (authority, path) = match before_query.find('/') {
         Some(i) => (&before_query[..i], &before_query[i..]),
         None => (before_query, ""),
+    };
+    Some(UrlParts {
+        scheme,
+        authority,
+        path,
+        query,
+    })
+}
+
+/// Whether a Redis URL carries a password, in any form the client accepts: `user:password@`
+/// or `:password@` before the host, or `pass=`/`password=` in the query (`redis+unix://`).
+pub fn url_has_password(url: &str) -> bool {
+    let Some(parts) = split_url(url) else {
+        return false;
+    };
+    let in_userinfo = parts
+        .authority
+        .rsplit_once('@')
+        .is_some_and(|(userinfo, _)| userinfo.contains(':'));
+    let in_query = parts.query.unwrap_or("").split(['&', '#']).any(|pair| {
+        let name = pair.split('=').next().unwrap_or("").to_ascii_lowercase();
+        name == "pass" || name == "password"
+    });
+    in_userinfo || in_query
+}
+
+/// The URL as any message or view may show it: whatever could be a credential masked.
+pub fn redacted_url(url: &str) -> String {
+    let Some(UrlParts {
+        scheme,
+        authority,
+        path,
+        query,
+    }) = split_url(url)
+    else {
+        return url.to_string();
     };
     let authority = match authority.rsplit_once('@') {
         Some((_, host)) => format!("***@{host}"),

@@ -90,6 +90,7 @@ def test_exporter_reports_every_twotier_metric(cluster, redis_server, make_cache
         cluster.sql(f"UPDATE {cache.name} SET ver = ver + 1 WHERE k = 1")
         assert wait_for(lambda: metric(exporter(), "twotier_status_delivery_undelivered") >= 1, timeout=10)
         assert wait_for(lambda: metric(exporter(), "twotier_status_delivery_failures") >= 1, timeout=10)
+        assert wait_for(lambda: metric(exporter(), "twotier_status_delivery_oldest_undelivered_age_ms") > 0, timeout=10)
         text = exporter()
         assert metric(text, "twotier_status_l2_reachable") == 0
     finally:

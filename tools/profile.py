@@ -75,18 +75,29 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=8)
     ap.add_argument("--name", default="l1_hit_8_clients")
     ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--workload", choices=["l1_hit", "writer"], default="l1_hit",
+                    help="writer: single-row UPDATEs of a watched 10,000-row table (synchronous_commit off)")
     args = ap.parse_args()
     b = Bench(quick=True)
     b.start()
     try:
-        b.warm("widget_config", b.tenants)
-        pick = f"\\set i random(1, {b.tenants})\n"
-        hit = b.script("hit_widget_config", pick + f"SELECT cached_widget_config({KEY['widget_config']});\n")
-        b.pgbench([hit], args.clients, duration=2)  # every key in L1, plans cached
+        options = ""
+        if args.workload == "writer":
+            b.sql("CREATE TABLE wt (k int PRIMARY KEY, v bigint NOT NULL)")
+            b.sql("INSERT INTO wt SELECT g, 0 FROM generate_series(1, 10000) g")
+            b.sql("SELECT twotier.define('wt', $q$SELECT jsonb_build_object('v', v) FROM wt WHERE k = $1::int$q$,"
+                  " '5 minutes', ARRAY['wt(k)'])")
+            hit = b.script("update_wt", "\\set k random(1, 10000)\nUPDATE wt SET v = v + 1 WHERE k = :k;\n")
+            options = "-c synchronous_commit=off"
+        else:
+            b.warm("widget_config", b.tenants)
+            pick = f"\\set i random(1, {b.tenants})\n"
+            hit = b.script("hit_widget_config", pick + f"SELECT cached_widget_config({KEY['widget_config']});\n")
+        b.pgbench([hit], args.clients, duration=2, options=options)  # warm: every key in L1, plans cached
         data = b.work / "perf.data"
         result = {}
         load = threading.Thread(target=lambda: result.update(
-            b.pgbench([hit], args.clients, duration=int(args.seconds) + 2)))
+            b.pgbench([hit], args.clients, duration=int(args.seconds) + 2, options=options)))
         load.start()
         time.sleep(1)
         subprocess.run(["perf", "record", "-F", "499", "--call-graph", "dwarf,16384", "-a", "-o", str(data),
@@ -99,7 +110,7 @@ def main() -> None:
         dest.mkdir(parents=True, exist_ok=True)
         folded = dest / f"{args.name}.folded"
         folded.write_text("".join(f"{s} {n}\n" for s, n in stacks.most_common()))
-        print(f"{args.clients} clients, L1 hit of widget_config: {result.get('tps', 0):.0f} TPS while profiled;"
+        print(f"{args.clients} clients, {args.workload}: {result.get('tps', 0):.0f} TPS while profiled;"
               f" {sum(stacks.values())} samples of postgres processes -> {folded.relative_to(ROOT)}")
         for name, n, pct in breakdown(stacks):
             print(f"  {pct:5.1f} %  {n:7d}  {name}")

@@ -252,7 +252,10 @@ impl<'a> Call<'a> {
                 return Err(L2Miss::Unused);
             }
             // Committed, not yet in Redis: the source has it, L1 may keep it, L2 not yet.
-            Guarded::Undelivered => return Err(L2Miss::Unused),
+            Guarded::Undelivered => {
+                self.def.stats.bump(Counter::L2Skips);
+                return Err(L2Miss::Unused);
+            }
         };
         let read = match l2::read(&self.tier_key) {
             Ok(read) => read,
@@ -588,6 +591,10 @@ fn l2_batch(
         .zip(&in_flight)
         .map(|(&i, &f)| match ledger::guard(calls[i].hash) {
             Guarded::Clear(gen) if !f => Some(gen),
+            Guarded::Undelivered if !f => {
+                def.stats.bump(Counter::L2Skips);
+                None
+            }
             _ => None,
         })
         .collect();

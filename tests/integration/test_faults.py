@@ -142,9 +142,11 @@ def canceled(how):
         v = ctx.notes["victim"]
         if how == "statement_timeout":
             v.execute("SET statement_timeout = 300")
-        # No commit may fail while the victim's call starts: with undelivered invalidations
-        # no backend reads L2, and the victim would not wait on Redis at all.
+        # No invalidation may be undelivered while the victim's call starts: no backend reads
+        # L2 for such a key, and the victim would not wait on Redis at all. So the writers
+        # pause, and the ledger empties, before Redis does.
         ctx.workload.hold_writes()
+        assert wait_for(lambda: ctx.stack.delivery()["undelivered"] == 0, timeout=10)
         ctx.redis.pause()
         try:
             pid = v.info.backend_pid

@@ -316,14 +316,8 @@ class RedisServer:
         import redis
 
         r = self.client()
-        if self._memory_policy is None:
-            self._memory_policy = r.config_get("maxmemory-policy")["maxmemory-policy"]
-        chunk = b"j" * (64 << 10)
-        pipe = r.pipeline(transaction=False)
-        for _ in range(max(1, junk_bytes // len(chunk))):
-            pipe.set(f"junk:{self._junk_keys}", chunk)
-            self._junk_keys += 1
-        pipe.execute()
+        self._remember_policy(r)
+        self._write_junk(r, junk_bytes, 64 << 10)
         r.config_set("maxmemory-policy", "noeviction")
         r.config_set("maxmemory", max(1 << 20, int(r.info("memory")["used_memory"]) - margin))
         try:
@@ -351,18 +345,27 @@ class RedisServer:
         is older, tombstones included. Returns the number of keys evicted. `heal()` (through
         `free_memory`) lifts the limit and restores the policy."""
         r = self.client()
-        if self._memory_policy is None:
-            self._memory_policy = r.config_get("maxmemory-policy")["maxmemory-policy"]
+        self._remember_policy(r)
         before = int(r.info("stats")["evicted_keys"])
         r.config_set("maxmemory-policy", "allkeys-lru")
         r.config_set("maxmemory", limit)
-        chunk = b"e" * (32 << 10)
+        self._write_junk(r, junk_bytes, 32 << 10)
+        return int(r.info("stats")["evicted_keys"]) - before
+
+    def _remember_policy(self, r) -> None:
+        """The eviction policy to restore in `free_memory`, read before the first change."""
+        if self._memory_policy is None:
+            self._memory_policy = r.config_get("maxmemory-policy")["maxmemory-policy"]
+
+    def _write_junk(self, r, junk_bytes: int, chunk_bytes: int) -> None:
+        """`junk_bytes` of `junk:<n>` keys of `chunk_bytes` each, in one pipeline; `free_memory`
+        deletes them."""
+        chunk = b"j" * chunk_bytes
         pipe = r.pipeline(transaction=False)
-        for _ in range(max(1, junk_bytes // len(chunk))):
+        for _ in range(max(1, junk_bytes // chunk_bytes)):
             pipe.set(f"junk:{self._junk_keys}", chunk)
             self._junk_keys += 1
         pipe.execute()
-        return int(r.info("stats")["evicted_keys"]) - before
 
     def make_readonly(self, on: bool = True) -> None:
         """on: REPLICAOF a throwaway empty master, so that every write gets READONLY (reads

@@ -7,7 +7,7 @@
 //! growing pause. It needs no database connection: tier keys carry their database.
 
 use crate::gucs;
-use crate::invalidation::{ledger, listener, wal};
+use crate::invalidation::{ledger, listener};
 use crate::l2;
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
@@ -111,9 +111,7 @@ pub unsafe extern "C-unwind" fn twotier_delivery_main(_arg: pg_sys::Datum) {
             }
         }
         if record_owed && (last_record.elapsed() >= RECORD_AFTER_BATCH || !pause.is_zero()) {
-            let x = ledger::delivered_up_to();
-            record_end = wal::log_delivered(ledger::epoch(), x);
-            ledger::set_last_x(x);
+            record_end = ledger::log_progress();
             last_record = Instant::now();
             record_owed = false;
         } else if batch.deliver.is_empty()
@@ -122,10 +120,8 @@ pub unsafe extern "C-unwind" fn twotier_delivery_main(_arg: pg_sys::Datum) {
         {
             // Idle, but other WAL went by: a standby that restarts from a later point learns
             // from this that nothing before it is undelivered.
-            let x = ledger::delivered_up_to();
-            if x != ledger::last_x() || ledger::undelivered() == 0 {
-                record_end = wal::log_delivered(ledger::epoch(), x);
-                ledger::set_last_x(x);
+            if ledger::delivered_up_to() != ledger::last_x() || ledger::undelivered() == 0 {
+                record_end = ledger::log_progress();
             }
             last_record = Instant::now();
         }

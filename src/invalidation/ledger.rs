@@ -86,7 +86,6 @@ pub struct Shared {
     /// Set while an append or removal is half done: a ledger left so by a killed process is
     /// not saved as complete by the postmaster.
     modifying: AtomicBool,
-    changes: AtomicU64,
     epoch: AtomicU64,
     state: AtomicU32,
     redo_ran: AtomicBool,
@@ -115,7 +114,7 @@ pub struct Shared {
     /// 100, 200, 500, 1000 ms, and more.
     lag_buckets: [AtomicU64; LAG_BUCKETS.len() + 1],
     exchanges: AtomicU64,
-    pub worker_pid: AtomicI32,
+    worker_pid: AtomicI32,
     worker_latch: AtomicPtr<pg_sys::Latch>,
     pending: [AtomicU32; SLOTS],
     gens: [AtomicU64; SLOTS],
@@ -220,7 +219,7 @@ unsafe fn key_at<'a>(s: &Shared, off: u64, len: usize) -> &'a str {
 }
 
 /// Bytes `keys` need in the arena: what a writer reserves before it resolves versions.
-/// `slack` covers a version that grows by a digit meanwhile.
+/// `extra_per_key` is the tier key's prefix with room for a version that grows meanwhile.
 pub fn bytes_for<'a>(keys: impl Iterator<Item = &'a str>, extra_per_key: usize) -> u64 {
     keys.map(|k| entry_size(k.len() + extra_per_key) + ALIGN as u64)
         .sum()
@@ -317,29 +316,44 @@ fn finish(m: &mut Shared, off: u64) {
     m.undelivered = m.undelivered.saturating_sub(1);
 }
 
-/// Moves `tail` past entries that are done; the caller holds the lock.
-fn advance_tail(m: &mut Shared) {
-    while m.tail < m.head {
-        let h = unsafe { &*header_at(m, m.tail) };
-        if h.live() {
-            break;
+/// The entries (padding included) from `from` to head, oldest first, with their offsets; the
+/// caller holds the lock (or, in the postmaster, nothing else runs).
+fn walk(m: &Shared, from: u64) -> impl Iterator<Item = (u64, &'static EntryHeader)> + '_ {
+    let mut off = from;
+    std::iter::from_fn(move || {
+        if off >= m.head {
+            return None;
         }
-        m.tail += h.total.max(ALIGN as u32) as u64;
-    }
+        let h = unsafe { &*header_at(m, off) };
+        let at = off;
+        off += h.total.max(ALIGN as u32) as u64;
+        Some((at, h))
+    })
 }
 
-/// Offsets of the entries between tail and head, oldest first; the caller holds the lock.
+/// Offsets of the entries not done yet, oldest first; the caller holds the lock.
 fn offsets(m: &Shared) -> Vec<u64> {
-    let mut out = Vec::new();
-    let mut off = m.tail;
-    while off < m.head {
-        let h = unsafe { &*header_at(m, off) };
-        if h.live() {
-            out.push(off);
+    walk(m, m.tail)
+        .filter(|(_, h)| h.live())
+        .map(|(off, _)| off)
+        .collect()
+}
+
+/// Moves `tail` past entries that are done; the caller holds the lock.
+fn advance_tail(m: &mut Shared) {
+    let next = walk(m, m.tail).find(|(_, h)| h.live()).map(|(off, _)| off);
+    m.tail = next.unwrap_or(m.head);
+}
+
+/// Marks done every entry not done whose position is before `upto` (u64::MAX: all of them):
+/// a delivery record passed them, or an epoch move made them moot. The caller holds the lock.
+fn retire_before(m: &mut Shared, upto: u64) {
+    for off in offsets(m) {
+        if unsafe { (*header_at(m, off)).lsn } < upto {
+            finish(m, off);
         }
-        off += h.total.max(ALIGN as u32) as u64;
     }
-    out
+    advance_tail(m);
 }
 
 fn begin(m: &mut Shared) {
@@ -348,7 +362,6 @@ fn begin(m: &mut Shared) {
 
 fn end_change(m: &mut Shared) {
     m.used.store(m.head - m.tail + m.reserved, SeqCst);
-    m.changes.fetch_add(1, SeqCst);
     m.modifying.store(false, SeqCst);
 }
 
@@ -368,7 +381,6 @@ pub fn record(keys: &[&str]) -> bool {
         // record written after it can belong to a key appended before it.
         let lsn = unsafe { pg_sys::GetXLogInsertRecPtr() };
         begin(m);
-        let start = m.head;
         let mut ok = true;
         let mut own = Vec::with_capacity(keys.len());
         for k in keys {
@@ -381,13 +393,10 @@ pub fn record(keys: &[&str]) -> bool {
         }
         if ok {
             OWN.with(|o| o.borrow_mut().extend(own));
-        }
-        if !ok {
+        } else {
             // All or nothing: finish what went in (they are moot once the caches move).
-            let mut off = start;
-            while off < m.head {
+            for off in own {
                 finish(m, off);
-                off += unsafe { (*header_at(m, off)).total } as u64;
             }
             advance_tail(m);
         }
@@ -501,8 +510,13 @@ pub fn still_clear(hash: u64, gen: u64) -> bool {
     trusted(s) && s.pending[i].load(SeqCst) == 0 && s.gens[i].load(SeqCst) == gen
 }
 
+/// Every undelivered key is known here (the state, and no replayed key dropped for room).
+fn complete(s: &Shared) -> bool {
+    s.state.load(SeqCst) == STATE_COMPLETE && s.overflow_lsn.load(SeqCst) == 0
+}
+
 fn trusted(s: &Shared) -> bool {
-    if s.state.load(SeqCst) == STATE_COMPLETE && s.overflow_lsn.load(SeqCst) == 0 {
+    if complete(s) {
         return true;
     }
     // A primary settles it at once, whoever asks first (the worker, or a reader that came
@@ -562,13 +576,7 @@ pub fn replay_delivered(epoch: u64, x: u64, lsn: u64) {
         let m = locked(s, &g);
         begin(m);
         // A new epoch makes everything before it moot: nothing it named is read again.
-        let upto = if moved { lsn.max(x) } else { x };
-        for off in offsets(m) {
-            if unsafe { (*header_at(m, off)).lsn } < upto {
-                finish(m, off);
-            }
-        }
-        advance_tail(m);
+        retire_before(m, if moved { lsn.max(x) } else { x });
         m.epoch.store(epoch, SeqCst);
         m.last_x.store(x, SeqCst);
         if moved || !s.redo_ran.load(SeqCst) || x >= s.redo_start.load(SeqCst) {
@@ -604,18 +612,14 @@ pub fn take_batch(max: usize) -> Batch {
     let m = locked(s, &g);
     // From the tail, stopping at `max`: with Redis away for long the ledger holds hundreds
     // of thousands of keys, and writers wait for this lock.
-    let mut off = m.tail;
-    while off < m.head && batch.deliver.len() < max {
-        let h = unsafe { &*header_at(m, off) };
-        if h.state.load(SeqCst) == READY {
-            batch.deliver.push((
-                off,
-                unsafe { key_at(m, off, h.key_len as usize) }.to_string(),
-                h.at_ms,
-            ));
-        }
-        off += h.total.max(ALIGN as u32) as u64;
-    }
+    batch.deliver = walk(m, m.tail)
+        .filter(|(_, h)| h.state.load(SeqCst) == READY)
+        .take(max)
+        .map(|(off, h)| {
+            let key = unsafe { key_at(m, off, h.key_len as usize) };
+            (off, key.to_string(), h.at_ms)
+        })
+        .collect();
     batch
 }
 
@@ -666,21 +670,21 @@ pub fn delivered_up_to() -> u64 {
     let Some(s) = shared() else { return 0 };
     let g = Guard::take();
     let m = locked(s, &g);
-    let mut off = m.tail;
-    while off < m.head {
-        let h = unsafe { &*header_at(m, off) };
-        if h.live() {
-            return h.lsn;
-        }
-        off += h.total.max(ALIGN as u32) as u64;
+    match walk(m, m.tail).find(|(_, h)| h.live()) {
+        Some((_, h)) => h.lsn,
+        None => unsafe { pg_sys::GetXLogInsertRecPtr() },
     }
-    unsafe { pg_sys::GetXLogInsertRecPtr() }
 }
 
-pub fn set_last_x(x: u64) {
+/// Tells standbys where delivery stands: a DELIVERED record with this epoch and
+/// [`delivered_up_to`]. Returns the record's end.
+pub fn log_progress() -> u64 {
+    let x = delivered_up_to();
+    let end = crate::invalidation::wal::log_delivered(epoch(), x);
     if let Some(s) = shared() {
         s.last_x.store(x, SeqCst);
     }
+    end
 }
 
 pub fn last_x() -> u64 {
@@ -720,7 +724,7 @@ pub fn settle_start() -> bool {
         return false;
     }
     let settled = (|| {
-        if s.state.load(SeqCst) == STATE_COMPLETE && s.overflow_lsn.load(SeqCst) == 0 {
+        if complete(s) {
             return true;
         }
         if unsafe { pg_sys::RecoveryInProgress() } {
@@ -735,22 +739,18 @@ pub fn settle_start() -> bool {
             .map(|d| d.as_micros() as u64)
             .unwrap_or(0);
         let epoch = now_us.max(s.epoch.load(SeqCst) + 1);
-        let end = crate::invalidation::wal::log_delivered(epoch, unsafe {
-            pg_sys::GetXLogInsertRecPtr()
-        });
+        let x = unsafe { pg_sys::GetXLogInsertRecPtr() };
+        let end = crate::invalidation::wal::log_delivered(epoch, x);
         unsafe { pg_sys::XLogFlush(end) };
         {
             let g = Guard::take();
             let m = locked(s, &g);
             begin(m);
             // Everything undelivered is moot: nothing it named is read again.
-            for off in offsets(m) {
-                finish(m, off);
-            }
-            advance_tail(m);
+            retire_before(m, u64::MAX);
             m.epoch.store(epoch, SeqCst);
             m.overflow_lsn.store(0, SeqCst);
-            m.last_x.store(end, SeqCst);
+            m.last_x.store(x, SeqCst);
             end_change(m);
         }
         s.epoch_moves.fetch_add(1, SeqCst);
@@ -915,7 +915,9 @@ unsafe extern "C-unwind" fn save_at_postmaster_exit(_code: i32, _arg: pg_sys::Da
 
 /// At shared memory creation (postmaster): the entries and epoch of the last file.
 fn load_file() {
-    let Some(s) = shared() else { return };
+    if !available() {
+        return;
+    }
     let Ok(mut f) = std::fs::File::open(FILE) else {
         return;
     };
@@ -927,7 +929,6 @@ fn load_file() {
         return;
     };
     // Nothing else runs yet: no lock is needed (nor available in the postmaster).
-    let _ = s;
     let m = unsafe { &mut *SHARED };
     m.epoch.store(parsed.epoch, SeqCst);
     for (db, xid, lsn, key) in &parsed.entries {

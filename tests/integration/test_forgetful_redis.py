@@ -43,26 +43,14 @@ def read(stack, n, l1=False):
         return c.execute(f"SELECT cached_{n}('1')->>'v'").fetchone()[0]
 
 
-def evict_everything_old(stack):
-    """allkeys-lru with a small maxmemory, then junk until the older keys are gone."""
-    r = stack.redis.client()
-    r.config_set("maxmemory-policy", "allkeys-lru")
-    r.config_set("maxmemory", 8 << 20)
-    chunk = b"e" * (32 << 10)
-    pipe = r.pipeline(transaction=False)
-    for i in range(1200):  # ~38 MB through an 8 MB Redis
-        pipe.set(f"evict:{i}", chunk)
-    pipe.execute()
-    assert int(r.info("stats")["evicted_keys"]) > 0
-
-
 def lose_tombstones(stack, how):
     if how == "flushall":
         stack.redis.client().flushall()
     elif how == "restart":
         stack.redis.restart()
     else:
-        evict_everything_old(stack)
+        # allkeys-lru in an 8 MB Redis, then ~38 MB of other keys: the older ones are gone.
+        assert stack.redis.evict_under_pressure(junk_bytes=1200 * (32 << 10), limit=8 << 20) > 0
 
 
 @pytest.mark.parametrize("protected", [True, False], ids=["ledger", "test_fill_trusts_redis"])

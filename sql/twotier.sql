@@ -23,6 +23,10 @@ CREATE TABLE twotier.caches (
     -- What the answer depends on besides the key ('role', setting names): part of every key,
     -- and the query runs as the caller. Empty: one answer per key, computed as the owner.
     vary_by text[] NOT NULL DEFAULT '{}',
+    -- The vary_by entry (a path such as request.jwt.claims->>sub) that watch entries declared
+    -- `per`: a row of such a table is visible only to callers whose entry equals the row's
+    -- per expression, and its change invalidates the key in their variants only.
+    per text,
     -- The types of the key's parts ($1, $2, ... of the query) and the names the generated
     -- functions give them. A key is stored as its canonical text: each part rendered by its
     -- type's output function under pinned settings, several parts joined by twotier.key_text.
@@ -195,6 +199,52 @@ BEGIN
 END
 $$;
 
+-- What the row-level security policies of `tables` read besides the row, for define's check
+-- that vary_by covers it: each setting named in a current_setting(...) call in a policy
+-- expression or one level down, in an SQL or PL/pgSQL function the expression calls (such as
+-- Supabase's auth.uid()); 'role' where a policy applies to chosen roles or reads the current
+-- role; and what cannot be told (a setting named by an expression, dynamic SQL, a function in
+-- another language), for a WARNING.
+CREATE FUNCTION twotier._policy_inputs(tables oid[])
+RETURNS TABLE (kind text, name text, origin text)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $inputs$
+WITH policy AS (
+    SELECT p.oid, p.polroles,
+           format('policy %I on %s', p.polname, p.polrelid::regclass) AS origin,
+           concat_ws(' ', pg_get_expr(p.polqual, p.polrelid), pg_get_expr(p.polwithcheck, p.polrelid)) AS body
+      FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid
+     WHERE p.polrelid = ANY (tables) AND c.relrowsecurity
+), called AS (
+    SELECT DISTINCT pol.origin, f.oid AS fn, l.lanname
+      FROM policy pol
+      JOIN pg_depend d ON d.classid = 'pg_policy'::regclass AND d.objid = pol.oid
+                      AND d.refclassid = 'pg_proc'::regclass
+      JOIN pg_proc f ON f.oid = d.refobjid
+      JOIN pg_language l ON l.oid = f.prolang
+), source AS (
+    SELECT origin, body, false AS plpgsql FROM policy
+    UNION ALL
+    SELECT format('%s, in %s', origin, fn::regprocedure), pg_get_functiondef(fn), lanname = 'plpgsql'
+      FROM called WHERE lanname IN ('sql', 'plpgsql')
+)
+SELECT 'setting', m[1], origin
+  FROM source, regexp_matches(body, 'current_setting\(\s*''([^'']+)''', 'g') AS m
+UNION
+SELECT 'role', NULL, origin FROM policy WHERE polroles <> '{0}'
+UNION
+SELECT 'role', NULL, origin FROM source
+ WHERE body ~* '\m(current_user|current_role|session_user|pg_has_role|has_[a-z_]+_privilege)\M'
+UNION
+SELECT 'unknown', 'a setting named by an expression', origin FROM source
+ WHERE body ~ 'current_setting\(\s*[^''\s]'
+UNION
+SELECT 'unknown', 'dynamic SQL', origin FROM source WHERE plpgsql AND body ~* '\mEXECUTE\M'
+UNION
+SELECT 'unknown', format('%s, in language %s', fn::regprocedure, lanname), origin
+  FROM called WHERE lanname NOT IN ('sql', 'plpgsql')
+$inputs$;
+REVOKE ALL ON FUNCTION twotier._policy_inputs(oid[]) FROM PUBLIC;
+
 -- define()'s work, as the extension's owner. `caller` is the role that was current when
 -- twotier.define was called (never an outer or session user: inside ANALYZE or a SECURITY
 -- DEFINER function those can be a superuser that never asked for this), and only the C entry
@@ -221,6 +271,9 @@ DECLARE
     i int := 0;
     tables oid[] := '{}';
     exprs text[] := '{}';
+    pers text[] := '{}';
+    per_expr text;
+    scope text;
     entries text[] := '{}';
     reads oid[];
     rls_tables text;
@@ -255,10 +308,10 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     FOREACH v IN ARRAY coalesce(vary_by, '{}') LOOP
-        IF v IS NULL OR (v <> 'role' AND v !~ '^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)+$') THEN
-            RAISE EXCEPTION 'twotier: vary_by entry % is neither ''role'' nor a setting name', coalesce(quote_literal(v), 'NULL')
+        IF v IS NULL OR (v <> 'role' AND v !~ '^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)+(->([A-Za-z0-9_$-]+|''[^'',]*''))*(->>([A-Za-z0-9_$-]+|''[^'',]*''))?$') THEN
+            RAISE EXCEPTION 'twotier: vary_by entry % is neither ''role'', a setting name nor a JSON path into one', coalesce(quote_literal(v), 'NULL')
                 USING ERRCODE = 'invalid_parameter_value',
-                      HINT = 'For example vary_by => ARRAY[''role'', ''request.jwt.claims''].';
+                      HINT = 'For example vary_by => ARRAY[''role'', ''request.jwt.claims->>sub''] (steps with -> and a last one with ->>, as in SQL).';
         END IF;
     END LOOP;
     IF returns IS NULL OR returns NOT IN ('jsonb', 'json') THEN
@@ -371,11 +424,65 @@ BEGIN
         IF rls_tables IS NOT NULL THEN
             RAISE EXCEPTION 'twotier: cache % reads %, which has row-level security', name, rls_tables
                 USING ERRCODE = 'feature_not_supported',
-                      HINT = 'Declare what the policies depend on, e.g. vary_by => ARRAY[''role'', ''request.jwt.claims''], so that each caller gets its own entries.';
+                      HINT = 'Declare what the policies depend on, e.g. vary_by => ARRAY[''role'', ''request.jwt.claims->>sub''], so that each caller gets its own entries.';
         END IF;
     END IF;
 
+    -- With vary_by the query runs under the caller's policies: entries that vary by less than
+    -- the policies read would serve one caller's rows to another.
+    IF coalesce(array_length(vary_by, 1), 0) > 0 THEN
+        SELECT string_agg(DISTINCT format('%s (%s)', i.name, i.origin), ', ') INTO problem
+          FROM twotier._policy_inputs(reads) i
+         WHERE i.kind = 'setting'
+           AND NOT EXISTS (SELECT FROM unnest(vary_by) e WHERE e = i.name OR starts_with(e, i.name || '->'));
+        IF problem IS NOT NULL THEN
+            RAISE EXCEPTION 'twotier: cache % reads under policies that depend on %, which vary_by does not name', name, problem
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'Add each setting, or the path into it that the policies use (e.g. ''request.jwt.claims->>sub''), to vary_by.';
+        END IF;
+        SELECT string_agg(DISTINCT i.origin, ', ') INTO problem
+          FROM twotier._policy_inputs(reads) i
+         WHERE i.kind = 'role' AND NOT 'role' = ANY (vary_by);
+        IF problem IS NOT NULL THEN
+            RAISE EXCEPTION 'twotier: cache % reads under policies that depend on the current role (%), and vary_by does not name "role"', name, problem
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'Add ''role'' to vary_by.';
+        END IF;
+        FOR problem IN SELECT DISTINCT format('%s (%s)', i.origin, i.name)
+                         FROM twotier._policy_inputs(reads) i WHERE i.kind = 'unknown' ORDER BY 1 LOOP
+            RAISE WARNING 'twotier: cannot tell which settings % reads: make sure vary_by of cache % names them', problem, name;
+        END LOOP;
+    END IF;
+
     FOREACH entry IN ARRAY coalesce(watch, '{}') LOOP
+        -- `table(key) per <vary_by entry> = <expression>`: a row of this table is visible only
+        -- to callers whose entry equals the expression, so a change to it reaches the key in
+        -- their variants only. The definer's declaration, like the key expression.
+        per_expr := NULL;
+        parts := regexp_match(entry, '^(.*\))\s+per\s+(\S+?)\s*=\s*(.+?)\s*$');
+        IF parts IS NOT NULL THEN
+            SELECT e INTO v FROM unnest(coalesce(vary_by, '{}')) e
+             WHERE e = parts[2] OR right(e, length(parts[2]) + 3) = '->>' || parts[2]
+                OR right(e, length(parts[2]) + 5) = '->>''' || parts[2] || ''''
+             LIMIT 1;
+            IF v IS NULL OR v = 'role' THEN
+                RAISE EXCEPTION 'twotier: watch entry % is per %, which names no JSON path or setting of vary_by', quote_literal(entry), parts[2]
+                    USING ERRCODE = 'invalid_parameter_value',
+                          HINT = 'Name a vary_by entry, or the last step of its path: vary_by => ARRAY[''role'', ''request.jwt.claims->>sub''] and ''orders(status) per sub = owner''.';
+            END IF;
+            IF scope IS NOT NULL AND scope <> v THEN
+                RAISE EXCEPTION 'twotier: watch entries of cache % are per % and per %: one cache has one', name, scope, v
+                    USING ERRCODE = 'invalid_parameter_value';
+            END IF;
+            scope := v;
+            per_expr := btrim(parts[3]);
+            IF per_expr ~ '(\$|;|--|/\*)' THEN
+                RAISE EXCEPTION 'twotier: watch expression % may not contain $, ;, -- or /*', quote_literal(per_expr)
+                    USING ERRCODE = 'invalid_parameter_value',
+                          HINT = 'Use a plain expression over the table''s columns, e.g. owner.';
+            END IF;
+            entry := parts[1];
+        END IF;
         parts := regexp_match(entry, '^\s*([^(]+?)\s*\((.*)\)\s*$');
         IF parts IS NULL OR btrim(parts[2]) = '' THEN
             RAISE EXCEPTION 'twotier: malformed watch entry %', quote_literal(entry)
@@ -405,11 +512,16 @@ BEGIN
                       HINT = 'Use a plain expression over the table''s columns, e.g. lower(domain).';
         END IF;
         PERFORM twotier._check_watch_expression(tbl, expr, owner_oid, pinned_path, types);
+        IF per_expr IS NOT NULL THEN
+            PERFORM twotier._check_watch_expression(tbl, per_expr, owner_oid, pinned_path, ARRAY['text'::regtype::oid]);
+        END IF;
         tables := tables || tbl;
         exprs := exprs || expr;
+        pers := pers || coalesce(per_expr, '');
         -- Stored schema-qualified (regclass output under this function's path), so that a
         -- dump restored elsewhere resolves the same table.
-        entries := entries || format('%s(%s)', tbl::regclass, expr);
+        entries := entries || (format('%s(%s)', tbl::regclass, expr)
+                               || CASE WHEN per_expr IS NULL THEN '' ELSE format(' per %s = %s', scope, per_expr) END);
     END LOOP;
 
     SELECT string_agg(c.oid::regclass::text, ', ') INTO unwatched
@@ -529,8 +641,9 @@ BEGIN
         -- partition is seen. ENABLE ALWAYS: logical replication apply (and any session with
         -- session_replication_role = replica) changes rows too.
         EXECUTE format('CREATE TRIGGER %I AFTER INSERT OR UPDATE OR DELETE ON %s
-                        FOR EACH ROW EXECUTE FUNCTION twotier._trigger(%L, %L, %L)',
-                       format('twotier_%s_%s', name, i), tables[i]::regclass, name, tables[i], exprs[i]);
+                        FOR EACH ROW EXECUTE FUNCTION twotier._trigger(%L, %L, %L%s)',
+                       format('twotier_%s_%s', name, i), tables[i]::regclass, name, tables[i], exprs[i],
+                       CASE WHEN pers[i] <> '' THEN format(', %L', pers[i]) ELSE '' END);
         EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER %I', tables[i]::regclass, format('twotier_%s_%s', name, i));
         PERFORM twotier._watch_truncate(tables[i]::regclass, format('twotier_%s_%s_trunc', name, i), name, exprs[i]);
     END LOOP;
@@ -542,15 +655,15 @@ BEGIN
     PERFORM twotier._lock_cache(name);
     IF old.name IS NOT NULL THEN
         UPDATE twotier.caches c SET query = _define.query, ttl = _define.ttl, negative_ttl = _define.negative_ttl,
-               watch = entries, vary_by = coalesce(_define.vary_by, '{}'),
+               watch = entries, vary_by = coalesce(_define.vary_by, '{}'), per = scope,
                key_types = types::regtype[], key_names = names, returns = _define.returns,
                version = twotier._next_version(c.version), search_path = pinned_path, function = fn,
                many_function = many, trigger_functions = '{}', updated_at = now()
          WHERE c.name = _define.name;
     ELSE
-        INSERT INTO twotier.caches (name, query, ttl, negative_ttl, watch, vary_by, key_types, key_names, returns,
+        INSERT INTO twotier.caches (name, query, ttl, negative_ttl, watch, vary_by, per, key_types, key_names, returns,
                                     version, owner, search_path, function, many_function)
-        VALUES (name, query, ttl, negative_ttl, entries, coalesce(vary_by, '{}'), types::regtype[], names, _define.returns,
+        VALUES (name, query, ttl, negative_ttl, entries, coalesce(vary_by, '{}'), scope, types::regtype[], names, _define.returns,
                 twotier._next_version(), owner_oid, pinned_path, fn, many);
     END IF;
     -- What the query depends on, as PostgreSQL says: DDL on any of it moves the cache to a new

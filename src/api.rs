@@ -167,8 +167,8 @@ fn set_value(cache: &str, key: &str, value: JsonB) {
         .flatten()
         .unwrap_or_default();
     let key = &crate::typed_keys::canonical(&def.key_types, key);
-    let l2_key = keys::full_key(&def.key_prefix, &catalog::effective_key(&def, key));
-    match l2::set(&l2_key, &json, def.ttl_s) {
+    let entry = catalog::entry_key(&def, key);
+    match l2::set(keys::base_of(&entry), &entry, &json, def.ttl_s) {
         Ok(()) => {
             if gucs::log_events() {
                 pgrx::log!("twotier SET: {}:{key} TTL: {}s", def.name, def.ttl_s);
@@ -208,9 +208,19 @@ fn invalidate_pattern(cache: &str, pattern: &str) -> i64 {
         CallError::EmptyPattern.raise();
     }
     let glob = KeyGlob::parse(pattern);
-    let redis_pattern = glob.redis_pattern(&def.key_prefix);
+    let mut redis_pattern = glob.redis_pattern(&def.key_prefix);
+    if !def.vary_by.is_empty() {
+        // A key's variants (and their groups' tokens) follow its name; `matches` below keeps
+        // exactly the ones whose key the glob matches.
+        redis_pattern.push('*');
+    }
     let prefix_len = def.key_prefix.len();
     let matches = |k: &str| {
+        if k.ends_with("~lease") {
+            return false;
+        }
+        // A variant's entry (or its group's token) goes with its key.
+        let k = keys::key_of_entry(k);
         // Only names escape() can produce: not a stampede lease (`...~lease`).
         k.starts_with(&def.key_prefix)
             && keys::unescape(&k[prefix_len..])
@@ -243,9 +253,9 @@ fn exists_entry(cache: &str, key: &str) -> bool {
     let def = catalog::lookup(cache);
     catalog::require_read(&def);
     let key = &crate::typed_keys::canonical(&def.key_types, key);
-    let l2_key = keys::full_key(&def.key_prefix, &catalog::effective_key(&def, key));
+    let entry = catalog::entry_key(&def, key);
     matches!(
-        l2::get(&l2_key),
+        l2::read(keys::base_of(&entry), &entry).map(|r| r.lookup),
         Ok(l2::Lookup::Value(_) | l2::Lookup::Negative)
     )
 }

@@ -7,6 +7,7 @@ use crate::error::{CatalogError, InternalError, Raise};
 use crate::keys;
 use crate::stats::{self, CacheStats};
 use crate::typed_keys::KeyType;
+use crate::vary::VaryBy;
 use pgrx::pg_sys::{self, Datum, Oid};
 use pgrx::prelude::*;
 use std::cell::{Cell, RefCell};
@@ -25,6 +26,9 @@ pub struct CacheDef {
     /// What the answer depends on besides the key: part of every key, and the query then runs
     /// as the caller (`twotier.caches.vary_by`).
     pub vary_by: Vec<VaryBy>,
+    /// The entry of `vary_by` that watch entries are declared `per`: then a key's variants
+    /// are grouped by that entry's value, and a write reaches one group (`twotier.caches.per`).
+    pub per: Option<usize>,
     /// `<prefix>:<cluster>.<db oid>:<name>:v<version>:`, the start of every key of this
     /// definition (L2 adds the Redis incarnation after the prefix).
     pub key_prefix: String,
@@ -44,42 +48,15 @@ pub struct CacheDef {
     pub returns_json: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VaryBy {
-    /// The current role (`current_user`), which also runs the query.
-    Role,
-    /// The value of a setting, such as `request.jwt.claims`.
-    Setting(CString),
-}
-
-impl VaryBy {
-    fn parse(entry: &str) -> Option<VaryBy> {
-        match entry {
-            "" => None,
-            "role" => Some(VaryBy::Role),
-            other => CString::new(other).ok().map(VaryBy::Setting),
-        }
-    }
-}
-
-/// The key under which `key` is stored for the current caller: unchanged without vary_by.
-pub fn effective_key(def: &CacheDef, key: &str) -> String {
+/// The tier key of the entry answering the current caller for `key`: the key's own tier key,
+/// followed by the caller's variant for a vary_by cache. Every variant of a key begins with
+/// the key's tier key, which is what invalidations name.
+pub fn entry_key(def: &CacheDef, key: &str) -> String {
+    let tier_key = keys::full_key(&def.key_prefix, key);
     if def.vary_by.is_empty() {
-        return key.to_string();
+        return tier_key;
     }
-    let parts: Vec<Option<String>> = def
-        .vary_by
-        .iter()
-        .map(|part| match part {
-            VaryBy::Role => Some(unsafe { pg_sys::GetUserId() }.to_u32().to_string()),
-            VaryBy::Setting(name) => {
-                let value = unsafe { pg_sys::GetConfigOption(name.as_ptr(), true, false) };
-                // Exactly, or an ERROR: a lossy conversion would give two callers one key.
-                (!value.is_null()).then(|| unsafe { crate::server_text::from_server_cstr(value) })
-            }
-        })
-        .collect();
-    keys::with_variant(&parts, key)
+    crate::vary::variant_key(&tier_key, &def.vary_by, def.per)
 }
 
 thread_local! {
@@ -240,7 +217,7 @@ fn load(name: &str) -> Option<CacheDef> {
     let rows = crate::spi::query_latest(
         c"SELECT query, extract(epoch FROM ttl)::bigint, extract(epoch FROM negative_ttl)::bigint,
                  version, owner::oid, search_path, function::oid, array_to_string(vary_by, ','),
-                 array_to_string(key_types::oid[], ','), returns
+                 array_to_string(key_types::oid[], ','), returns, per
             FROM twotier.caches WHERE name = $1",
         &[name],
     );
@@ -264,6 +241,11 @@ fn load(name: &str) -> Option<CacheDef> {
         key_types.push(KeyType::of(pg_sys::TEXTOID));
     }
     let key_prefix = keys::cache_prefix(crate::gucs::key_prefix(), database_scope(), name, version);
+    let vary_entries: Vec<(String, VaryBy)> = text(7)
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|e| VaryBy::parse(e).map(|v| (e.to_string(), v)))
+        .collect();
     // pg_temp last, whatever the row says (rows written before define pinned it there).
     let mut search_path = text(5).unwrap_or_default();
     if !search_path.trim_end().ends_with("pg_temp") {
@@ -280,11 +262,8 @@ fn load(name: &str) -> Option<CacheDef> {
         negative_ttl_s: int(2).unwrap_or_else(crate::gucs::negative_ttl_s),
         owner: oid(4),
         search_path: CString::new(search_path).unwrap_or_default(),
-        vary_by: text(7)
-            .unwrap_or_default()
-            .split(',')
-            .filter_map(VaryBy::parse)
-            .collect(),
+        per: text(10).and_then(|per| vary_entries.iter().position(|(e, _)| *e == per)),
+        vary_by: vary_entries.into_iter().map(|(_, v)| v).collect(),
         key_prefix,
         stats: stats::for_cache(name),
         function: oid(6),

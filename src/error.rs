@@ -71,6 +71,10 @@ pub enum CallError {
     ManyTooMany { n: usize, max: usize },
     #[error("twotier: cannot call {0} within a security-restricted operation")]
     SecurityRestricted(&'static str),
+    #[error("twotier: this cache varies by {0}, and its setting is not set")]
+    VaryUnset(String),
+    #[error("twotier: this cache varies by {0}, and its setting is not JSON")]
+    VaryNotJson(String),
 }
 
 /// Raises an ERROR inside a security-restricted operation (ANALYZE, VACUUM, REINDEX, CREATE
@@ -154,6 +158,9 @@ impl Raise for CallError {
             CallError::ManyDuplicate(_) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             CallError::ManyTooMany { .. } => PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             CallError::SecurityRestricted(_) => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            // What the policies would make of the same setting: no caller, no answer.
+            CallError::VaryUnset(_) => PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            CallError::VaryNotJson(_) => PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION,
         }
     }
     fn hint(&self) -> Option<String> {
@@ -189,8 +196,12 @@ impl Raise for CallError {
                 "ANALYZE, VACUUM, REINDEX, CREATE INDEX and REFRESH MATERIALIZED VIEW run code of a table's owner on behalf of whoever started them; call twotier outside index expressions and materialized views."
                     .into(),
             ),
+            CallError::VaryUnset(_) | CallError::VaryNotJson(_) => Some(
+                "Set it for the request first, as PostgREST does: SELECT set_config('request.jwt.claims', '{\"sub\": ...}', true). A caller without it has no variant of its own, so it is refused rather than served one."
+                    .into(),
+            ),
             CallError::RowSecurity { .. } => Some(
-                "One answer for every caller would leak rows across policies: redefine the cache with vary_by => ARRAY['role', ...] naming what the policies depend on."
+                "One answer for every caller would leak rows across policies: redefine the cache with vary_by => ARRAY['role', 'request.jwt.claims->>sub', ...] naming what the policies depend on."
                     .into(),
             ),
         }

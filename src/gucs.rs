@@ -27,6 +27,7 @@ static STAMPEDE_WAIT_MS: GucSetting<i32> = GucSetting::<i32>::new(200);
 static TTL_JITTER_PCT: GucSetting<i32> = GucSetting::<i32>::new(5);
 static FLUSH_ABOVE_KEYS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 static TEST_NO_LEDGER: GucSetting<bool> = GucSetting::<bool>::new(false);
+static TEST_VARIANTS_IGNORE_KEY: GucSetting<bool> = GucSetting::<bool>::new(false);
 static TEST_FILL_TRUSTS_REDIS: GucSetting<bool> = GucSetting::<bool>::new(false);
 static LEDGER_MB: GucSetting<i32> = GucSetting::<i32>::new(32);
 static TEST_NO_WAL: GucSetting<bool> = GucSetting::<bool>::new(false);
@@ -248,6 +249,14 @@ pub fn init() {
         c"Test only: an L2 fill is checked against Redis alone, not against this server's ledger.",
         c"Turns off the protection the forgetful-Redis tests check, to show that they can fail. Never in production.",
         &TEST_FILL_TRUSTS_REDIS,
+        GucContext::Suset,
+        GucFlags::NO_SHOW_ALL,
+    );
+    GucRegistry::define_bool_guc(
+        c"twotier.test_variants_ignore_key",
+        c"Test only: a vary_by entry is a hit whatever became of its key's generation.",
+        c"Turns off what carries a key's invalidation to its variants, to show that the variant tests can fail. Never in production.",
+        &TEST_VARIANTS_IGNORE_KEY,
         GucContext::Suset,
         GucFlags::NO_SHOW_ALL,
     );
@@ -593,6 +602,10 @@ pub fn test_weak_cache_lock() -> bool {
 
 pub fn test_no_ledger() -> bool {
     TEST_NO_LEDGER.get()
+}
+
+pub fn test_variants_ignore_key() -> bool {
+    TEST_VARIANTS_IGNORE_KEY.get()
 }
 
 pub fn test_fill_trusts_redis() -> bool {

@@ -59,10 +59,22 @@ pub fn cache_prefix(prefix: &str, database: &str, cache: &str, version: i64) -> 
     out
 }
 
-/// The key of one variant of `key` (vary_by): each part escaped (so none holds a `|`) or `~`
-/// for an unset setting (escape never yields a bare `~`), each followed by `|`, then the key.
-pub fn with_variant(parts: &[Option<String>], key: &str) -> String {
-    let mut out = String::with_capacity(key.len() + 32);
+/// Marks where a variant begins in an entry's tier key: `~` never occurs in an escaped key.
+pub const VARIANT_MARK: &str = "~v";
+
+/// The tier key of one variant (vary_by) of the key `tier_key`: `~v`, then each part escaped
+/// (so none holds a `|`) or `~` for NULL or an unset setting (escape never yields a bare `~`),
+/// each followed by `|`. The key comes first, so every variant of a key starts with its tier
+/// key and the key is what precedes `~v` ([`base_of`]). With a `per` part (the cache's watch
+/// entries are declared per one of its vary_by entries), `~p` and that part's value come
+/// between: the variants of one key are then grouped by it, and a write names one group.
+pub fn with_variant(tier_key: &str, parts: &[Option<String>], per: Option<usize>) -> String {
+    let mut out = String::with_capacity(tier_key.len() + 32);
+    out.push_str(tier_key);
+    if let Some(i) = per {
+        push_scope(&mut out, parts.get(i).and_then(|p| p.as_deref()));
+    }
+    out.push_str(VARIANT_MARK);
     for part in parts {
         match part {
             Some(value) => escape_into(&mut out, value),
@@ -70,8 +82,33 @@ pub fn with_variant(parts: &[Option<String>], key: &str) -> String {
         }
         out.push('|');
     }
-    out.push_str(key);
     out
+}
+
+/// Appends `~p` and a per value (`~` for NULL): the group of a key's variants a write names.
+pub fn push_scope(out: &mut String, value: Option<&str>) {
+    out.push_str("~p");
+    match value {
+        Some(v) => escape_into(out, v),
+        None => out.push('~'),
+    }
+}
+
+/// The tier key of the app's key an entry, a group's token or a lease belongs to: what
+/// precedes the first `~` (escape never yields one).
+pub fn key_of_entry(tier_key: &str) -> &str {
+    match tier_key.find('~') {
+        Some(cut) => &tier_key[..cut],
+        None => tier_key,
+    }
+}
+
+/// The tier key of the key an entry's tier key belongs to (itself without a variant).
+pub fn base_of(entry_key: &str) -> &str {
+    match entry_key.find(VARIANT_MARK) {
+        Some(cut) => &entry_key[..cut],
+        None => entry_key,
+    }
 }
 
 /// The canonical text of a key of several parts (each already its type's canonical text):
@@ -312,7 +349,22 @@ mod properties {
             ka in ".{0,12}", kb in ".{0,12}",
         ) {
             prop_assume!((&a, &ka) != (&b, &kb));
-            prop_assert_ne!(with_variant(&a, &ka), with_variant(&b, &kb));
+            let va = with_variant(&full_key("p:d:c:v1:", &ka), &a, None);
+            let vb = with_variant(&full_key("p:d:c:v1:", &kb), &b, None);
+            prop_assert_ne!(&va, &vb);
+            prop_assert_eq!(base_of(&va), full_key("p:d:c:v1:", &ka));
+            prop_assert!(!va.ends_with("~lease"), "no variant is named like a stampede lease");
+            // Grouped per the second part: the group is what precedes `~v`, and names the key
+            // and the part's value exactly.
+            let pa = with_variant(&full_key("p:d:c:v1:", &ka), &a, Some(1));
+            let pb = with_variant(&full_key("p:d:c:v1:", &kb), &b, Some(1));
+            prop_assert_ne!(&pa, &pb);
+            let mut group = full_key("p:d:c:v1:", &ka);
+            push_scope(&mut group, a[1].as_deref());
+            prop_assert_eq!(base_of(&pa), group.as_str());
+            if (&ka, &a[1]) != (&kb, &b[1]) {
+                prop_assert_ne!(base_of(&pa), base_of(&pb));
+            }
         }
 
         #[test]

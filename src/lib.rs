@@ -18,6 +18,7 @@ mod source;
 mod spi;
 mod stats;
 mod typed_keys;
+mod vary;
 
 ::pgrx::pg_module_magic!();
 

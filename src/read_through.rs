@@ -129,8 +129,15 @@ fn may_fill() -> bool {
 struct Call<'a> {
     def: &'a CacheDef,
     key: &'a str,
-    tier_key: String,
+    /// The tier key of the entry answering this caller: the key's own, or for a vary_by cache
+    /// the key's followed by the caller's variant.
+    entry_key: String,
+    /// How much of `entry_key` is the key's tier key, which every invalidation names.
+    base_len: usize,
+    /// The entry's hash (where L1 keeps it) and its key's (generation, in-flight marks and
+    /// the ledger): the same number unless the cache varies.
     hash: u64,
+    gen_hash: u64,
     /// L1's generation for the key, read before any tier is asked: a fill is refused if an
     /// invalidation moved it meanwhile.
     generation: u64,
@@ -155,24 +162,41 @@ enum L2Miss {
 
 impl<'a> Call<'a> {
     fn new(def: &'a CacheDef, key: &'a str, started: Instant) -> Self {
-        let tier_key = keys::full_key(&def.key_prefix, &catalog::effective_key(def, key));
-        let hash = l1::hash_key(&tier_key);
+        let entry_key = catalog::entry_key(def, key);
+        let base_len = if def.vary_by.is_empty() {
+            entry_key.len()
+        } else {
+            keys::base_of(&entry_key).len()
+        };
+        let hash = l1::hash_key(&entry_key);
+        let gen_hash = if base_len == entry_key.len() {
+            hash
+        } else {
+            l1::hash_key(&entry_key[..base_len])
+        };
         let use_l1 = gucs::l1_enabled() && l1::available() && l1::channel_ok();
         let generation = if l1::available() {
-            l1::generation(hash)
+            l1::generation(gen_hash)
         } else {
             0
         };
         Call {
             def,
             key,
-            tier_key,
+            entry_key,
+            base_len,
             hash,
+            gen_hash,
             generation,
             use_l1,
             may_fill: may_fill(),
             started,
         }
+    }
+
+    /// The tier key of the key this entry belongs to: what invalidations name.
+    fn tier_key(&self) -> &str {
+        &self.entry_key[..self.base_len]
     }
 
     fn log(&self, event: &str, extra: &str) {
@@ -197,8 +221,9 @@ impl<'a> Call<'a> {
             return;
         }
         if l1::fill(
-            &self.tier_key,
+            &self.entry_key,
             self.hash,
+            self.gen_hash,
             self.generation,
             value.map(varlena_bytes),
             ttl_s,
@@ -219,7 +244,7 @@ impl<'a> Call<'a> {
 
     /// What L1 holds for the key, counted and logged as a hit (`how` is added to the log).
     fn l1_answer(&self, how: &str) -> Option<Option<Datum>> {
-        match l1::get(&self.tier_key, self.hash)? {
+        match l1::get(&self.entry_key, self.hash, self.gen_hash)? {
             L1Value::Value(datum) => Some(self.hit(
                 Path::L1Hit,
                 Counter::L1Hits,
@@ -239,13 +264,13 @@ impl<'a> Call<'a> {
     fn try_l2(&self) -> Result<Option<Datum>, L2Miss> {
         // A commit on this server is between its PRE_COMMIT and its end for this key: L2 may
         // still hold the old value whether or not Redis got the in-flight marker.
-        if l1::in_flight(self.hash) {
+        if l1::in_flight(self.gen_hash) {
             return Err(L2Miss::InFlight);
         }
         if gucs::redis_url().is_empty() {
             return Err(L2Miss::Unused);
         }
-        let gen = match ledger::guard(self.hash) {
+        let gen = match ledger::guard(self.gen_hash) {
             Guarded::Clear(gen) => gen,
             Guarded::Untrusted => {
                 self.def.stats.bump(Counter::L2Skips);
@@ -257,7 +282,7 @@ impl<'a> Call<'a> {
                 return Err(L2Miss::Unused);
             }
         };
-        let read = match l2::read(&self.tier_key) {
+        let read = match l2::read(self.tier_key(), &self.entry_key) {
             Ok(read) => read,
             Err(e) => {
                 if e.is_fault() {
@@ -325,7 +350,7 @@ impl<'a> Call<'a> {
     /// Another server holds this key's stampede lease: poll L2 for its fill, a bounded time.
     /// `Some(answer)` when the fill came (served like any L2 hit, with every L2 check).
     fn wait_for_l2_fill(&self, wait: std::time::Duration) -> Option<Option<Datum>> {
-        if !l2::lease_held(&self.tier_key).unwrap_or(false) {
+        if !l2::lease_held(&self.entry_key).unwrap_or(false) {
             return None;
         }
         let deadline = Instant::now() + wait;
@@ -338,7 +363,7 @@ impl<'a> Call<'a> {
                     return Some(answer);
                 }
                 Err(L2Miss::Absent { .. }) => {
-                    if !l2::lease_held(&self.tier_key).unwrap_or(false) {
+                    if !l2::lease_held(&self.entry_key).unwrap_or(false) {
                         return None;
                     }
                 }
@@ -376,7 +401,7 @@ impl<'a> Call<'a> {
                     return answer;
                 }
             } else if self.may_fill {
-                leased = l2::take_lease(&self.tier_key, wait * 2).unwrap_or(false);
+                leased = l2::take_lease(&self.entry_key, wait * 2).unwrap_or(false);
             }
         }
         def.stats.bump(Counter::Misses);
@@ -412,17 +437,17 @@ impl<'a> Call<'a> {
             let l2_fill = self.may_fill
                 && !too_large
                 && !unsafe { pg_sys::RecoveryInProgress() }
-                && checked(self.hash, *gen);
+                && checked(self.gen_hash, *gen);
             if leased && !l2_fill {
-                l2::release_lease(&self.tier_key);
+                l2::release_lease(&self.entry_key);
             }
             if l2_fill {
-                match l2::fill(&self.tier_key, read, json, ttl) {
-                    Ok(true) if !checked(self.hash, *gen) => {
+                match l2::fill(self.tier_key(), &self.entry_key, read, json, ttl) {
+                    Ok(true) if !checked(self.gen_hash, *gen) => {
                         // A commit reached PRE_COMMIT between the check and the SET, and its
                         // tombstone may have landed (and been lost) before this fill: the
                         // key gets a tombstone of its own.
-                        ledger::requeue(&self.tier_key);
+                        ledger::requeue(self.tier_key());
                         invalidated_meanwhile = true;
                         def.stats.bump(Counter::FillsRejected);
                         self.log("SET", " undone: invalidated while storing");
@@ -569,7 +594,7 @@ fn l2_batch(
     // A commit in flight on this server for a key: not asked, and filled nowhere (see try_l2).
     let in_flight: Vec<bool> = pending
         .iter()
-        .map(|&i| l1::in_flight(calls[i].hash))
+        .map(|&i| l1::in_flight(calls[i].gen_hash))
         .collect();
     let answer_unasked = || -> Vec<Result<Option<Datum>, L2Miss>> {
         in_flight
@@ -589,7 +614,7 @@ fn l2_batch(
     let gens: Vec<Option<u64>> = pending
         .iter()
         .zip(&in_flight)
-        .map(|(&i, &f)| match ledger::guard(calls[i].hash) {
+        .map(|(&i, &f)| match ledger::guard(calls[i].gen_hash) {
             Guarded::Clear(gen) if !f => Some(gen),
             Guarded::Undelivered if !f => {
                 def.stats.bump(Counter::L2Skips);
@@ -598,11 +623,11 @@ fn l2_batch(
             _ => None,
         })
         .collect();
-    let tier_keys: Vec<&str> = pending
+    let tier_keys: Vec<(&str, &str)> = pending
         .iter()
         .zip(&gens)
         .filter(|(_, g)| g.is_some())
-        .map(|(&i, _)| calls[i].tier_key.as_str())
+        .map(|(&i, _)| (calls[i].tier_key(), calls[i].entry_key.as_str()))
         .collect();
     let mut reads = if tier_keys.is_empty() {
         Vec::new().into_iter()

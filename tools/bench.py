@@ -18,19 +18,21 @@ import datetime as dt
 import json
 import os
 import platform
+import random
 import re
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
-from servers import PG_BIN, PgCluster, RedisServer  # noqa: E402
+from servers import PG_BIN, PgBouncer, PgCluster, RedisServer  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 SCRIPTS = ROOT / "bench"
@@ -64,6 +66,19 @@ TEXT_KEY = {"domain_lookup": DOMAIN, "widget_config": ID, "customer_profile": ID
             "widget_config_json": ID}
 
 
+# The postgrest group: what the RLS cache varies by. Issue 22's JSON path into the claims (the
+# user, whatever the token); before it, ARRAY['role', 'request.jwt.claims'] (the whole payload).
+POSTGREST_VARY = "ARRAY['role', 'request.jwt.claims->>sub']"
+# A row of pgr_orders is visible only to its owner (the policy): a write reaches the status in
+# its owner's variants only.
+POSTGREST_WATCH = "ARRAY['pgr_orders(status) per sub = owner']"
+POSTGREST_STATUSES = ["pending", "paid", "shipped", "delivered", "cancelled"]
+POSTGREST_USERS = 100
+# A user's orders and what PostgREST would send for GET /orders?status=eq.<status>.
+POSTGREST_RAW = ("SELECT coalesce(jsonb_agg(jsonb_build_object('id', id, 'amount', amount) ORDER BY id), '[]')"
+                 " FROM {table} WHERE {where}")
+
+
 def sh(cmd, **kw):
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
 
@@ -79,6 +94,81 @@ def lag_p99(before: dict, after: dict):
         if total and seen * 100 >= total * 99:
             return bound if bound is not None else after.get("max_lag_ms")
     return None
+
+
+def judge(name, value, limit, higher_is_better=False, fmt="{:.2f}"):
+    """A verdict row: (name, measured, limit, PASS / SHORT / NOT RUN)."""
+    if value is None:
+        return (name, "n/a", limit, "NOT RUN")
+    ok = value >= limit if higher_is_better else value <= limit
+    return (name, fmt.format(value), limit, "PASS" if ok else "SHORT")
+
+
+class PostgrestChecker:
+    """A reader thread through the bench's pgbouncer making the postgrest group's request for
+    random users and statuses, checked: every row must be the token's user's (`owner`: id ->
+    owner, fixed), and the cached answer must equal the raw query's in the same transaction
+    whenever the status's version counter (bumped by every write in its own transaction) did
+    not move between a read before and one after both answers. Unjudged reads are counted,
+    never guessed at. It rests PAUSE_S between requests: a small load beside pgbench's."""
+
+    PAUSE_S = 0.002
+
+    def __init__(self, bench: "Bench", owner: dict, statuses: list, raw: str):
+        self.bench, self.owner, self.statuses = bench, owner, statuses
+        self.raw = raw.replace("$1", "%s")
+        self.users = sorted(set(owner.values()))
+        self.reads = self.judged = self.leaks = self.stale = self.errors = 0
+        self.samples: list = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="postgrest-checker", daemon=True)
+
+    def start(self):
+        self._thread.start()
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(30)
+
+    def result(self) -> dict:
+        return {"reads": self.reads, "judged": self.judged, "leaks": self.leaks, "stale": self.stale,
+                "errors": self.errors}
+
+    def _run(self):
+        rnd = random.Random(22)
+        conn = None
+        while not self._stop.is_set():
+            sub, status = rnd.choice(self.users), rnd.choice(self.statuses)
+            iat = int(time.time()) // 3 * 3
+            payload = json.dumps({"sub": sub, "role": "authenticated", "iat": iat, "exp": iat + 3600})
+            try:
+                if conn is None or conn.closed:
+                    conn = self.bench.bouncer.connect(user="authenticator")
+                with conn.transaction():
+                    conn.execute("SET LOCAL ROLE authenticated")
+                    conn.execute("SELECT set_config('request.jwt.claims', %s, true)", (payload,))
+                    q = "SELECT ver FROM pgr_order_versions WHERE status = %s"
+                    v0 = conn.execute(q, (status,)).fetchone()[0]
+                    cached, raw = conn.execute(f"SELECT cached_pgr_my_orders(%s), ({self.raw})",
+                                               (status, status)).fetchone()
+                    v1 = conn.execute(q, (status,)).fetchone()[0]
+            except Exception as e:  # noqa: BLE001 - counted; the run goes on
+                self.errors += 1
+                if len(self.samples) < 5:
+                    self.samples.append(repr(e))
+                if conn is not None and conn.broken:
+                    conn = None
+                time.sleep(0.01)
+                continue
+            self._stop.wait(self.PAUSE_S)
+            self.reads += 1
+            leaked = any(self.owner.get(r["id"]) != sub for r in cached)
+            self.leaks += leaked
+            if v0 == v1:
+                self.judged += 1
+                self.stale += (cached != raw and not leaked)
+        if conn is not None:
+            conn.close()
 
 
 class Bench:
@@ -126,6 +216,8 @@ class Bench:
         print(f"data: {self.tenants} tenants loaded in {time.time() - t0:.1f} s", flush=True)
 
     def stop(self):
+        if getattr(self, "bouncer", None) is not None:
+            self.bouncer.destroy()
         for s in ("pg", "redis"):
             if hasattr(self, s):
                 getattr(self, s).destroy() if s == "pg" else self.redis.stop()
@@ -139,11 +231,14 @@ class Bench:
         return p
 
     def pgbench(self, scripts: list[Path], clients: int, duration: int | None = None, options: str = "",
-                weights: list[int] | None = None, builtin: str | None = None) -> dict:
+                weights: list[int] | None = None, builtin: str | None = None, port: int | None = None,
+                user: str = "postgres", mode: str = "prepared") -> dict:
+        """`port`, `user`, `mode`: another server (a pgbouncer), login and protocol (pgbouncer
+        in transaction mode keeps no prepared statements: `extended` or `simple`)."""
         duration = duration or self.duration
         log_prefix = self.work / f"log{int(time.time() * 1e6)}"
-        cmd = [str(PG_BIN / "pgbench"), "-n", "-M", "prepared", "-r", "-T", str(duration), "-c", str(clients),
-               "-j", str(min(clients, 2)), "-h", "127.0.0.1", "-p", str(self.pg.port), "-U", "postgres",
+        cmd = [str(PG_BIN / "pgbench"), "-n", "-M", mode, "-r", "-T", str(duration), "-c", str(clients),
+               "-j", str(min(clients, 2)), "-h", "127.0.0.1", "-p", str(port or self.pg.port), "-U", user,
                "-l", "--log-prefix", str(log_prefix)]
         for i, s in enumerate(scripts):
             cmd += ["-f", f"{s}@{weights[i]}" if weights else str(s)]
@@ -380,6 +475,179 @@ class Bench:
             self.record("stampede", f"hot key, TTL 1 s, {label}", clients, r,
                         json.dumps({"source_queries": after - before, "per_second": round(per_s, 2)}))
         self.stampede_result = out
+
+    # -- PostgREST through pgbouncer -----------------------------------------------------
+    def postgrest(self):
+        """The Supabase/PostgREST request through a real pgbouncer in transaction mode: one
+        transaction per request as `authenticator`, `SET LOCAL ROLE authenticated`, the JWT's
+        claims set LOCAL (the token re-issued every 3 s: its iat changes), then the orders of
+        one status over a table with row-level security (`owner = auth.uid()`). Three runs, same
+        clients and duration, 1 % of transactions updating a random user's order: (i) the RLS
+        cache varying by POSTGREST_VARY, (ii) the raw query instead (uncached), (iii) a cache
+        keyed by (user, status) over a copy of the table without RLS, the hit-ratio baseline.
+        A Python checker thread through the same pgbouncer runs beside each run (the same extra
+        load for all three) and counts leaks and stale reads during (i). A failure prints why and
+        the rest of the bench goes on."""
+        print(f"\n== postgrest: RLS through pgbouncer (transaction mode), vary_by {POSTGREST_VARY}", flush=True)
+        self.postgrest_result = {}
+        try:
+            self._postgrest()
+        except Exception as e:  # noqa: BLE001 - reported, never fatal to the rest of the run
+            detail = (getattr(e, "stderr", None) or str(e) or type(e).__name__).strip().splitlines()
+            msg = f"postgrest: failed: {detail[-1] if detail else type(e).__name__}"
+            print(f"  {msg}", flush=True)
+            self.notes.append(msg)
+
+    def _postgrest(self):
+        users, statuses = POSTGREST_USERS, POSTGREST_STATUSES
+        per = 50 if self.quick else 300  # orders per user, spread over the statuses
+        clients = 2 if self.quick else 8
+        warm = 1 if self.quick else 3
+        array = "ARRAY[" + ", ".join(f"'{x}'" for x in statuses) + "]"
+        raw = POSTGREST_RAW.format(table="pgr_orders", where="status = $1")
+        plain = POSTGREST_RAW.format(table="pgr_orders_plain", where="owner = $1 AND status = $2")
+        with self.pg.connect() as c:
+            c.execute("""DO $$ BEGIN
+                IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'anon') THEN CREATE ROLE anon NOLOGIN; END IF;
+                IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'authenticated') THEN
+                    CREATE ROLE authenticated NOLOGIN; END IF;
+                IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'authenticator') THEN
+                    CREATE ROLE authenticator LOGIN NOINHERIT; END IF;
+                END $$""")
+            c.execute("GRANT anon, authenticated TO authenticator")
+            c.execute("CREATE SCHEMA IF NOT EXISTS auth")
+            c.execute("GRANT USAGE ON SCHEMA auth TO anon, authenticated")
+            c.execute("""CREATE OR REPLACE FUNCTION auth.uid() RETURNS uuid LANGUAGE sql STABLE AS
+                $$ SELECT nullif(current_setting('request.jwt.claims', true)::jsonb ->> 'sub', '')::uuid $$""")
+            c.execute("SELECT setseed(0.22)")
+            # User u owns ids (u - 1) * per + 1 .. u * per; its uuid is md5('user' || u).
+            c.execute(f"""CREATE TABLE pgr_orders AS SELECT ((u - 1) * {per} + k)::bigint AS id,
+                          md5('user' || u)::uuid AS owner, ({array})[1 + floor(random() * {len(statuses)})::int] AS status,
+                          (random() * 1000)::int AS amount
+                          FROM generate_series(1, {users}) u, generate_series(1, {per}) k""")
+            c.execute("ALTER TABLE pgr_orders ADD PRIMARY KEY (id)")
+            c.execute("CREATE TABLE pgr_orders_plain AS SELECT * FROM pgr_orders")
+            c.execute("ALTER TABLE pgr_orders_plain ADD PRIMARY KEY (id)")
+            for t in ("pgr_orders", "pgr_orders_plain"):
+                c.execute(f"CREATE INDEX ON {t} (owner, status)")
+                c.execute(f"ANALYZE {t}")
+                c.execute(f"GRANT SELECT, UPDATE ON {t} TO authenticated")
+            c.execute("ALTER TABLE pgr_orders ENABLE ROW LEVEL SECURITY")
+            c.execute("CREATE POLICY own_orders ON pgr_orders TO authenticated USING (owner = auth.uid())")
+            # One counter per status, bumped by each write in its own transaction: the checker
+            # judges a read only if the counter did not move around it.
+            c.execute("CREATE TABLE pgr_order_versions (status text PRIMARY KEY, ver bigint NOT NULL DEFAULT 0)")
+            c.execute(f"INSERT INTO pgr_order_versions (status) SELECT unnest({array})")
+            c.execute("GRANT SELECT, UPDATE ON pgr_order_versions TO authenticated")
+            c.execute(f"""SELECT twotier.define('pgr_my_orders', $q${raw}$q$, '5 min', {POSTGREST_WATCH},
+                          vary_by => {POSTGREST_VARY})""")
+            c.execute(f"""SELECT twotier.define('pgr_orders_by_user', $q${plain}$q$, '5 min',
+                          ARRAY['pgr_orders_plain(owner, status)'], key_types => ARRAY['uuid', 'text'],
+                          key_names => ARRAY['owner', 'status'])""")
+            c.execute("GRANT EXECUTE ON FUNCTION cached_pgr_my_orders, cached_pgr_orders_by_user TO authenticated")
+            owner = {i: str(o) for i, o in c.execute("SELECT id, owner FROM pgr_orders")}
+        self.bouncer = PgBouncer(self.pg, users=["authenticator"], default_pool_size=clients + 2).start()
+
+        # The token: iat (and exp) change every 3 s, as when clients refresh their JWTs.
+        def claims(var):
+            iat = "(extract(epoch from clock_timestamp())::int / 3 * 3)"
+            return (f"json_build_object('sub', md5('user' || :{var}::text)::uuid, 'role', 'authenticated',"
+                    f" 'iat', {iat}, 'exp', {iat} + 3600)::text")
+
+        status = f"({array})[:s]"
+        head = f"\\set uid random(1, {users})\n\\set s random(1, {len(statuses)})\n"
+        begin = "BEGIN;\nSET LOCAL ROLE authenticated;\n"
+
+        def request(name, call):
+            return self.script(f"pgr_{name}", head + begin + f"SELECT set_config('request.jwt.claims', {claims('uid')}, true);\n"
+                               + call + ";\nCOMMIT;\n")
+
+        def write(name, table, bump):
+            oid = f"(:wu - 1) * {per} + :k"
+            body = (f"\\set wu random(1, {users})\n\\set k random(1, {per})\n" + begin
+                    + f"SELECT set_config('request.jwt.claims', {claims('wu')}, true);\n")
+            if bump:
+                body += (f"UPDATE pgr_order_versions SET ver = ver + 1 WHERE status ="
+                         f" (SELECT status FROM pgr_orders WHERE id = {oid});\n")
+            body += f"UPDATE {table} SET amount = amount + 1 WHERE id = {oid};\nCOMMIT;\n"
+            return self.script(f"pgr_write_{name}", body)
+
+        runs = {
+            "i": ("pgr_my_orders", request("cached", f"SELECT cached_pgr_my_orders({status})"),
+                  write("rls", "pgr_orders", True)),
+            "ii": (None, request("raw", raw.replace("$1", status)), write("rls", "pgr_orders", True)),
+            "iii": ("pgr_orders_by_user", request("plain", f"SELECT cached_pgr_orders_by_user(md5('user' || :uid::text)::uuid,"
+                                                           f" {status})"), write("plain", "pgr_orders_plain", False)),
+        }
+
+        def stats(cache):
+            rows = self.sql("SELECT calls, l1_hits, l2_hits FROM twotier.stats WHERE cache = %s", cache)
+            return rows[0] if rows else (0, 0, 0)
+
+        res = self.postgrest_result
+        for run, (cache, read, wr) in runs.items():
+            bench = dict(clients=clients, weights=[99, 1], port=self.bouncer.port, user="authenticator",
+                         mode="extended")
+            if cache:
+                self.pgbench([read, wr], duration=warm, **bench)
+            # The checker runs beside every run, so that each carries the same extra load; only
+            # the RLS cache's run is judged by it.
+            checker = PostgrestChecker(self, owner, statuses, raw)
+            s0 = stats(cache) if cache else None
+            checker.start()
+            try:
+                r = self.pgbench([read, wr], **bench)
+            finally:
+                checker.stop()
+            if run != "i":
+                checker = None
+            res[f"tps_{run}"] = r["tps"]
+            note = {"clients": clients, "users": users, "orders_per_user": per, "writes_pct": 1}
+            if cache:
+                calls, l1, l2 = (a - b for a, b in zip(stats(cache), s0))
+                res[f"hit_{run}"] = (l1 + l2) / calls if calls else None
+                note.update({"calls": calls, "l1_hits": l1, "l2_hits": l2,
+                             "hit_ratio": None if not calls else round((l1 + l2) / calls, 4)})
+            if checker:
+                res.update(checker.result())
+                note.update(checker.result())
+                if checker.samples:
+                    print(f"  checker errors, first ones: {checker.samples}", flush=True)
+            path = {"i": f"RLS cache, vary_by {POSTGREST_VARY}, watch {POSTGREST_WATCH}",
+                    "ii": "raw query",  # the name the CSV's x_raw column looks for
+                    "iii": "cache keyed by (user, status), no RLS"}[run]
+            if run == "ii":
+                note["what"] = "the raw query under RLS, uncached, in the same transaction"
+            self.record("postgrest", path, clients, r, json.dumps(note))
+        hi, hiii = res.get("hit_i"), res.get("hit_iii")
+        print(f"  requests/s: RLS cache {res['tps_i']:.0f}, raw {res['tps_ii']:.0f}, (user, status) cache"
+              f" {res['tps_iii']:.0f}; hit ratio RLS cache {hi if hi is None else f'{hi:.3f}'}, (user, status)"
+              f" cache {hiii if hiii is None else f'{hiii:.3f}'}; checker: {res.get('reads')} reads,"
+              f" {res.get('judged')} judged, {res.get('leaks')} leaks, {res.get('stale')} stale,"
+              f" {res.get('errors')} errors", flush=True)
+
+    def postgrest_verdicts(self) -> list:
+        res = getattr(self, "postgrest_result", {})
+        hi, hiii, ti, tii = (res.get(k) for k in ("hit_i", "hit_iii", "tps_i", "tps_ii"))
+        out = [judge(f"postgrest: hit ratio of the RLS cache (vary_by {POSTGREST_VARY}) / hit ratio of a cache"
+                     " keyed by (user, status) without RLS >= 0.9", hi / hiii if hi is not None and hiii else None,
+                     0.9, True),
+               judge("postgrest: requests/s through pgbouncer, RLS cache / raw query under RLS >= 1.5",
+                     ti and tii and ti / tii, 1.5, True)]
+        name = "postgrest: 0 leaks, 0 stale (a checker thread through pgbouncer beside the RLS cache run)"
+        if not res.get("judged") or res.get("errors"):
+            out.append((name, f"{res.get('judged')} reads judged, {res.get('errors')} errors", 0, "NOT RUN"))
+        else:
+            out.append((name, f"{res['leaks']} leaks, {res['stale']} stale in {res['judged']} judged reads", 0,
+                        "PASS" if res["leaks"] == res["stale"] == 0 else "SHORT"))
+        return out
+
+    def postgrest_targets(self):
+        """The postgrest verdicts alone (for --only postgrest)."""
+        print("\n== targets (ratios within this run)", flush=True)
+        self.verdicts = self.postgrest_verdicts()
+        for name, value, limit, v in self.verdicts:
+            print(f"  {v:7} {name}: {value}")
 
     # -- what it costs a writer ----------------------------------------------------------
     WRITER_ROWS = 10_000
@@ -714,11 +982,7 @@ class Bench:
         out = []
 
         def verdict(name, value, limit, higher_is_better=False, fmt="{:.2f}"):
-            if value is None:
-                out.append((name, "n/a", limit, "NOT RUN"))
-                return
-            ok = value >= limit if higher_is_better else value <= limit
-            out.append((name, fmt.format(value), limit, "PASS" if ok else "SHORT"))
+            out.append(judge(name, value, limit, higher_is_better, fmt))
 
         # Every target is judged against the floor that does the same work besides caching:
         # computing the key and sending the widget config back (as jsonb, or as json text).
@@ -813,6 +1077,7 @@ class Bench:
             self.notes.append(f"An L2 hit costs {l2['mean_us'] - floor['mean_us']:.0f} µs over the floor: L2 alone pays"
                               f" only for source queries costing more than that (the raw widget query costs"
                               f" {raw['mean_us'] - floor['mean_us']:.0f} µs over the floor here).")
+        out += self.postgrest_verdicts()
         for name, value, limit, v in out:
             print(f"  {v:7} {name}: {value}")
         self.verdicts = out
@@ -826,7 +1091,7 @@ class Bench:
             w = csv.writer(f)
             w.writerow(["group", "path", "clients", "tps", "mean_us", "p99_us", "x_floor_latency", "x_raw_latency", "note"])
             for r in self.rows:
-                fl = floor.get(r["clients"]) if r["group"] != "writer" else None
+                fl = floor.get(r["clients"]) if r["group"] not in ("writer", "postgrest") else None
                 raw = self.find(r["group"], "raw query", r["clients"])
                 w.writerow([r["group"], r["path"], r["clients"], r["tps"], r["mean_us"], r["p99_us"],
                             round(r["mean_us"] / fl["mean_us"], 3) if fl else "",
@@ -842,7 +1107,7 @@ class Bench:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        rows = [r for r in self.rows if r["clients"] == 1 and r["group"] not in ("mixed", "scaling", "writer")]
+        rows = [r for r in self.rows if r["clients"] == 1 and r["group"] not in ("mixed", "scaling", "writer", "postgrest")]
         labels = [f"{r['group']}: {r['path']}" for r in rows]
         fig, ax = plt.subplots(figsize=(11, 0.38 * len(rows) + 1.5))
         colors = ["#9ca3af" if r["group"] == "floor" else "#ef4444" if "raw" in r["path"] else
@@ -880,7 +1145,7 @@ class Bench:
             "|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         for r in self.rows:
-            if r["group"] in ("mixed", "writer"):
+            if r["group"] in ("mixed", "writer", "postgrest"):
                 continue
             fl = self.find("floor", "key expression + returning a widget config", r["clients"])
             raw = self.find(r["group"], "raw query", r["clients"])
@@ -897,6 +1162,7 @@ class Bench:
                       f" **{m['calls_per_s']:.0f} cached calls/s**, L1 answered {m['l1_ratio']:.1%} and L2"
                       f" {m['l2_ratio']:.1%} of calls, **{m['source_per_100']:.2f} source queries per 100 calls**,"
                       f" {m['updates']} updates, **{m['stale']} stale reads**."]
+        lines += self.postgrest_markdown()
         inv = getattr(self, "invalidation", None)
         if inv:
             lines += ["", "## Invalidating a big cache", "",
@@ -913,6 +1179,27 @@ class Bench:
         if extra.exists():
             lines += ["", extra.read_text().strip()]
         path.write_text("\n".join(lines) + "\n")
+
+    def postgrest_markdown(self) -> list[str]:
+        """The "PostgREST through pgbouncer" section of BENCHMARKS.md; empty if it did not run."""
+        res = getattr(self, "postgrest_result", {})
+        rows = [r for r in self.rows if r["group"] == "postgrest"]
+        if not rows or "tps_i" not in res:
+            return []
+        lines = ["", "## PostgREST through pgbouncer", "",
+                 "One transaction per request through pgbouncer 1.18 in transaction mode, as PostgREST makes it:"
+                 " `BEGIN; SET LOCAL ROLE authenticated; SELECT set_config('request.jwt.claims', <token>, true);"
+                 " <read>; COMMIT;` as `authenticator`, pgbench -M extended, for 100 users whose tokens are"
+                 " re-issued every 3 s, orders of one of 5 statuses over a table with row-level security"
+                 " (`owner = auth.uid()`); 1 % of transactions update a random user's order.", "",
+                 "| read | clients | requests/s | mean µs | hit ratio |", "|---|---:|---:|---:|---:|"]
+        for r in rows:
+            hit = json.loads(r["note"]).get("hit_ratio") if r["note"].startswith("{") else None
+            lines.append(f"| {r['path']} | {r['clients']} | {r['tps']:.0f} | {r['mean_us']:.1f} |"
+                         f" {'' if hit is None else f'{hit:.3f}'} |")
+        lines += ["", f"Checker beside the RLS cache run: {res.get('reads')} reads, {res.get('judged')} judged,"
+                  f" **{res.get('leaks')} leaks, {res.get('stale')} stale**, {res.get('errors')} errors."]
+        return lines
 
     def writer_markdown(self) -> list[str]:
         """The "what it costs a writer" section of BENCHMARKS.md; empty if it did not run."""
@@ -959,7 +1246,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small and short: checks the runner, not the numbers")
     ap.add_argument("--no-write", action="store_true", help="print only; leave bench/results and BENCHMARKS.md alone")
     ap.add_argument("--chart-only", action="store_true", help="redraw bench/results/latency.png from latest.csv")
-    ap.add_argument("--only", choices=["writer"], help="run one section and print it (implies --no-write)")
+    ap.add_argument("--only", choices=["writer", "postgrest"], help="run one section and print it (implies --no-write)")
     args = ap.parse_args()
     if args.chart_only:
         b = Bench(quick=False)
@@ -975,8 +1262,13 @@ def main():
         if args.only == "writer":
             b.writer()
             return
+        if args.only == "postgrest":
+            b.postgrest()
+            b.postgrest_targets()
+            return
         b.paths()
         b.mixed()
+        b.postgrest()
         b.scaling()
         b.stampede()
         b.writer()

@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 
 # From the bottom. A module may use modules of its own layer (without a circle) and below.
 LAYERS = [
-    ("ground", ["error", "gucs", "keys", "server_text", "spi", "stats", "typed_keys"]),
+    ("ground", ["error", "gucs", "keys", "server_text", "spi", "stats", "typed_keys", "vary"]),
     ("catalog", ["catalog"]),
     ("tiers", ["l1", "l2", "source"]),
     ("invalidation", ["invalidation"]),

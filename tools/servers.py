@@ -1,6 +1,7 @@
-"""Throwaway PostgreSQL clusters and Redis servers on loopback, for tests, the demo and the
-benchmark. Everything started here is stopped at exit (also on Ctrl-C); nothing else is ever
-signalled. PostgreSQL refuses to run as root, so clusters run as the OS user `postgres`.
+"""Throwaway PostgreSQL clusters, Redis servers and pgbouncers on loopback, for tests, the demo
+and the benchmark. Everything started here is stopped at exit (also on Ctrl-C); nothing else is
+ever signalled. PostgreSQL and pgbouncer refuse to run as root, so they run as the OS user
+`postgres`.
 """
 from __future__ import annotations
 
@@ -62,8 +63,8 @@ def _chown_tree(path: Path) -> None:
 def _stop_all() -> None:
     for server in reversed(_started):
         try:
-            # Redis directories only hold snapshots of throwaway data; cluster directories
-            # are left to whoever created them (their logs help after a failed run).
+            # Redis directories only hold snapshots of throwaway data; cluster and pgbouncer
+            # directories are left to whoever created them (their logs help after a failed run).
             server.destroy() if isinstance(server, RedisServer) else server.stop()
         except Exception:
             pass
@@ -608,6 +609,169 @@ class PgCluster:
             return self.log.read_text(errors="replace")
         except OSError:
             return ""
+
+    def destroy(self) -> None:
+        self.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+class PgBouncer:
+    """A pgbouncer (Debian's package) in front of one PostgreSQL cluster, in a temporary
+    directory of its own owned by the OS user `postgres` (pgbouncer refuses to run as root).
+
+    Every database name is forwarded to the cluster (`* = host=127.0.0.1 port=...`). Clients
+    are trusted on loopback (`auth_type = trust`), but pgbouncer still only accepts the users
+    listed in its auth_file: `users` (and `postgres`, its admin). The cluster itself trusts
+    loopback (PgCluster's initdb -A trust), so pgbouncer logs in as the client's user.
+
+    In transaction mode a server connection is handed to a client for one transaction only:
+    session state (SET, prepared statements) does not survive it. `connect()` therefore turns
+    psycopg's automatic prepared statements off.
+    """
+
+    def __init__(self, cluster: "PgCluster", users: list[str] | tuple = (), pool_mode: str = "transaction",
+                 max_client_conn: int = 200, default_pool_size: int = 20, port: int | None = None,
+                 settings: dict | None = None):
+        self.cluster = cluster
+        self.port = port or free_port()
+        self.users = ["postgres"] + [u for u in users if u != "postgres"]
+        self.pool_mode = pool_mode
+        self.max_client_conn = max_client_conn
+        self.default_pool_size = default_pool_size
+        self.settings = dict(settings or {})
+        self.base = Path(tempfile.mkdtemp(prefix="twotier-pgbouncer-"))
+        self.base.chmod(0o755)
+        self.ini = self.base / "pgbouncer.ini"
+        self.auth_file = self.base / "userlist.txt"
+        self.log = self.base / "pgbouncer.log"
+        self.pidfile = self.base / "pgbouncer.pid"
+        self.proc: subprocess.Popen | None = None
+        self.pid: int | None = None
+        _started.append(self)
+
+    def _write_conf(self) -> None:
+        conf = {
+            "listen_addr": "127.0.0.1",
+            "listen_port": self.port,
+            "unix_socket_dir": str(self.base),
+            "auth_type": "trust",
+            "auth_file": str(self.auth_file),
+            "admin_users": "postgres",
+            "pool_mode": self.pool_mode,
+            "max_client_conn": self.max_client_conn,
+            "default_pool_size": self.default_pool_size,
+            # JDBC and libpq's PGOPTIONS send these; pgbouncer refuses unknown ones.
+            "ignore_startup_parameters": "extra_float_digits,options",
+            "logfile": str(self.log),
+            "pidfile": str(self.pidfile),
+            "log_connections": 0,
+            "log_disconnections": 0,
+            "server_login_retry": 1,
+            **self.settings,
+        }
+        lines = ["[databases]", f"* = host=127.0.0.1 port={self.cluster.port}", "", "[pgbouncer]"]
+        lines += [f"{k} = {v}" for k, v in conf.items()]
+        self.ini.write_text("\n".join(lines) + "\n")
+        # trust: no password is checked, but the user must be listed.
+        self.auth_file.write_text("".join(f'"{u}" ""\n' for u in self.users))
+        for f in (self.ini, self.auth_file):
+            f.chmod(0o644)
+        # pgbouncer (as postgres) writes its log and pidfile here.
+        for f in (self.base, self.ini, self.auth_file):
+            _chown_tree(f)
+
+    def start(self, timeout: float = 10.0) -> "PgBouncer":
+        self._write_conf()
+        if self.pidfile.exists():
+            self.pidfile.unlink()
+        cmd = ["pgbouncer", str(self.ini)]
+        if os.geteuid() == 0:
+            cmd = ["runuser", "-u", RUN_AS, "--"] + cmd
+        with open(self.base / "stderr.log", "ab") as err:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        self.wait_ready(timeout)
+        return self
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _own_pid(self) -> int | None:
+        """pgbouncer's own pid (runuser is its parent), from its pidfile, if that process is
+        still the pgbouncer reading our ini: never anyone else's process."""
+        try:
+            pid = int(self.pidfile.read_text().split()[0])
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid if str(self.ini).encode() in cmdline else None
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Until the admin console answers SHOW VERSION (pgbouncer itself, not the cluster)."""
+        deadline = time.time() + timeout
+        last = None
+        while time.time() < deadline:
+            if not self.running():
+                break
+            try:
+                self.admin("SHOW VERSION")
+                self.pid = self._own_pid()
+                return
+            except psycopg.Error as e:
+                last = e
+                time.sleep(0.05)
+        raise RuntimeError(f"pgbouncer on port {self.port} did not start ({last!r}): {self.log_text()[-2000:]}")
+
+    def admin(self, command: str) -> list[tuple]:
+        """One command on the admin console (database `pgbouncer`, which speaks the simple
+        query protocol only: sent with PQexec); returns its rows as text tuples."""
+        from psycopg import pq
+
+        with psycopg.connect(self.dsn("pgbouncer", "postgres"), autocommit=True, connect_timeout=2,
+                             prepare_threshold=None) as c:
+            res = c.pgconn.exec_(command.encode())
+            if res.status not in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):
+                raise psycopg.OperationalError(f"pgbouncer {command}: {res.error_message.decode(errors='replace')}")
+            return [tuple(None if res.get_value(r, f) is None else res.get_value(r, f).decode()
+                          for f in range(res.nfields)) for r in range(res.ntuples)]
+
+    def dsn(self, dbname: str = "postgres", user: str = "postgres") -> str:
+        return f"host=127.0.0.1 port={self.port} user={user} dbname={dbname}"
+
+    def connect(self, dbname: str = "postgres", user: str = "postgres", autocommit: bool = True,
+                **kw) -> psycopg.Connection:
+        """A psycopg connection through pgbouncer, without prepared statements (transaction
+        mode cannot keep them: the next transaction may run on another server connection)."""
+        kw.setdefault("prepare_threshold", None)
+        return psycopg.connect(self.dsn(dbname, user), autocommit=autocommit, **kw)
+
+    def stop(self) -> None:
+        """SIGTERM (immediate shutdown) to the pgbouncer this object started, by its pid."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            pid = self._own_pid()  # checked again now: still our pgbouncer, never another process
+            if pid is not None:
+                os.kill(pid, signal.SIGTERM)
+            else:
+                self.proc.terminate()  # runuser passes SIGTERM on to its child
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                if pid is not None:
+                    os.kill(pid, signal.SIGKILL)
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+        self.pid = None
+
+    def log_text(self) -> str:
+        out = ""
+        for f in (self.log, self.base / "stderr.log"):
+            try:
+                out += f.read_text(errors="replace")
+            except OSError:
+                pass
+        return out
 
     def destroy(self) -> None:
         self.stop()

@@ -51,6 +51,50 @@ pub fn wrote(cache: &str) -> bool {
     })
 }
 
+/// Separates a key from its `per` value in the keys collected for a commit: no text value in
+/// PostgreSQL holds a NUL.
+const SCOPE_MARK: char = '\0';
+
+/// A key collected for a commit together with the value of its row's `per` expression (None:
+/// NULL), as the trigger of a watch entry declared `per` collects it.
+pub fn scoped_key(key: &str, per: Option<&str>) -> String {
+    let mut out = String::with_capacity(key.len() + 2 + per.map_or(0, str::len));
+    out.push_str(key);
+    out.push(SCOPE_MARK);
+    match per {
+        Some(v) => {
+            out.push('s');
+            out.push_str(v);
+        }
+        None => out.push('n'),
+    }
+    out
+}
+
+/// The tier key a collected key names: the key's, or the group of its variants whose `per`
+/// value the row had (a scope is dropped if the cache no longer groups its variants).
+fn tier_key(def: &catalog::CacheDef, raw: &str) -> String {
+    let Some((key, scope)) = raw.split_once(SCOPE_MARK) else {
+        return keys::full_key(&def.key_prefix, raw);
+    };
+    let mut out = keys::full_key(&def.key_prefix, key);
+    if def.per.is_some() {
+        keys::push_scope(&mut out, scope.strip_prefix('s'));
+    }
+    out
+}
+
+/// A collected key as a log line shows it.
+fn shown(raw: &str) -> String {
+    match raw.split_once(SCOPE_MARK) {
+        None => raw.to_string(),
+        Some((key, scope)) => match scope.strip_prefix('s') {
+            Some(v) => format!("{key} (per {v})"),
+            None => format!("{key} (per NULL)"),
+        },
+    }
+}
+
 /// Records keys of `cache` to invalidate when this transaction commits.
 pub fn collect<'a>(cache: &str, raw_keys: impl IntoIterator<Item = &'a str>) {
     PENDING.with(|p| {
@@ -136,12 +180,15 @@ fn announce() {
     // takes it exclusively itself, and moves the cache to a new version: O(1) in Redis.
     let mut flushed = Vec::with_capacity(pending.len());
     for (name, raw_keys) in &pending {
-        // A cache whose entries vary by role or setting has no way to name every variant of
-        // a key: any change to it is a flush. Keys that do not fit in the ledger (Redis away
-        // for long) are a flush too: a new version needs nothing delivered.
+        // The variants of a key (vary_by) need no listing: they hang on the key's own
+        // generation in L1 and its own Redis key in L2. Keys that do not fit in the ledger
+        // (Redis away for long) are a flush: a new version needs nothing delivered.
+        // A cache whose watch entries are declared `per` groups a key's variants by a caller's
+        // value: a key without a group (from an entry not declared per, or
+        // twotier.invalidate) would have to reach every group, which cannot be listed.
         let bulk = catalog::lookup_fresh(name).is_some_and(|def| {
-            !def.vary_by.is_empty()
-                || max_keys.is_some_and(|max| raw_keys.len() > max)
+            max_keys.is_some_and(|max| raw_keys.len() > max)
+                || (def.per.is_some() && raw_keys.iter().any(|k| !k.contains(SCOPE_MARK)))
                 || (use_ledger
                     && !ledger::reserve(ledger::bytes_for(
                         raw_keys.iter().map(|k| k.as_str()),
@@ -165,7 +212,7 @@ fn announce() {
         };
         if !flushed {
             for k in &raw_keys {
-                batch.push(keys::full_key(&def.key_prefix, k));
+                batch.push(tier_key(&def, k));
             }
         }
         resolved.push(Resolved {
@@ -210,7 +257,7 @@ fn count_and_log(resolved: &[Resolved]) {
             );
         } else if log {
             for k in &r.raw_keys {
-                pgrx::log!("twotier INVALIDATE: {}:{k}", r.name);
+                pgrx::log!("twotier INVALIDATE: {}:{}", r.name, shown(k));
             }
         }
     }

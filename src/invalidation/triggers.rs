@@ -48,6 +48,8 @@ impl Drop for KeyPlan {
 struct Fired {
     cache: String,
     plan: KeyPlan,
+    /// The watch entry's `per` expression (rendered as text), if it has one.
+    per: Option<KeyPlan>,
 }
 
 thread_local! {
@@ -131,8 +133,13 @@ unsafe fn plan_for(td: *const pg_sys::TriggerData) -> Rc<Fired> {
             return f;
         }
         let args = trigger_args(trigger);
-        let [cache, table, expression] = args.as_slice() else {
-            refuse("twotier._trigger needs (cache, table oid, key expression)".into());
+        let (cache, table, expression, per) = match args.as_slice() {
+            [cache, table, expression] => (cache, table, expression, None),
+            [cache, table, expression, per] => (cache, table, expression, Some(per)),
+            _ => refuse(
+                "twotier._trigger needs (cache, table oid, key expression[, per expression])"
+                    .into(),
+            ),
         };
         let Some(def) = catalog::lookup_fresh(cache) else {
             refuse(format!("twotier: cache \"{cache}\" does not exist"));
@@ -148,8 +155,32 @@ unsafe fn plan_for(td: *const pg_sys::TriggerData) -> Rc<Fired> {
                 )),
             }
         }
+        let plan = key_plan(&def, rel, watched, expression, &def.key_types);
+        let per = per.map(|per| key_plan(&def, rel, watched, per, &[KeyType::of(pg_sys::TEXTOID)]));
+        let fired = Rc::new(Fired {
+            cache: cache.clone(),
+            plan,
+            per,
+        });
+        PLANS.with(|p| p.borrow_mut().insert(tag, fired.clone()));
+        fired
+    }
+}
+
+/// How to render `expression` over a row of `rel` (a table `watched` is, or a partition of
+/// it) as a key of `key_types`: straight from a column where no cast is needed, else by a
+/// prepared query as the cache's owner.
+unsafe fn key_plan(
+    def: &catalog::CacheDef,
+    rel: pg_sys::Relation,
+    watched: Oid,
+    expression: &str,
+    key_types: &[KeyType],
+) -> KeyPlan {
+    unsafe {
+        let cache = &def.name;
         let desc = (*rel).rd_att;
-        let key_type = match def.key_types.as_slice() {
+        let key_type = match key_types {
             [one] => Some(one.oid),
             _ => None,
         };
@@ -165,7 +196,7 @@ unsafe fn plan_for(td: *const pg_sys::TriggerData) -> Rc<Fired> {
                 // Read straight from the row only if no cast to the key's type is needed.
                 .filter(|(_, typ)| key_type == Some(pg_sys::TEXTOID) || key_type == Some(*typ))
         });
-        let plan = match column {
+        match column {
             Some((attnum, typ)) => {
                 let mut typoutput = Oid::INVALID;
                 let mut varlena = false;
@@ -182,7 +213,7 @@ unsafe fn plan_for(td: *const pg_sys::TriggerData) -> Rc<Fired> {
                 let table_name = CStr::from_ptr(pg_sys::get_rel_name(watched))
                     .to_string_lossy()
                     .into_owned();
-                let types: Vec<Oid> = def.key_types.iter().map(|t| t.oid).collect();
+                let types: Vec<Oid> = key_types.iter().map(|t| t.oid).collect();
                 let sql = typed_keys::key_select(
                     expression,
                     &types,
@@ -208,16 +239,10 @@ unsafe fn plan_for(td: *const pg_sys::TriggerData) -> Rc<Fired> {
                     plan,
                     owner: def.owner,
                     search_path: def.search_path.clone(),
-                    key_types: def.key_types.clone(),
+                    key_types: key_types.to_vec(),
                 }
             }
-        };
-        let fired = Rc::new(Fired {
-            cache: cache.clone(),
-            plan,
-        });
-        PLANS.with(|p| p.borrow_mut().insert(tag, fired.clone()));
-        fired
+        }
     }
 }
 
@@ -324,6 +349,26 @@ unsafe fn key_of(plan: &KeyPlan, slot: *mut pg_sys::TupleTableSlot, out: &mut Ve
     }
 }
 
+/// The keys of the row in `slot`, each with the row's per value when the entry has one.
+unsafe fn keys_of(fired: &Fired, slot: *mut pg_sys::TupleTableSlot, out: &mut Vec<String>) {
+    unsafe {
+        let Some(per) = &fired.per else {
+            key_of(&fired.plan, slot, out);
+            return;
+        };
+        let mut keys = Vec::with_capacity(1);
+        key_of(&fired.plan, slot, &mut keys);
+        let mut value = Vec::with_capacity(1);
+        key_of(per, slot, &mut value);
+        for key in keys {
+            out.push(invalidation::scoped_key(
+                &key,
+                value.first().map(String::as_str),
+            ));
+        }
+    }
+}
+
 #[no_mangle]
 pub extern "C" fn pg_finfo_twotier_trigger() -> &'static pg_sys::Pg_finfo_record {
     static V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
@@ -355,10 +400,11 @@ pub unsafe extern "C-unwind" fn twotier_trigger(fcinfo: pg_sys::FunctionCallInfo
         }
         let mut keys = Vec::with_capacity(2);
         // INSERT and DELETE: the one row; UPDATE: the old row here, the new one below, so a
-        // row whose key changed invalidates both keys.
-        key_of(&fired.plan, (*td).tg_trigslot, &mut keys);
+        // row whose key changed invalidates both keys (and a row that changed hands, both
+        // callers' groups).
+        keys_of(&fired, (*td).tg_trigslot, &mut keys);
         if event == pg_sys::TRIGGER_EVENT_UPDATE {
-            key_of(&fired.plan, (*td).tg_newslot, &mut keys);
+            keys_of(&fired, (*td).tg_newslot, &mut keys);
         }
         invalidation::collect(&fired.cache, keys.iter().map(String::as_str));
         Datum::from(0)

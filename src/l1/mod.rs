@@ -24,6 +24,9 @@ const HDR: usize = std::mem::size_of::<EntryHeader>();
 const FLAG_DEAD: u32 = 1;
 const FLAG_NEGATIVE: u32 = 2;
 const FLAG_SKIP: u32 = 4;
+/// One variant of a key (vary_by): valid while its key's generation is still `gen`, so that
+/// an invalidation of the key reaches every variant without finding them.
+const FLAG_VARIANT: u32 = 8;
 const SLOT_EMPTY: u64 = 0;
 const SLOT_TOMB: u64 = 1;
 /// Index slots per byte of ring: sized for entries of 64 bytes and up.
@@ -38,6 +41,9 @@ struct EntryHeader {
     flags: u32,
     hash: u64,
     expires_ms: i64,
+    /// For a variant: the generation slot of its key, and that slot's generation at the fill.
+    gen_slot: u64,
+    gen: u64,
 }
 
 #[repr(C)]
@@ -417,9 +423,10 @@ pub enum L1Value {
     Negative,
 }
 
-/// Looks `key` up; copies the value out under a shared lock.
-pub fn get(key: &str, hash: u64) -> Option<L1Value> {
-    if in_flight(hash) {
+/// Looks `key` up; copies the value out under a shared lock. `gen_hash` is the hash of the
+/// key whose invalidations reach this entry: `hash` itself, or for a variant its key's.
+pub fn get(key: &str, hash: u64, gen_hash: u64) -> Option<L1Value> {
+    if in_flight(gen_hash) {
         return None;
     }
     let p = partition(hash)?;
@@ -428,6 +435,12 @@ pub fn get(key: &str, hash: u64) -> Option<L1Value> {
     let e = p.entry(p.slot(i).off - 2);
     unsafe {
         if (*e).expires_ms <= now_ms() {
+            return None;
+        }
+        if (*e).flags & FLAG_VARIANT != 0
+            && shared()?.gens[(*e).gen_slot as usize].load(Ordering::Acquire) != (*e).gen
+            && !gucs::test_variants_ignore_key()
+        {
             return None;
         }
         if (*e).flags & FLAG_NEGATIVE != 0 {
@@ -440,9 +453,17 @@ pub fn get(key: &str, hash: u64) -> Option<L1Value> {
     }
 }
 
-/// Stores `value` (a flat jsonb varlena, or None for "no row") unless `key`'s generation
-/// moved since `seen_generation` was read. Returns whether it was stored.
-pub fn fill(key: &str, hash: u64, seen_generation: u64, value: Option<&[u8]>, ttl_s: i64) -> bool {
+/// Stores `value` (a flat jsonb varlena, or None for "no row") unless the generation of
+/// `gen_hash` (see [`get`]) moved since `seen_generation` was read. Returns whether it was
+/// stored.
+pub fn fill(
+    key: &str,
+    hash: u64,
+    gen_hash: u64,
+    seen_generation: u64,
+    value: Option<&[u8]>,
+    ttl_s: i64,
+) -> bool {
     let Some(shared) = shared() else { return false };
     let Some(p) = partition(hash) else {
         return false;
@@ -458,11 +479,11 @@ pub fn fill(key: &str, hash: u64, seen_generation: u64, value: Option<&[u8]>, tt
     let ttl_ms = ttl_s.min(gucs::l1_max_age_s()).max(1) * 1000;
     // Replay marks are checked outside the lock (it asks the proc array); one set after this
     // check moved the generation, which is checked under the lock.
-    if in_flight(hash) {
+    if in_flight(gen_hash) {
         return false;
     }
     let _g = p.lock(true);
-    let slot = gen_slot(hash);
+    let slot = gen_slot(gen_hash);
     if shared.gens[slot].load(Ordering::Acquire) != seen_generation
         || shared.inflight[slot].load(Ordering::Acquire) > 0
     {
@@ -491,9 +512,12 @@ pub fn fill(key: &str, hash: u64, seen_generation: u64, value: Option<&[u8]>, tt
             total: total as u32,
             key_len: key.len() as u32,
             val_len: val.len() as u32,
-            flags: if value.is_none() { FLAG_NEGATIVE } else { 0 },
+            flags: if value.is_none() { FLAG_NEGATIVE } else { 0 }
+                | if gen_hash != hash { FLAG_VARIANT } else { 0 },
             hash,
             expires_ms: now_ms() + ttl_ms,
+            gen_slot: slot as u64,
+            gen: seen_generation,
         });
         let body = (e as *mut u8).add(HDR);
         std::ptr::copy_nonoverlapping(key.as_ptr(), body, key.len());
@@ -745,18 +769,66 @@ mod tests {
         let key = "test:db:c:v1:hit";
         let h = hash_key(key);
         let v = varlena(b"{\"a\": 1}");
-        assert!(get(key, h).is_none());
-        assert!(fill(key, h, generation(h), Some(&v), 60));
-        assert_eq!(get(key, h).and_then(value_bytes), Some(v));
+        assert!(get(key, h, h).is_none());
+        assert!(fill(key, h, h, generation(h), Some(&v), 60));
+        assert_eq!(get(key, h, h).and_then(value_bytes), Some(v));
         let neg = "test:db:c:v1:none";
         assert!(fill(
             neg,
+            hash_key(neg),
             hash_key(neg),
             generation(hash_key(neg)),
             None,
             60
         ));
-        assert!(matches!(get(neg, hash_key(neg)), Some(L1Value::Negative)));
+        assert!(matches!(
+            get(neg, hash_key(neg), hash_key(neg)),
+            Some(L1Value::Negative)
+        ));
+    }
+
+    #[pg_test]
+    fn a_keys_invalidation_reaches_its_variants_and_no_other_entry() {
+        let key = "test:db:c:v1:var";
+        let g = hash_key(key);
+        let variants = ["test:db:c:v1:var~vu1|", "test:db:c:v1:var~vu2|"];
+        for v in variants {
+            let h = hash_key(v);
+            assert!(fill(v, h, g, generation(g), Some(&varlena(b"old")), 60));
+            assert!(get(v, h, g).is_some());
+        }
+        let other = "test:db:c:v1:other~vu1|";
+        let (oh, og) = (hash_key(other), hash_key("test:db:c:v1:other"));
+        assert!(fill(
+            other,
+            oh,
+            og,
+            generation(og),
+            Some(&varlena(b"o")),
+            60
+        ));
+        invalidate(key);
+        for v in variants {
+            assert!(
+                get(v, hash_key(v), g).is_none(),
+                "{v} outlived its key's invalidation"
+            );
+        }
+        assert!(get(other, oh, og).is_some());
+        // A fill under the key's new generation is a hit again.
+        let v = variants[0];
+        assert!(fill(
+            v,
+            hash_key(v),
+            g,
+            generation(g),
+            Some(&varlena(b"new")),
+            60
+        ));
+        assert_eq!(
+            get(v, hash_key(v), g).and_then(value_bytes),
+            Some(varlena(b"new"))
+        );
     }
 
     #[pg_test]
@@ -766,13 +838,13 @@ mod tests {
         let seen = generation(h);
         // The writer commits while the reader is fetching.
         invalidate(key);
-        assert!(!fill(key, h, seen, Some(&varlena(b"old")), 60));
-        assert!(get(key, h).is_none());
+        assert!(!fill(key, h, h, seen, Some(&varlena(b"old")), 60));
+        assert!(get(key, h, h).is_none());
         // A reader that started after the invalidation may fill.
-        assert!(fill(key, h, generation(h), Some(&varlena(b"new")), 60));
-        assert_eq!(get(key, h).and_then(value_bytes), Some(varlena(b"new")));
+        assert!(fill(key, h, h, generation(h), Some(&varlena(b"new")), 60));
+        assert_eq!(get(key, h, h).and_then(value_bytes), Some(varlena(b"new")));
         assert!(invalidate(key));
-        assert!(get(key, h).is_none());
+        assert!(get(key, h, h).is_none());
     }
 
     #[pg_test]
@@ -786,15 +858,15 @@ mod tests {
         for i in 0..n {
             let key = format!("test:db:big:v1:{i}");
             let h = hash_key(&key);
-            fill(&key, h, generation(h), Some(&v), 60);
+            fill(&key, h, h, generation(h), Some(&v), 60);
         }
         assert!(s.evictions.load(Ordering::Relaxed) > evictions_before);
         assert!(s.used_bytes.load(Ordering::Relaxed) as u64 <= ring_total);
         // The newest entries are the ones kept.
         let last = format!("test:db:big:v1:{}", n - 1);
-        assert!(get(&last, hash_key(&last)).is_some());
+        assert!(get(&last, hash_key(&last), hash_key(&last)).is_some());
         let first = "test:db:big:v1:0";
-        assert!(get(first, hash_key(first)).is_none());
+        assert!(get(first, hash_key(first), hash_key(first)).is_none());
     }
 
     #[pg_test]
@@ -805,12 +877,27 @@ mod tests {
             "test:db:q:v1:user-1",
         ] {
             let h = hash_key(k);
-            assert!(fill(k, h, generation(h), Some(&varlena(b"1")), 60));
+            assert!(fill(k, h, h, generation(h), Some(&varlena(b"1")), 60));
         }
         let n = invalidate_matching("test:db:p:v1:", |k| k.ends_with("user-1"));
         assert_eq!(n, 1);
-        assert!(get("test:db:p:v1:user-1", hash_key("test:db:p:v1:user-1")).is_none());
-        assert!(get("test:db:p:v1:user-2", hash_key("test:db:p:v1:user-2")).is_some());
-        assert!(get("test:db:q:v1:user-1", hash_key("test:db:q:v1:user-1")).is_some());
+        assert!(get(
+            "test:db:p:v1:user-1",
+            hash_key("test:db:p:v1:user-1"),
+            hash_key("test:db:p:v1:user-1")
+        )
+        .is_none());
+        assert!(get(
+            "test:db:p:v1:user-2",
+            hash_key("test:db:p:v1:user-2"),
+            hash_key("test:db:p:v1:user-2")
+        )
+        .is_some());
+        assert!(get(
+            "test:db:q:v1:user-1",
+            hash_key("test:db:q:v1:user-1"),
+            hash_key("test:db:q:v1:user-1")
+        )
+        .is_some());
     }
 }

@@ -43,6 +43,68 @@ redis.call('DEL', KEYS[2])
 return 0
 "#;
 
+/// A variant (vary_by) is stored as `<token>\n<value>`, valid only while its key's own Redis
+/// key holds exactly `<token>`: one tombstone on the key reaches every variant without
+/// listing them. The token is a generation (`!gen:...`) that the first fill after an absence
+/// or a tombstone puts on the key, derived from that tombstone so that fills racing after
+/// the same tombstone agree on it. Compare-and-set on the key as the reader saw it (absent,
+/// a tombstone or a generation), with the same age limit as [`FILL_SCRIPT`]; ARGV[1] = '2'
+/// is an unconditional `twotier.set`. The key's generation lives at least as long as the
+/// variant written under it; if it goes sooner (evicted, flushed), its variants are misses.
+/// Returns 1, 0 or -1 as [`FILL_SCRIPT`].
+pub const VARIANT_FILL_SCRIPT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+if ARGV[1] ~= '2' and now - tonumber(ARGV[5]) > tonumber(ARGV[6]) then
+  return -1
+end
+local cur = redis.call('GET', KEYS[1])
+local ok = ARGV[1] == '2'
+  or (ARGV[1] == '0' and cur == false)
+  or (ARGV[1] == '1' and (cur == ARGV[2] or cur == '!gen:' .. ARGV[2]))
+if not ok then
+  redis.call('DEL', KEYS[3])
+  return 0
+end
+local token
+if cur == false then
+  token = ARGV[7]
+elseif string.sub(cur, 1, 5) == '!gen:' then
+  token = cur
+else
+  token = '!gen:' .. cur
+end
+local ms = tonumber(ARGV[4]) * 1000
+local left = redis.call('PTTL', KEYS[1])
+if cur ~= token or left < ms then
+  redis.call('SET', KEYS[1], token, 'PX', math.max(left, ms))
+end
+redis.call('SET', KEYS[2], token .. '\n' .. ARGV[3], 'PX', ms)
+redis.call('DEL', KEYS[3])
+return 1
+"#;
+
+pub const GENERATION_PREFIX: &[u8] = b"!gen:";
+
+/// What a variant's GET found, given what its key holds (`base`): a value or "no row" only
+/// if it was written under the key's present generation.
+pub fn classify_variant(base: &Option<Vec<u8>>, raw: Option<Vec<u8>>) -> Lookup {
+    let absent = || Lookup::Absent { seen: base.clone() };
+    let (Some(token), Some(raw)) = (base, raw) else {
+        return absent();
+    };
+    if !token.starts_with(GENERATION_PREFIX) {
+        return absent();
+    }
+    match raw.strip_prefix(token.as_slice()) {
+        Some([b'\n', value @ ..]) => match classify(Some(value.to_vec())) {
+            found @ (Lookup::Value(_) | Lookup::Negative) => found,
+            _ => absent(),
+        },
+        _ => absent(),
+    }
+}
+
 /// The stampede lease of a key: `~` never occurs in an escaped key, so no entry has this name.
 pub fn lease_key(l2: &str) -> String {
     format!("{l2}~lease")

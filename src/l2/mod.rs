@@ -11,7 +11,7 @@ pub(crate) use link::client_for;
 use link::{connect, interrupt_pending, Link};
 
 pub use layout::{classify, l2_key, tier_key_of, Lookup};
-use layout::{lease_key, FILL_SCRIPT, NEGATIVE};
+use layout::{classify_variant, lease_key, FILL_SCRIPT, NEGATIVE, VARIANT_FILL_SCRIPT};
 
 use crate::gucs;
 
@@ -115,6 +115,8 @@ pub struct Read {
     pub remaining_s: Option<i64>,
     /// Redis's clock at the read, in microseconds.
     pub at_us: i64,
+    /// For a variant: what its key held (the generation a fill must still find there).
+    pub variant_base: Option<Option<Vec<u8>>>,
 }
 
 /// The connection's view of Redis that every operation needs.
@@ -386,82 +388,117 @@ fn fail(state: &mut State, url: &str, e: L2Error, connection_lost: bool) -> L2Er
     e
 }
 
-pub fn get(key: &str) -> Result<Lookup, L2Error> {
-    with_connection(|con, ctx| {
-        let raw: Option<Vec<u8>> = con.call(redis::cmd("GET").arg(ctx.key(key)))?;
-        Ok(classify(raw))
-    })
-}
-
-/// GET, the entry's remaining life and Redis's clock, in one round trip: an entry copied into
-/// L1 must not outlive its L2 original, and a fill must know how old its read is.
-pub fn read(key: &str) -> Result<Read, L2Error> {
-    with_connection(|con, ctx| {
-        let l2 = ctx.key(key);
+/// The commands that read the entry `entry` of the key `base` (the same name unless the
+/// cache varies): its value and remaining life, and for a variant what its key holds.
+fn read_cmds(ctx: &Ctx, base: &str, entry: &str, cmds: &mut Vec<redis::Cmd>) {
+    let l2 = ctx.key(entry);
+    if base != entry {
         let mut get = redis::cmd("GET");
-        get.arg(&l2);
-        let mut pttl = redis::cmd("PTTL");
-        pttl.arg(&l2);
-        let replies = con.exchange(&[get, pttl, redis::cmd("TIME")])?;
-        let (raw, pttl, (secs, micros)): (Option<Vec<u8>>, i64, (i64, i64)) =
-            redis::from_owned_redis_value(redis::Value::Array(replies))?;
-        Ok(Read {
-            lookup: classify(raw),
-            remaining_s: (pttl > 0).then(|| (pttl + 999) / 1000),
-            at_us: secs * 1_000_000 + micros,
-        })
+        get.arg(ctx.key(base));
+        cmds.push(get);
+    }
+    let mut get = redis::cmd("GET");
+    get.arg(&l2);
+    let mut pttl = redis::cmd("PTTL");
+    pttl.arg(&l2);
+    cmds.push(get);
+    cmds.push(pttl);
+}
+
+/// The replies of [`read_cmds`] as a [`Read`].
+fn parse_read(
+    variant: bool,
+    replies: &mut impl Iterator<Item = redis::Value>,
+    at_us: i64,
+) -> redis::RedisResult<Read> {
+    let mut next = || replies.next().unwrap_or(redis::Value::Nil);
+    let base: Option<Option<Vec<u8>>> = if variant {
+        Some(redis::from_owned_redis_value(next())?)
+    } else {
+        None
+    };
+    let raw: Option<Vec<u8>> = redis::from_owned_redis_value(next())?;
+    let pttl: i64 = redis::from_owned_redis_value(next())?;
+    Ok(Read {
+        lookup: match &base {
+            // The variant's own token taken for its key's: shows what the check is for.
+            Some(_) if gucs::test_variants_ignore_key() => {
+                let own = raw.as_ref().and_then(|r| {
+                    r.iter()
+                        .position(|&b| b == b'\n')
+                        .map(|cut| r[..cut].to_vec())
+                });
+                classify_variant(&own, raw)
+            }
+            Some(base) => classify_variant(base, raw),
+            None => classify(raw),
+        },
+        remaining_s: (pttl > 0).then(|| (pttl + 999) / 1000),
+        at_us,
+        variant_base: base,
     })
 }
 
-/// [`read`] for many keys in one round trip: GET and PTTL of each, pipelined, and one TIME.
-pub fn read_many(keys: &[&str]) -> Result<Vec<Read>, L2Error> {
+/// The entry's value, its remaining life and Redis's clock, in one round trip: an entry
+/// copied into L1 must not outlive its L2 original, and a fill must know how old its read is.
+/// `base` is the key's tier key, `entry` the entry's (the same unless the cache varies).
+pub fn read(base: &str, entry: &str) -> Result<Read, L2Error> {
+    read_many(&[(base, entry)]).map(|mut reads| reads.remove(0))
+}
+
+/// [`read`] for many entries in one round trip, and one TIME.
+pub fn read_many(entries: &[(&str, &str)]) -> Result<Vec<Read>, L2Error> {
     with_connection(|con, ctx| {
-        let mut cmds = Vec::with_capacity(keys.len() * 2 + 1);
-        for key in keys {
-            let l2 = ctx.key(key);
-            let mut get = redis::cmd("GET");
-            get.arg(&l2);
-            let mut pttl = redis::cmd("PTTL");
-            pttl.arg(&l2);
-            cmds.push(get);
-            cmds.push(pttl);
+        let mut cmds = Vec::with_capacity(entries.len() * 3 + 1);
+        for (base, entry) in entries {
+            read_cmds(ctx, base, entry, &mut cmds);
         }
         cmds.push(redis::cmd("TIME"));
         let mut replies = con.exchange(&cmds)?;
         let time = replies.pop().unwrap_or(redis::Value::Nil);
         let (secs, micros): (i64, i64) = redis::from_owned_redis_value(time)?;
         let at_us = secs * 1_000_000 + micros;
-        let mut out = Vec::with_capacity(keys.len());
         let mut replies = replies.into_iter();
-        while let (Some(raw), Some(pttl)) = (replies.next(), replies.next()) {
-            let raw: Option<Vec<u8>> = redis::from_owned_redis_value(raw)?;
-            let pttl: i64 = redis::from_owned_redis_value(pttl)?;
-            out.push(Read {
-                lookup: classify(raw),
-                remaining_s: (pttl > 0).then(|| (pttl + 999) / 1000),
-                at_us,
-            });
-        }
-        Ok(out)
+        entries
+            .iter()
+            .map(|(base, entry)| parse_read(base != entry, &mut replies, at_us))
+            .collect()
     })
 }
 
-/// Fills `key` with `value` (None = negative entry) unless it changed since `read`, or `read`
-/// is older than `twotier.tombstone_ttl_s`. Returns whether the fill was applied.
-pub fn fill(key: &str, read: &Read, value: Option<&str>, ttl_s: i64) -> Result<bool, L2Error> {
-    let seen = match &read.lookup {
-        Lookup::Absent { seen } => seen.clone(),
+/// Fills the entry `entry` of the key `base` with `value` (None = negative entry) unless it
+/// changed since `read`, or `read` is older than `twotier.tombstone_ttl_s`. Returns whether
+/// the fill was applied.
+pub fn fill(
+    base: &str,
+    entry: &str,
+    read: &Read,
+    value: Option<&str>,
+    ttl_s: i64,
+) -> Result<bool, L2Error> {
+    let seen = match (&read.variant_base, &read.lookup) {
+        // A variant's fill compares its key's content, whatever the variant held.
+        (Some(base), _) => base.clone(),
+        (None, Lookup::Absent { seen }) => seen.clone(),
         // Garbage that could not be parsed: it is replaced only if still the same garbage.
-        Lookup::Value(v) => Some(v.clone()),
-        Lookup::Negative | Lookup::InFlight => return Ok(false),
+        (None, Lookup::Value(v)) => Some(v.clone()),
+        (None, Lookup::Negative | Lookup::InFlight) => return Ok(false),
     };
     let window_us = gucs::tombstone_ttl_s() * 1_000_000;
     with_connection(|con, ctx| {
         // EVAL with the body: Redis keeps compiled scripts by their hash, and one command
         // needs no NOSCRIPT round trip.
         let mut eval = redis::cmd("EVAL");
-        let l2 = ctx.key(key);
-        eval.arg(FILL_SCRIPT).arg(2).arg(&l2).arg(lease_key(&l2));
+        let l2 = ctx.key(entry);
+        if base == entry {
+            eval.arg(FILL_SCRIPT).arg(2).arg(&l2).arg(lease_key(&l2));
+        } else {
+            eval.arg(VARIANT_FILL_SCRIPT)
+                .arg(3)
+                .arg(ctx.key(base))
+                .arg(&l2)
+                .arg(lease_key(&l2));
+        }
         match &seen {
             None => eval.arg("0").arg(""),
             Some(v) => eval.arg("1").arg(v.as_slice()),
@@ -470,20 +507,42 @@ pub fn fill(key: &str, read: &Read, value: Option<&str>, ttl_s: i64) -> Result<b
             .arg(ttl_s.max(1))
             .arg(read.at_us)
             .arg(window_us);
+        if base != entry {
+            eval.arg(format!("!gen:{}", ctx.tombstone));
+        }
         let applied: i64 = con.call(&eval)?;
         Ok(applied == 1)
     })
 }
 
-pub fn set(key: &str, value: &str, ttl_s: i64) -> Result<(), L2Error> {
+/// `twotier.set`: the entry `entry` of the key `base` (the same unless the cache varies)
+/// holds `value`, whatever it held.
+pub fn set(base: &str, entry: &str, value: &str, ttl_s: i64) -> Result<(), L2Error> {
     with_connection(|con, ctx| {
-        con.call(
-            redis::cmd("SET")
-                .arg(ctx.key(key))
-                .arg(value)
-                .arg("EX")
-                .arg(ttl_s.max(1)),
-        )
+        if base == entry {
+            return con.call(
+                redis::cmd("SET")
+                    .arg(ctx.key(entry))
+                    .arg(value)
+                    .arg("EX")
+                    .arg(ttl_s.max(1)),
+            );
+        }
+        let l2 = ctx.key(entry);
+        let mut eval = redis::cmd("EVAL");
+        eval.arg(VARIANT_FILL_SCRIPT)
+            .arg(3)
+            .arg(ctx.key(base))
+            .arg(&l2)
+            .arg(lease_key(&l2))
+            .arg("2")
+            .arg("")
+            .arg(value)
+            .arg(ttl_s.max(1))
+            .arg(0)
+            .arg(0)
+            .arg(format!("!gen:{}", ctx.tombstone));
+        con.call::<i64>(&eval).map(|_| ())
     })
 }
 

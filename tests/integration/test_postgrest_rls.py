@@ -21,9 +21,11 @@ What is checked, under reader and writer threads:
  - that both checks can fail: writers whose invalidations are lost (test-only
    `twotier.test_no_ledger`) make it count stale reads, and a `vary_by` that misses the user
    makes it count leaks;
- - with issue 22's JSON path (`request.jwt.claims->>sub`), tokens re-issued at every request
-   still hit, a write invalidates its status in every variant and nothing else, and a request
-   without claims is refused.
+ - with the JSON path (`request.jwt.claims->>sub`), tokens re-issued at every request still
+   hit, a write invalidates its status in every variant and nothing else, and a request without
+   claims is refused;
+ - with the watch entry declared `per sub = owner`, the same checks hold while a write reaches
+   its owner's variants only.
 """
 import itertools
 import json
@@ -37,15 +39,13 @@ import pytest
 
 from servers import PgBouncer
 
-# What my_orders varies by. Issue 22's JSON path into the claims; the syntax before it is
-# ARRAY['role', 'request.jwt.claims'] (the whole payload: every token gets its own entries).
+# What my_orders varies by: the path into the claims that the policy reads (through
+# auth.uid()). The whole claims (ARRAY['role', 'request.jwt.claims']) would give every token
+# entries of its own.
 VARY = "ARRAY['role', 'request.jwt.claims->>sub']"
-PATH_SYNTAX = "->" in VARY
-# A vary_by that misses the user: everyone with the same role shares one variant.
-LEAKY_VARY = "ARRAY['role', 'request.jwt.claims->>role']" if PATH_SYNTAX else "ARRAY['role']"
-ISSUE_22_ONLY = pytest.mark.xfail(
-    not PATH_SYNTAX, strict=True,
-    reason="expected to pass only with issue 22's JSON-path vary_by (VARY is the whole-claims syntax)")
+# A vary_by that misses the user: everyone with the same role shares one variant. define
+# accepts it (it names the setting the policy reads); only the path is wrong.
+LEAKY_VARY = "ARRAY['role', 'request.jwt.claims->>role']"
 
 DB = "postgrest_rls"
 STATUSES = ["pending", "paid", "shipped", "cancelled"]
@@ -80,8 +80,8 @@ GRANT SELECT ON order_versions TO authenticated;
 """
 
 
-def define(conn, name: str, vary: str) -> None:
-    conn.execute(f"""SELECT twotier.define('{name}', $q${RAW}$q$, '5 min', ARRAY['orders(status)'],
+def define(conn, name: str, vary: str, watch: str = "orders(status)") -> None:
+    conn.execute(f"""SELECT twotier.define('{name}', $q${RAW}$q$, '5 min', ARRAY['{watch}'],
                                           vary_by => {vary})""")
     conn.execute(f"GRANT EXECUTE ON FUNCTION cached_{name} TO authenticated")
 
@@ -323,17 +323,10 @@ def test_b_a_vary_by_missing_the_user_is_caught_leaking(stack):
 
 
 def define_or_skip(stack, name: str) -> None:
-    """my_orders with VARY; skipped if this build refuses VARY's syntax (before issue 22)."""
     with stack.cluster.connect(DB) as c:
-        try:
-            define(c, name, VARY)
-        except psycopg.errors.InvalidParameterValue as e:
-            if "vary_by entry" not in str(e):  # "... is neither 'role' nor a setting name"
-                raise
-            pytest.skip(f"this build refuses vary_by {VARY} (it predates issue 22): {e}")
+        define(c, name, VARY)
 
 
-@ISSUE_22_ONLY
 def test_c_tokens_reissued_at_every_request_still_hit(stack):
     """PostgREST users get a new token (new iat and exp) often; with the path `->>sub` the
     variant is the user, not the token. Readers only and a trickle of writes; the hit ratio
@@ -350,7 +343,6 @@ def test_c_tokens_reissued_at_every_request_still_hit(stack):
     assert calls >= 200 and h / calls >= 0.5, f"hit ratio {h}/{calls} with tokens re-issued at every request"
 
 
-@ISSUE_22_ONLY
 def test_d_a_write_invalidates_its_status_in_every_variant_and_nothing_else(stack):
     define_or_skip(stack, "my_orders_d")
     with stack.cluster.connect(DB) as c:
@@ -379,7 +371,6 @@ def test_d_a_write_invalidates_its_status_in_every_variant_and_nothing_else(stac
         assert (h, calls) == (len(users) * (len(STATUSES) - 1), len(users) * len(STATUSES)), (h, calls)
 
 
-@ISSUE_22_ONLY
 def test_e_a_request_without_claims_is_refused_not_served_a_variant(stack):
     """A caller without claims has no variant of its own: unset, '' or not JSON must be an
     ERROR, never one variant shared by every caller without a token. Unset is a session that
@@ -408,3 +399,35 @@ def test_e_a_request_without_claims_is_refused_not_served_a_variant(stack):
             assert not (e.value.sqlstate or "XX").startswith("XX"), e.value
         cached, raw, _ = request(conn, "my_orders_e", stack.users[0], 2, "paid")
         assert cached == raw
+
+
+def test_f_per_owner_keeps_other_users_entries_and_stays_fresh(stack):
+    """The watch entry declared `per sub = owner` (orders never change owner here, and the
+    policy shows a row to its owner only, so the declaration holds): the same readers and
+    writers see no leak and no stale read, and a write to one user's order leaves every other
+    user's entries of that status in place."""
+    with stack.cluster.connect(DB) as c:
+        define(c, "my_orders_per", VARY, watch="orders(status) per sub = owner")
+    before = stack.stats("my_orders_per")
+    w = Workload(stack, "my_orders_per", readers=8, writers=2, iat="second").run(6)
+    h, calls = hits(before, stack.stats("my_orders_per"))
+    print(f"\npostgrest (f) {VARY} per sub = owner: {w.summary()} hits={h}/{calls}")
+    assert not w.errors, w.errors[:5]
+    assert not w.leaks, f"{len(w.leaks)} answers held another user's rows: {w.leaks[:3]}"
+    assert sum(w.judged) >= 300, w.summary()
+    assert not w.stale, f"{len(w.stale)} stale reads: {w.stale[:3]}"
+    with stack.cluster.connect(DB) as c:
+        (oid, first), = c.execute("SELECT id, owner::text FROM orders WHERE status = 'paid' ORDER BY id LIMIT 1")
+    others = [u for u in stack.users if u != first][:5]
+    with stack.connect() as conn:
+        for sub in [first] + others:
+            request(conn, "my_orders_per", sub, 1, "paid", check=False)
+        stack.cluster.sql("UPDATE orders SET amount = amount + 1000 WHERE id = %s", oid, dbname=DB)
+        s1 = stack.stats("my_orders_per")
+        for sub in others:
+            cached, raw, _ = request(conn, "my_orders_per", sub, 2, "paid")
+            assert cached == raw
+        h, calls = hits(s1, stack.stats("my_orders_per"))
+        assert (h, calls) == (len(others), len(others)), f"another user's write cost {calls - h} entries"
+        cached, raw, _ = request(conn, "my_orders_per", first, 2, "paid")
+        assert cached == raw, "the owner was served its entry from before its order changed"

@@ -278,12 +278,14 @@ class Bench:
                  f"SELECT {TEXT_KEY[cache].replace(':i', 'g')} FROM generate_series(1, {n}) g")
 
     # -- the runs ------------------------------------------------------------------------
-    def paths(self):
+    def paths(self, focus: bool = False):
+        """Every read path against its floors. `focus`: only what issue 21's targets read (the
+        floors, widget_config's L1 and L2 hits in jsonb and json mode, a Redis GET)."""
         n = self.tenants
         pick = f"\\set i random(1, {n})\n"
         print(f"\n== paths (pgbench -M prepared, best of {self.reps} interleaved runs of {self.duration} s)", flush=True)
         caches = ["domain_lookup", "widget_config", "widget_config_json", "customer_profile", "widget_config_heavy"]
-        if self.quick:
+        if self.quick or focus:
             caches = ["widget_config", "widget_config_json"]
         for cache in caches:
             self.warm(cache, n)
@@ -303,6 +305,10 @@ class Bench:
             miss = self.script(f"miss_{cache}", pick + f"SELECT twotier.invalidate('{cache}', {TEXT_KEY[cache]});\n"
                                f"SELECT cached_{cache}({KEY[cache]});\n")
             raw = RAW["widget_config"] if cache == "widget_config_json" else RAW[cache]
+            if focus:
+                runs += [(cache, "cached, L1 hit", hit, ""),
+                         (cache, "cached, L2 hit (L1 off)", hit, "-c twotier.l1_enabled=off")]
+                continue
             runs += [(cache, "raw query", self.script(f"raw_{cache}", pick + raw + "\n"), ""),
                      (cache, "cached, L1 hit", hit, ""),
                      (cache, "cached, L2 hit (L1 off)", hit, "-c twotier.l1_enabled=off"),
@@ -314,9 +320,10 @@ class Bench:
         many = self.script("many100", many_pick + f"SELECT count(value) FROM cached_widget_config_many({keys});\n")
         singles = self.script("single100", many_pick + "BEGIN;\n" + "".join(
             f"SELECT cached_widget_config({UID.replace(':i', f'(:i + {j})')});\n" for j in range(100)) + "COMMIT;\n")
-        runs += [("many keys", "100 keys, one _many call, L1", many, ""),
-                 ("many keys", "100 keys, one _many call, L2 (L1 off)", many, "-c twotier.l1_enabled=off"),
-                 ("many keys", "100 keys, 100 single calls in one transaction, L1", singles, "")]
+        if not focus:
+            runs += [("many keys", "100 keys, one _many call, L1", many, ""),
+                     ("many keys", "100 keys, one _many call, L2 (L1 off)", many, "-c twotier.l1_enabled=off"),
+                     ("many keys", "100 keys, 100 single calls in one transaction, L1", singles, "")]
         for c in self.clients:
             best: dict = {}
             for _ in range(self.reps):
@@ -334,7 +341,33 @@ class Bench:
                     note = "TPS = calls of 100 keys per second"
                 self.record(group, path, c, best[(group, path)], note)
             self.redis_get(c)
-        self.many_round_trips()
+        if not focus:
+            self.many_round_trips()
+
+    def read_targets(self):
+        """Issue 21's verdicts alone (for --only reads)."""
+        print("\n== targets (ratios within this run)", flush=True)
+        fair = "key expression + returning a widget config"
+        c8 = max(self.clients)
+        f = lambda g, p, c: self.find(g, p, c)  # noqa: E731
+        floor, floor_json = f("floor", fair, 1), f("floor", fair + " (json)", 1)
+        l2, l2j = f("widget_config", "cached, L2 hit (L1 off)", 1), f("widget_config_json", "cached, L2 hit (L1 off)", 1)
+        get = f("app-side cache", "Redis GET from outside (redis-benchmark)", 1)
+        l1_8, l1j_8 = f("widget_config", "cached, L1 hit", c8), f("widget_config_json", "cached, L1 hit", c8)
+        floor_8, floor_json_8 = f("floor", fair, c8), f("floor", fair + " (json)", c8)
+        select1_8 = f("floor", "SELECT 1", c8)
+        rows = [judge(f"{c8} clients: jsonb L1 hit TPS / floor returning the same value TPS >= 0.9",
+                      l1_8 and floor_8 and l1_8["tps"] / floor_8["tps"], 0.9, True),
+                judge(f"{c8} clients: json-mode L1 hit TPS / json floor TPS >= 0.9",
+                      l1j_8 and floor_json_8 and l1j_8["tps"] / floor_json_8["tps"], 0.9, True),
+                judge(f"{c8} clients: json-mode L1 hit TPS / SELECT 1 TPS >= 0.8",
+                      l1j_8 and select1_8 and l1j_8["tps"] / select1_8["tps"], 0.8, True),
+                judge("jsonb: (L2 hit - floor) / Redis GET round trip <= 1.3",
+                      l2 and floor and get and (l2["mean_us"] - floor["mean_us"]) / get["mean_us"], 1.3),
+                judge("json mode: (L2 hit - json floor) / Redis GET round trip <= 1.3",
+                      l2j and floor_json and get and (l2j["mean_us"] - floor_json["mean_us"]) / get["mean_us"], 1.3)]
+        for name, value, limit, v in rows:
+            print(f"  {v:7} {name}: {value}")
 
     def many_round_trips(self):
         """Redis round trips of one 100-key _many call whose keys are all in L2 and none in L1,
@@ -1246,7 +1279,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small and short: checks the runner, not the numbers")
     ap.add_argument("--no-write", action="store_true", help="print only; leave bench/results and BENCHMARKS.md alone")
     ap.add_argument("--chart-only", action="store_true", help="redraw bench/results/latency.png from latest.csv")
-    ap.add_argument("--only", choices=["writer", "postgrest"], help="run one section and print it (implies --no-write)")
+    ap.add_argument("--only", choices=["writer", "postgrest", "reads"],
+                    help="run one section and print it (implies --no-write); reads: issue 21's read floor")
     args = ap.parse_args()
     if args.chart_only:
         b = Bench(quick=False)
@@ -1265,6 +1299,11 @@ def main():
         if args.only == "postgrest":
             b.postgrest()
             b.postgrest_targets()
+            return
+        if args.only == "reads":
+            b.clients = [1, 8]
+            b.paths(focus=True)
+            b.read_targets()
             return
         b.paths()
         b.mixed()

@@ -26,7 +26,10 @@ PARTS = [
     ("twotier: L1 lookup and copy", re.compile(r"twotier::l1::")),
     ("twotier: key rendering", re.compile(r"twotier::(typed_keys|keys|server_text)::|catalog::effective_key")),
     ("twotier: catalog lookup", re.compile(r"twotier::catalog::")),
-    ("twotier: ledger / L2 checks", re.compile(r"twotier::(invalidation|l2)::")),
+    ("twotier: Redis wait (poll)", re.compile(r"twotier::l2::link::Link::wait_readable|__x64_sys_poll|do_sys_poll")),
+    ("twotier: Redis exchange (send, parse replies)", re.compile(r"twotier::l2::|redis::")),
+    ("twotier: value from L2 (jsonb_in / text)", re.compile(r"jsonb_from_text|json_from_text|jsonb_in|pg_parse_json")),
+    ("twotier: ledger checks", re.compile(r"twotier::invalidation::")),
     ("twotier: rest of the call", re.compile(r"twotier::")),
     ("value out (jsonb_out, printtup)", re.compile(r"jsonb_out|JsonbToCString|printtup|pq_send|OutputFunctionCall")),
     ("executor and fmgr", re.compile(r"Exec|fmgr|FunctionCall|ExecInterp|standard_ExecutorRun|PortalRun")),
@@ -75,8 +78,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=8)
     ap.add_argument("--name", default="l1_hit_8_clients")
     ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--workload", choices=["l1_hit", "writer"], default="l1_hit",
-                    help="writer: single-row UPDATEs of a watched 10,000-row table (synchronous_commit off)")
+    ap.add_argument("--workload", choices=["l1_hit", "l2_hit", "writer"], default="l1_hit",
+                    help="l2_hit: the L1 hit's statement with twotier.l1_enabled off; writer: single-row"
+                         " UPDATEs of a watched 10,000-row table (synchronous_commit off)")
     args = ap.parse_args()
     b = Bench(quick=True)
     b.start()
@@ -90,6 +94,8 @@ def main() -> None:
             hit = b.script("update_wt", "\\set k random(1, 10000)\nUPDATE wt SET v = v + 1 WHERE k = :k;\n")
             options = "-c synchronous_commit=off"
         else:
+            if args.workload == "l2_hit":
+                options = "-c twotier.l1_enabled=off"
             b.warm("widget_config", b.tenants)
             pick = f"\\set i random(1, {b.tenants})\n"
             hit = b.script("hit_widget_config", pick + f"SELECT cached_widget_config({KEY['widget_config']});\n")

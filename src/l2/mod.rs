@@ -121,11 +121,17 @@ pub struct Read {
 
 /// The connection's view of Redis that every operation needs.
 pub struct Ctx<'a> {
-    pub tombstone: &'a str,
+    /// A fresh tombstone value per exchange that writes any (made on demand: a read needs
+    /// none, and making one costs a clock read, a getpid and a format).
+    tombstone: std::cell::OnceCell<String>,
     pub incarnation: &'a str,
 }
 
 impl Ctx<'_> {
+    fn tombstone(&self) -> &str {
+        self.tombstone.get_or_init(tombstone_value)
+    }
+
     fn key(&self, tier_key: &str) -> String {
         l2_key(self.incarnation, tier_key)
     }
@@ -139,7 +145,6 @@ struct State {
     down_since: Option<SystemTime>,
     last_error: Option<String>,
     last_warning: Option<Instant>,
-    tombstone_seq: u64,
     /// The incarnation with the L2 epoch appended (when it is not 0), and that epoch.
     namespace: String,
     namespace_epoch: u64,
@@ -156,7 +161,6 @@ thread_local! {
         down_since: None,
         last_error: None,
         last_warning: None,
-        tombstone_seq: 0,
         namespace: String::new(),
         namespace_epoch: u64::MAX,
         undelivered: Vec::new(),
@@ -172,17 +176,19 @@ fn warn_rate_limited(state: &mut State, message: String) {
     }
 }
 
-fn tombstone_value(state: &mut State) -> String {
-    state.tombstone_seq += 1;
+thread_local! {
+    static TOMBSTONE_SEQ: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+fn tombstone_value() -> String {
+    let seq = TOMBSTONE_SEQ.with(|n| {
+        n.set(n.get() + 1);
+        n.get()
+    });
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default();
-    format!(
-        "!inval:{}:{}:{}",
-        std::process::id(),
-        now.as_micros(),
-        state.tombstone_seq
-    )
+    format!("!inval:{}:{}:{}", std::process::id(), now.as_micros(), seq)
 }
 
 /// `SET key value EX ttl` for each key: how tombstones and in-flight markers are written.
@@ -203,7 +209,7 @@ fn invalidation_cmds(ctx: &Ctx, chunk: &[(String, i64)], commit_lsn: u64) -> Vec
     let l2: Vec<String> = chunk.iter().map(|(k, _)| ctx.key(k)).collect();
     let mut cmds = sets(
         l2.iter().map(|k| (k.as_str(), gucs::tombstone_ttl_s())),
-        ctx.tombstone,
+        ctx.tombstone(),
     );
     let names: Vec<&str> = chunk.iter().map(|(k, _)| k.as_str()).collect();
     cmds.push(publish(&names, commit_lsn));
@@ -264,21 +270,21 @@ fn with_connection_inner<T>(
         if state.resting_until.is_some_and(|t| Instant::now() < t) {
             return Err(L2Error::Skipped);
         }
-        let url_text = url.to_string_lossy().into_owned();
+        // Only a connect or a message needs the URL as text: not every read.
+        let url_text = || url.to_string_lossy().into_owned();
         let mut retries = 0;
         loop {
             let reused = state.con.is_some();
             if !reused {
-                match connect(&url_text) {
+                match connect(&url_text()) {
                     Ok((con, incarnation)) => {
                         state.con = Some(con);
                         state.incarnation = incarnation;
                         state.namespace_epoch = u64::MAX;
                     }
-                    Err(e) => return Err(fail(&mut state, &url_text, e, true)),
+                    Err(e) => return Err(fail(&mut state, &url_text(), e, true)),
                 }
             }
-            let tombstone = tombstone_value(&mut state);
             let epoch = epoch();
             if state.namespace_epoch != epoch {
                 state.namespace = match epoch {
@@ -297,7 +303,7 @@ fn with_connection_inner<T>(
                 return Err(L2Error::Skipped);
             };
             let ctx = Ctx {
-                tombstone: &tombstone,
+                tombstone: std::cell::OnceCell::new(),
                 incarnation: namespace,
             };
             let mut result = Ok(());
@@ -312,7 +318,7 @@ fn with_connection_inner<T>(
                     if state.down_since.take().is_some() {
                         pgrx::log!(
                             "twotier: Redis at {} answers again",
-                            gucs::redacted_url(&url_text)
+                            gucs::redacted_url(&url_text())
                         );
                     }
                     state.resting_until = None;
@@ -339,7 +345,7 @@ fn with_connection_inner<T>(
                     let connection_lost = is_connection_error(&e);
                     return Err(fail(
                         &mut state,
-                        &url_text,
+                        &url_text(),
                         L2Error::Redis(e),
                         connection_lost,
                     ));
@@ -508,7 +514,7 @@ pub fn fill(
             .arg(read.at_us)
             .arg(window_us);
         if base != entry {
-            eval.arg(format!("!gen:{}", ctx.tombstone));
+            eval.arg(format!("!gen:{}", ctx.tombstone()));
         }
         let applied: i64 = con.call(&eval)?;
         Ok(applied == 1)
@@ -541,7 +547,7 @@ pub fn set(base: &str, entry: &str, value: &str, ttl_s: i64) -> Result<(), L2Err
             .arg(ttl_s.max(1))
             .arg(0)
             .arg(0)
-            .arg(format!("!gen:{}", ctx.tombstone));
+            .arg(format!("!gen:{}", ctx.tombstone()));
         con.call::<i64>(&eval).map(|_| ())
     })
 }
@@ -569,7 +575,7 @@ pub fn deliver_batch(tier_keys: &[&str], lsn: u64) -> Result<(), L2Error> {
             let l2: Vec<String> = chunk.iter().map(|k| ctx.key(k)).collect();
             let mut cmds = sets(
                 l2.iter().map(|k| (k.as_str(), gucs::tombstone_ttl_s())),
-                ctx.tombstone,
+                ctx.tombstone(),
             );
             cmds.push(publish(chunk, lsn));
             con.exchange(&cmds)?;
@@ -612,7 +618,7 @@ pub fn invalidate_matching(pattern: &str, keep: impl Fn(&str) -> bool) -> Result
                     .collect();
                 cmds.extend(sets(
                     matched.iter().map(|(k, _)| (k.as_str(), ttl)),
-                    ctx.tombstone,
+                    ctx.tombstone(),
                 ));
                 let names: Vec<&str> = matched.iter().map(|(_, t)| t.as_str()).collect();
                 cmds.push(publish(&names, 0));

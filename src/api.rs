@@ -216,12 +216,12 @@ fn invalidate_pattern(cache: &str, pattern: &str) -> i64 {
     }
     let prefix_len = def.key_prefix.len();
     let matches = |k: &str| {
-        if k.ends_with("~lease") {
+        if l2::is_lease(k) {
             return false;
         }
         // A variant's entry (or its group's token) goes with its key.
         let k = keys::key_of_entry(k);
-        // Only names escape() can produce: not a stampede lease (`...~lease`).
+        // Only names escape() can produce.
         k.starts_with(&def.key_prefix)
             && keys::unescape(&k[prefix_len..])
                 .is_some_and(|raw| keys::escape(&raw) == k[prefix_len..] && glob.matches(&raw))

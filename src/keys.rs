@@ -95,7 +95,8 @@ pub fn push_scope(out: &mut String, value: Option<&str>) {
 }
 
 /// The tier key of the app's key an entry, a group's token or a lease belongs to: what
-/// precedes the first `~` (escape never yields one).
+/// precedes the first `~` (escape never yields one). Unlike `base_of`, it also cuts a `per`
+/// group's `~p` part and a lease's suffix.
 pub fn key_of_entry(tier_key: &str) -> &str {
     match tier_key.find('~') {
         Some(cut) => &tier_key[..cut],
@@ -103,7 +104,8 @@ pub fn key_of_entry(tier_key: &str) -> &str {
     }
 }
 
-/// The tier key of the key an entry's tier key belongs to (itself without a variant).
+/// The tier key of the key an entry's tier key belongs to (itself without a variant), keeping
+/// a `per` group's `~p` part, which the variant's token lives under; `key_of_entry` cuts it.
 pub fn base_of(entry_key: &str) -> &str {
     match entry_key.find(VARIANT_MARK) {
         Some(cut) => &entry_key[..cut],

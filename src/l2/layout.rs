@@ -105,9 +105,16 @@ pub fn classify_variant(base: &Option<Vec<u8>>, raw: Option<Vec<u8>>) -> Lookup 
     }
 }
 
+const LEASE_SUFFIX: &str = "~lease";
+
 /// The stampede lease of a key: `~` never occurs in an escaped key, so no entry has this name.
 pub fn lease_key(l2: &str) -> String {
-    format!("{l2}~lease")
+    format!("{l2}{LEASE_SUFFIX}")
+}
+
+/// Whether a name read back from Redis (a SCAN) is a stampede lease rather than an entry.
+pub fn is_lease(l2: &str) -> bool {
+    l2.ends_with(LEASE_SUFFIX)
 }
 
 /// Where a tier key lives in this Redis: the server's incarnation (the first 12 characters of

@@ -10,7 +10,7 @@ mod link;
 pub(crate) use link::client_for;
 use link::{connect, interrupt_pending, Link};
 
-pub use layout::{classify, l2_key, tier_key_of, Lookup};
+pub use layout::{classify, is_lease, l2_key, tier_key_of, Lookup};
 use layout::{classify_variant, lease_key, FILL_SCRIPT, NEGATIVE, VARIANT_FILL_SCRIPT};
 
 use crate::gucs;
@@ -494,28 +494,29 @@ pub fn fill(
     with_connection(|con, ctx| {
         // EVAL with the body: Redis keeps compiled scripts by their hash, and one command
         // needs no NOSCRIPT round trip.
-        let mut eval = redis::cmd("EVAL");
-        let l2 = ctx.key(entry);
-        if base == entry {
+        let value = value.map(str::as_bytes).unwrap_or(NEGATIVE);
+        let eval = if base == entry {
+            let l2 = ctx.key(entry);
+            let mut eval = redis::cmd("EVAL");
             eval.arg(FILL_SCRIPT).arg(2).arg(&l2).arg(lease_key(&l2));
+            match &seen {
+                None => eval.arg("0").arg(""),
+                Some(v) => eval.arg("1").arg(v.as_slice()),
+            };
+            eval.arg(value)
+                .arg(ttl_s.max(1))
+                .arg(read.at_us)
+                .arg(window_us);
+            eval
         } else {
-            eval.arg(VARIANT_FILL_SCRIPT)
-                .arg(3)
-                .arg(ctx.key(base))
-                .arg(&l2)
-                .arg(lease_key(&l2));
-        }
-        match &seen {
-            None => eval.arg("0").arg(""),
-            Some(v) => eval.arg("1").arg(v.as_slice()),
+            let (mode, seen) = match &seen {
+                None => ("0", &b""[..]),
+                Some(v) => ("1", v.as_slice()),
+            };
+            variant_fill(
+                ctx, base, entry, mode, seen, value, ttl_s, read.at_us, window_us,
+            )
         };
-        eval.arg(value.map(str::as_bytes).unwrap_or(NEGATIVE))
-            .arg(ttl_s.max(1))
-            .arg(read.at_us)
-            .arg(window_us);
-        if base != entry {
-            eval.arg(format!("!gen:{}", ctx.tombstone()));
-        }
         let applied: i64 = con.call(&eval)?;
         Ok(applied == 1)
     })
@@ -534,22 +535,42 @@ pub fn set(base: &str, entry: &str, value: &str, ttl_s: i64) -> Result<(), L2Err
                     .arg(ttl_s.max(1)),
             );
         }
-        let l2 = ctx.key(entry);
-        let mut eval = redis::cmd("EVAL");
-        eval.arg(VARIANT_FILL_SCRIPT)
-            .arg(3)
-            .arg(ctx.key(base))
-            .arg(&l2)
-            .arg(lease_key(&l2))
-            .arg("2")
-            .arg("")
-            .arg(value)
-            .arg(ttl_s.max(1))
-            .arg(0)
-            .arg(0)
-            .arg(format!("!gen:{}", ctx.tombstone()));
+        // Mode 2: whatever the key holds (no read to compare with, no age to check).
+        let eval = variant_fill(ctx, base, entry, "2", b"", value.as_bytes(), ttl_s, 0, 0);
         con.call::<i64>(&eval).map(|_| ())
     })
+}
+
+/// VARIANT_FILL_SCRIPT's call for the variant `entry` of the key `base`; `mode` and `seen`
+/// say what the key must still hold (see the script), the last argument is the token a first
+/// fill after an absence derives.
+#[allow(clippy::too_many_arguments)]
+fn variant_fill(
+    ctx: &Ctx,
+    base: &str,
+    entry: &str,
+    mode: &str,
+    seen: &[u8],
+    value: &[u8],
+    ttl_s: i64,
+    read_at_us: i64,
+    window_us: i64,
+) -> redis::Cmd {
+    let l2 = ctx.key(entry);
+    let mut eval = redis::cmd("EVAL");
+    eval.arg(VARIANT_FILL_SCRIPT)
+        .arg(3)
+        .arg(ctx.key(base))
+        .arg(&l2)
+        .arg(lease_key(&l2))
+        .arg(mode)
+        .arg(seen)
+        .arg(value)
+        .arg(ttl_s.max(1))
+        .arg(read_at_us)
+        .arg(window_us)
+        .arg(format!("!gen:{}", ctx.tombstone()));
+    eval
 }
 
 /// Replaces each key by a tombstone. Keys that cannot be delivered now are kept and sent

@@ -23,7 +23,8 @@ extern "C-unwind" {
 use pgrx::PgTryBuilder;
 use std::time::Instant;
 
-fn log_event(event: &str, def: &CacheDef, key: &str, extra: &str) {
+/// `extra` stays unformatted unless the event is logged: an L1 hit must not allocate a message.
+fn log_event(event: &str, def: &CacheDef, key: &str, extra: std::fmt::Arguments<'_>) {
     if gucs::log_events() {
         pgrx::log!("twotier {event}: {}:{key}{extra}", def.name);
     }
@@ -199,7 +200,7 @@ impl<'a> Call<'a> {
         &self.entry_key[..self.base_len]
     }
 
-    fn log(&self, event: &str, extra: &str) {
+    fn log(&self, event: &str, extra: std::fmt::Arguments<'_>) {
         log_event(event, self.def, self.key, extra);
     }
 
@@ -207,7 +208,7 @@ impl<'a> Call<'a> {
         &self,
         path: Path,
         counter: Counter,
-        extra: &str,
+        extra: std::fmt::Arguments<'_>,
         value: Option<Datum>,
     ) -> Option<Datum> {
         self.def.stats.bump(counter);
@@ -248,13 +249,13 @@ impl<'a> Call<'a> {
             L1Value::Value(datum) => Some(self.hit(
                 Path::L1Hit,
                 Counter::L1Hits,
-                &format!(" (l1{how})"),
+                format_args!(" (l1{how})"),
                 Some(datum),
             )),
             L1Value::Negative => Some(self.hit(
                 Path::L1Hit,
                 Counter::NegativeHits,
-                &format!(" (l1, no row{how})"),
+                format_args!(" (l1, no row{how})"),
                 None,
             )),
         }
@@ -302,7 +303,12 @@ impl<'a> Call<'a> {
                 Some(datum) => {
                     let ttl = read.remaining_s.unwrap_or(def.ttl_s).min(def.ttl_s);
                     self.fill_l1(Some(datum), ttl);
-                    Ok(self.hit(Path::L2Hit, Counter::L2Hits, " (l2)", Some(datum)))
+                    Ok(self.hit(
+                        Path::L2Hit,
+                        Counter::L2Hits,
+                        format_args!(" (l2)"),
+                        Some(datum),
+                    ))
                 }
                 None => {
                     def.stats.bump(Counter::RedisErrors);
@@ -320,7 +326,12 @@ impl<'a> Call<'a> {
                     .unwrap_or(def.negative_ttl_s)
                     .min(def.negative_ttl_s);
                 self.fill_l1(None, ttl);
-                Ok(self.hit(Path::L2Hit, Counter::NegativeHits, " (l2, no row)", None))
+                Ok(self.hit(
+                    Path::L2Hit,
+                    Counter::NegativeHits,
+                    format_args!(" (l2, no row)"),
+                    None,
+                ))
             }
             Lookup::InFlight => Err(L2Miss::InFlight),
             Lookup::Absent { .. } => Err(L2Miss::Absent { read, gen }),
@@ -407,11 +418,11 @@ impl<'a> Call<'a> {
         def.stats.bump(Counter::Misses);
         let value = source::fetch(def, self.key);
         if matches!(l2, L2Miss::InFlight) {
-            self.log("MISS", " (commit in flight: no fill)");
+            self.log("MISS", format_args!(" (commit in flight: no fill)"));
             def.stats.record(Path::Miss, self.started.elapsed());
             return value.map(|v| v.datum);
         }
-        self.log("MISS", "");
+        self.log("MISS", format_args!(""));
         // Jittered, so that entries filled together do not all expire together.
         let ttl = gucs::jittered_ttl_s(if value.is_some() {
             def.ttl_s
@@ -424,7 +435,7 @@ impl<'a> Call<'a> {
             def.stats.bump(Counter::TooLarge);
             self.log(
                 "MISS",
-                " (value over twotier.max_value_kb: not stored in L2)",
+                format_args!(" (value over twotier.max_value_kb: not stored in L2)"),
             );
         }
         let mut invalidated_meanwhile = false;
@@ -450,16 +461,16 @@ impl<'a> Call<'a> {
                         ledger::requeue(self.tier_key());
                         invalidated_meanwhile = true;
                         def.stats.bump(Counter::FillsRejected);
-                        self.log("SET", " undone: invalidated while storing");
+                        self.log("SET", format_args!(" undone: invalidated while storing"));
                     }
                     Ok(true) => {
                         def.stats.bump(Counter::Fills);
-                        self.log("SET", &format!(" TTL: {ttl}s"));
+                        self.log("SET", format_args!(" TTL: {ttl}s"));
                     }
                     Ok(false) => {
                         invalidated_meanwhile = true;
                         def.stats.bump(Counter::FillsRejected);
-                        self.log("SET", " rejected: invalidated while fetching");
+                        self.log("SET", format_args!(" rejected: invalidated while fetching"));
                     }
                     Err(e) => {
                         if e.is_fault() {
@@ -502,7 +513,7 @@ pub fn get(name: &str, key: &str, want_json: bool) -> Option<Datum> {
     def.stats.bump(Counter::Calls);
     let value = if let Some(reason) = bypass_reason(&def) {
         def.stats.bump(Counter::Bypasses);
-        log_event("BYPASS", &def, key, &format!(" ({reason})"));
+        log_event("BYPASS", &def, key, format_args!(" ({reason})"));
         source::fetch(&def, key).map(|v| v.datum)
     } else {
         let call = Call::new(&def, key, started);
@@ -562,7 +573,7 @@ pub fn get_many(name: &str, keys: &[String], want_json: bool) -> Vec<Option<Datu
         return out(keys
             .iter()
             .map(|key| {
-                log_event("BYPASS", &def, key, &format!(" ({reason})"));
+                log_event("BYPASS", &def, key, format_args!(" ({reason})"));
                 source::fetch(&def, key).map(|v| v.datum)
             })
             .collect());

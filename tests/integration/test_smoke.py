@@ -1,4 +1,4 @@
-"""The smoke test every supported PostgreSQL runs (./run test runs it on 16 and 18 too, with
+"""The smoke test every supported PostgreSQL runs (./run test runs it on 16, 17 and 18 too, with
 TWOTIER_PG_CONFIG pointing at their pg_config; the whole suite runs on 15): a typed cache is
 filled and hit in both tiers, a commit invalidates it, and with Redis down calls still answer
 and commits still invalidate, through the ledger once Redis is back."""

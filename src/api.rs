@@ -284,6 +284,12 @@ fn status() -> JsonB {
             "undelivered_invalidations": h.undelivered,
             "incarnation": if h.incarnation.is_empty() { serde_json::Value::Null } else { h.incarnation.into() },
             "maxmemory_policy": h.maxmemory_policy,
+            // On a Redis Cluster: this backend's map and whether the L2 epoch trusts it (when
+            // not, L2 is left alone until the delivery worker moves to a new epoch).
+            "cluster": h.cluster.map(|(fp, trusted)| serde_json::json!({
+                "map_fingerprint": format!("{fp:08x}"),
+                "trusted": trusted,
+            })),
             // Requests this session sent to Redis (a pipeline of many commands counts once).
             "round_trips_in_session": l2::round_trips(),
             "connect_timeout_ms": gucs::connect_timeout().as_millis() as u64,

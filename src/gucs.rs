@@ -6,6 +6,7 @@ use std::ffi::{CStr, CString};
 use std::time::Duration;
 
 static REDIS_URL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+static REDIS_CLUSTER: GucSetting<bool> = GucSetting::<bool>::new(false);
 static CONNECT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(50);
 static READ_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(50);
 static RETRY_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(2000);
@@ -29,6 +30,7 @@ static FLUSH_ABOVE_KEYS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 static TEST_NO_LEDGER: GucSetting<bool> = GucSetting::<bool>::new(false);
 static TEST_VARIANTS_IGNORE_KEY: GucSetting<bool> = GucSetting::<bool>::new(false);
 static TEST_FILL_TRUSTS_REDIS: GucSetting<bool> = GucSetting::<bool>::new(false);
+static TEST_CLUSTER_ANY_MAP: GucSetting<bool> = GucSetting::<bool>::new(false);
 static LEDGER_MB: GucSetting<i32> = GucSetting::<i32>::new(32);
 static TEST_NO_WAL: GucSetting<bool> = GucSetting::<bool>::new(false);
 static REDIS_TLS_CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -136,6 +138,14 @@ pub fn init() {
         86_400,
         GucContext::Suset,
         GucFlags::UNIT_S,
+    );
+    GucRegistry::define_bool_guc(
+        c"twotier.redis_cluster",
+        c"L2 is a Redis Cluster (or Valkey in cluster mode) whose seed nodes twotier.redis_url lists, comma-separated.",
+        c"Keys carry a hash tag per cache and key; reads are trusted only while the cluster's map is the one the L2 epoch was taken with (docs/design.md).",
+        &REDIS_CLUSTER,
+        GucContext::Suset,
+        GucFlags::default(),
     );
     GucRegistry::define_bool_guc(
         c"twotier.log_events",
@@ -250,6 +260,14 @@ pub fn init() {
         c"Turns off the protection the forgetful-Redis tests check, to show that they can fail. Never in production.",
         &TEST_FILL_TRUSTS_REDIS,
         GucContext::Suset,
+        GucFlags::NO_SHOW_ALL,
+    );
+    GucRegistry::define_bool_guc(
+        c"twotier.test_cluster_any_map",
+        c"Test only: every Redis Cluster map has the same fingerprint, so a failover, a restart or a resharding moves no epoch and L2 trusts whatever map it finds.",
+        c"Turns off the protection the Redis Cluster failover tests check, to show that they can fail. Never in production.",
+        &TEST_CLUSTER_ANY_MAP,
+        GucContext::Sighup,
         GucFlags::NO_SHOW_ALL,
     );
     GucRegistry::define_bool_guc(
@@ -421,7 +439,12 @@ fn split_url(url: &str) -> Option<UrlParts<'_>> {
 
 /// Whether a Redis URL carries a password, in any form the client accepts: `user:password@`
 /// or `:password@` before the host, or `pass=`/`password=` in the query (`redis+unix://`).
-pub fn url_has_password(url: &str) -> bool {
+/// Whether any URL of a comma-separated list (a cluster's seeds) holds a password.
+pub fn url_has_password(urls: &str) -> bool {
+    urls.split(',').any(one_url_has_password)
+}
+
+fn one_url_has_password(url: &str) -> bool {
     let Some(parts) = split_url(url) else {
         return false;
     };
@@ -437,7 +460,15 @@ pub fn url_has_password(url: &str) -> bool {
 }
 
 /// The URL as any message or view may show it: whatever could be a credential masked.
-pub fn redacted_url(url: &str) -> String {
+/// Every URL of a comma-separated list with its user and query names kept and secrets masked.
+pub fn redacted_url(urls: &str) -> String {
+    urls.split(',')
+        .map(one_redacted_url)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn one_redacted_url(url: &str) -> String {
     let Some(UrlParts {
         scheme,
         authority,
@@ -487,6 +518,22 @@ unsafe extern "C-unwind" fn show_redis_url() -> *const std::ffi::c_char {
 /// The Redis URL, borrowed; empty when L2 is off.
 pub fn redis_url() -> &'static CStr {
     cstr_setting(&REDIS_URL)
+}
+
+/// Whether L2 is a Redis Cluster, whose seed nodes `twotier.redis_url` lists.
+pub fn redis_cluster() -> bool {
+    REDIS_CLUSTER.get()
+}
+
+/// The URLs of `twotier.redis_url`, in order: one server's, or a cluster's seed nodes.
+pub fn redis_seeds() -> Vec<String> {
+    redis_url()
+        .to_string_lossy()
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(String::from)
+        .collect()
 }
 
 /// The TLS files for rediss:// (CA, client certificate, client key); None where unset.
@@ -606,6 +653,10 @@ pub fn test_no_ledger() -> bool {
 
 pub fn test_variants_ignore_key() -> bool {
     TEST_VARIANTS_IGNORE_KEY.get()
+}
+
+pub fn test_cluster_any_map() -> bool {
+    TEST_CLUSTER_ANY_MAP.get()
 }
 
 pub fn test_fill_trusts_redis() -> bool {

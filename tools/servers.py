@@ -22,7 +22,7 @@ from pathlib import Path
 import psycopg
 
 # The PostgreSQL the servers run: 15 from Debian unless TWOTIER_PG_CONFIG names another
-# installation's pg_config (./run test points it at 16 and 18 for their smoke tests).
+# installation's pg_config (./run test points it at 16, 17 and 18 for their smoke tests).
 PG_BIN = Path(subprocess.run([os.environ["TWOTIER_PG_CONFIG"], "--bindir"], capture_output=True, text=True,
                              check=True).stdout.strip()) if os.environ.get("TWOTIER_PG_CONFIG") \
     else Path("/usr/lib/postgresql/15/bin")
@@ -393,6 +393,122 @@ class RedisServer:
             self._master.destroy()
             _started.remove(self._master)
             self._master = None
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + 10000 > 65535:
+            # Ephemeral ports sit high: take one of the range below and check both.
+            port = 20000 + port % 10000
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+            return port
+        except OSError:
+            continue
+
+
+class RedisCluster:
+    """A Redis Cluster on loopback: `masters` masters with `replicas` replicas each, made by
+    `redis-cli --cluster create` from fresh nodes (each its own directory and nodes.conf).
+    `url` lists every node as a seed. A failover takes `node_timeout_ms` and the election:
+    about 3.5-4.5 s with the default."""
+
+    def __init__(self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 2000):
+        self.replicas = replicas
+        conf = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(node_timeout_ms),
+                # A cache serves the slots it has while others are down.
+                "--cluster-require-full-coverage", "no"]
+        self.nodes = [RedisServer(port=_cluster_port(), extra=list(conf)) for _ in range(masters * (1 + replicas))]
+
+    @property
+    def url(self) -> str:
+        return ",".join(n.url for n in self.nodes)
+
+    def start(self, timeout: float = 30.0) -> "RedisCluster":
+        for n in self.nodes:
+            n.start()
+        subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in self.nodes],
+                        "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+                       check=True, capture_output=True, text=True, timeout=60)
+        self.wait_healthy(timeout)
+        return self
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        """Every running node says cluster_state:ok and every replica's link to its master is up."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                ok = True
+                for n in self.nodes:
+                    if not n.running():
+                        continue
+                    c = n.client()
+                    if c.execute_command("CLUSTER", "INFO").decode().find("cluster_state:ok") < 0:
+                        ok = False
+                        break
+                    info = c.info("replication")
+                    if info["role"] == "slave" and info.get("master_link_status") != "up":
+                        ok = False
+                        break
+                if ok:
+                    return
+            except Exception:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("the Redis Cluster did not become healthy")
+
+    def masters(self) -> list[RedisServer]:
+        return [n for n in self.nodes if n.running() and n.client().info("replication")["role"] == "master"]
+
+    def node_of(self, key: str) -> RedisServer:
+        """The master serving `key`'s slot, as a running node sees it."""
+        c = next(n for n in self.nodes if n.running()).client()
+        slot = c.execute_command("CLUSTER", "KEYSLOT", key)
+        for start, end, master, *_replicas in c.execute_command("CLUSTER", "SLOTS"):
+            if start <= slot <= end:
+                return next(n for n in self.nodes if n.port == int(master[1]))
+        raise RuntimeError(f"no master serves slot {slot}")
+
+    def wait_master(self, node: RedisServer, timeout: float = 30.0) -> None:
+        """Until `node` (a replica) has been promoted."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                if node.client().info("replication")["role"] == "master":
+                    return
+            except Exception:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"{node.port} was not promoted within {timeout}s")
+
+    def replica_of(self, master: RedisServer) -> RedisServer:
+        for n in self.nodes:
+            if n is not master and n.running():
+                info = n.client().info("replication")
+                if info["role"] == "slave" and int(info["master_port"]) == master.port:
+                    return n
+        raise RuntimeError(f"no replica of {master.port}")
+
+    def keys(self, pattern: str = "*") -> list[bytes]:
+        out = []
+        for m in self.masters():
+            out += list(m.client().scan_iter(match=pattern, count=1000))
+        return out
+
+    def flushall(self) -> None:
+        for m in self.masters():
+            m.client().flushall()
+
+    def destroy(self) -> None:
+        for n in self.nodes:
+            n.destroy()
 
 
 def _rst(sock: socket.socket) -> None:

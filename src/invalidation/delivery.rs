@@ -27,6 +27,22 @@ const RECORD_AFTER_BATCH: Duration = Duration::from_millis(10);
 /// keys instead of one exchange per commit; idle, the first commit goes out at once.
 const GATHER: Duration = Duration::from_millis(2);
 
+/// How often the worker reads a Redis Cluster's map afresh (and after every failed exchange):
+/// a failover takes seconds (the node timeout and an election), so the map it leaves behind is
+/// seen within one of these.
+const MAP_CHECK_EVERY: Duration = Duration::from_millis(500);
+
+/// On a Redis Cluster: if the map is not the one the L2 epoch carries, move the epoch to it.
+/// A map that cannot be read (a master down, no seed answering) moves nothing: readers are
+/// refused by the same test until it can.
+fn check_map() {
+    if let Ok(Some(fingerprint)) = l2::cluster_fingerprint() {
+        if fingerprint != ledger::epoch() as u32 {
+            ledger::move_epoch_to_map(fingerprint);
+        }
+    }
+}
+
 pub fn register() {
     BackgroundWorkerBuilder::new("twotier delivery")
         .set_type("twotier delivery")
@@ -63,6 +79,7 @@ pub unsafe extern "C-unwind" fn twotier_delivery_main(_arg: pg_sys::Datum) {
     let mut record_end = 0u64;
     let mut record_owed = false;
     let mut last_exchange: Option<Instant> = None;
+    let mut last_map_check = Instant::now() - MAP_CHECK_EVERY;
     while !listener::stopping() {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
@@ -70,6 +87,10 @@ pub unsafe extern "C-unwind" fn twotier_delivery_main(_arg: pg_sys::Datum) {
         let has_redis = !gucs::redis_url().is_empty();
         if has_redis {
             ledger::settle_start();
+        }
+        if has_redis && gucs::redis_cluster() && last_map_check.elapsed() >= MAP_CHECK_EVERY {
+            check_map();
+            last_map_check = Instant::now();
         }
         if let Some(left) = last_exchange.and_then(|t| GATHER.checked_sub(t.elapsed())) {
             // Not a latch wait: every commit sets the latch, which would end it at once.
@@ -104,6 +125,8 @@ pub unsafe extern "C-unwind" fn twotier_delivery_main(_arg: pg_sys::Datum) {
                 }
                 Err(_) => {
                     ledger::settle(&batch, false);
+                    // A master gone or a slot moved: see whether the map changed at once.
+                    last_map_check = Instant::now() - MAP_CHECK_EVERY;
                     pause = backoff;
                     backoff =
                         (backoff * 2).min(gucs::retry_interval().max(Duration::from_millis(100)));

@@ -575,8 +575,12 @@ pub fn replay_delivered(epoch: u64, x: u64, lsn: u64) {
         let g = Guard::take();
         let m = locked(s, &g);
         begin(m);
-        // A new epoch makes everything before it moot: nothing it named is read again.
-        retire_before(m, if moved { lsn.max(x) } else { x });
+        // Every record before `x` is delivered, whatever the epoch. (A start's epoch move
+        // retired everything on the primary too; what lies between `x` and this record goes
+        // with the next record. A cluster map's move keeps the writers in flight: their keys
+        // are delivered under the new epoch.)
+        let _ = lsn;
+        retire_before(m, x);
         m.epoch.store(epoch, SeqCst);
         m.last_x.store(x, SeqCst);
         if moved || !s.redo_ran.load(SeqCst) || x >= s.redo_start.load(SeqCst) {
@@ -763,6 +767,35 @@ pub fn settle_start() -> bool {
     })();
     s.resolving.store(false, SeqCst);
     settled
+}
+
+/// A Redis Cluster whose map changed (a failover, a master's restart, a resharding): L2 moves
+/// to an epoch whose low 32 bits are the new map's fingerprint, so that this primary and its
+/// standbys (through the DELIVERED record) read only from that map's masters (docs/design.md,
+/// "Redis Cluster"). Unlike a start's move nothing undelivered is retired: writers in flight
+/// have their keys here, and they are delivered under the new epoch.
+pub fn move_epoch_to_map(fingerprint: u32) {
+    let Some(s) = shared() else { return };
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let old = s.epoch.load(SeqCst);
+    let epoch = (now_s.max((old >> 32) + 1) << 32) | fingerprint as u64;
+    let x = delivered_up_to();
+    let end = crate::invalidation::wal::log_delivered(epoch, x);
+    unsafe { pg_sys::XLogFlush(end) };
+    {
+        let g = Guard::take();
+        let m = locked(s, &g);
+        m.epoch.store(epoch, SeqCst);
+        m.last_x.store(x, SeqCst);
+    }
+    s.epoch_moves.fetch_add(1, SeqCst);
+    save_file(false);
+    pgrx::log!(
+        "twotier: L2 moves to epoch {epoch:x}: the Redis Cluster's map is {fingerprint:08x} now (a failover, a master's restart or a resharding); nothing stored under the earlier map is read again"
+    );
 }
 
 pub fn status() -> serde_json::Value {

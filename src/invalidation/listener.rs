@@ -123,7 +123,7 @@ fn listen(shared: &l1::L1Shared, url: &str) -> Result<(), String> {
         }
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-            if gucs::redis_url().to_string_lossy() != url {
+            if !gucs::redis_seeds().iter().any(|seed| seed == url) {
                 return Err("twotier.redis_url changed".into());
             }
         }
@@ -169,18 +169,23 @@ pub unsafe extern "C-unwind" fn twotier_l1_listener_main(_arg: pg_sys::Datum) {
         pgrx::log!("twotier listener: started after an earlier listener ended; L1 flushed");
     }
     let mut last_error: Option<String> = None;
+    // A cluster's seeds in turn: a message PUBLISHed on any node reaches every node's
+    // subscribers, so one node at a time is enough, and the next one when it fails.
+    let mut attempt = 0usize;
     while !stopping() {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
-        let url = gucs::redis_url().to_string_lossy().into_owned();
-        if !url.is_empty() {
-            match listen(shared, &url) {
+        let seeds = gucs::redis_seeds();
+        if !seeds.is_empty() {
+            let url = &seeds[attempt % seeds.len()];
+            attempt = attempt.wrapping_add(1);
+            match listen(shared, url) {
                 Ok(()) => break,
                 Err(e) => {
                     set_subscribed(shared, false);
                     if last_error.as_deref() != Some(e.as_str()) {
-                        pgrx::log!("twotier listener: {}: {e}", gucs::redacted_url(&url));
+                        pgrx::log!("twotier listener: {}: {e}", gucs::redacted_url(url));
                         last_error = Some(e);
                     }
                 }

@@ -142,6 +142,52 @@ pub fn tier_key_of(incarnation: &str, l2: &str) -> Option<String> {
         .then(|| format!("{}{rest}", &l2[..cut]))
 }
 
+/// [`l2_key`] on a Redis Cluster: the part of the tier key after its prefix, up to its first
+/// `~` (a variant, a group's token, a lease), is the hash tag, so everything one read, fill
+/// or invalidation of one key touches shares a slot, and a cache's keys spread over every
+/// slot. `{` and `}` never occur in an escaped key, nor in the prefix.
+pub fn l2_key_tagged(namespace: &str, tier_key: &str) -> String {
+    let cut = tier_key.find(':').map_or(0, |c| c + 1);
+    let (prefix, rest) = tier_key.split_at(cut);
+    let tag_end = rest.find('~').unwrap_or(rest.len());
+    let mut out = String::with_capacity(tier_key.len() + namespace.len() + 4);
+    out.push_str(prefix);
+    if cut == 0 {
+        out.push(':');
+    }
+    out.push_str(namespace);
+    out.push_str(":{");
+    out.push_str(&rest[..tag_end]);
+    out.push('}');
+    out.push_str(&rest[tag_end..]);
+    out
+}
+
+/// A SCAN pattern for the tier-key glob `pattern` on a cluster: the tag's closing `}` comes
+/// somewhere after the glob's end, so the pattern ends in `*` and callers keep only the names
+/// their own test accepts.
+pub fn l2_pattern_tagged(namespace: &str, pattern: &str) -> String {
+    let mut out = l2_key_tagged(namespace, pattern);
+    if let Some(close) = out.rfind('}') {
+        out.truncate(close);
+    }
+    out.push('*');
+    out
+}
+
+/// Inverse of [`l2_key_tagged`]; None for a name of another namespace.
+pub fn tier_key_of_tagged(namespace: &str, l2: &str) -> Option<String> {
+    let cut = l2.find(':')?;
+    let rest = l2[cut + 1..].strip_prefix(namespace)?.strip_prefix(":{")?;
+    let close = rest.find('}')?;
+    Some(format!(
+        "{}{}{}",
+        &l2[..cut + 1],
+        &rest[..close],
+        &rest[close + 1..]
+    ))
+}
+
 pub fn classify(raw: Option<Vec<u8>>) -> Lookup {
     match raw {
         Some(v) if v == NEGATIVE => Lookup::Negative,

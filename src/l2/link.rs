@@ -85,7 +85,10 @@ impl Link {
     }
 
     /// Sends `cmds` in one write, without reading their replies.
-    pub(super) fn send(&mut self, cmds: &[redis::Cmd]) -> redis::RedisResult<()> {
+    pub(super) fn send<'c>(
+        &mut self,
+        cmds: impl IntoIterator<Item = &'c redis::Cmd>,
+    ) -> redis::RedisResult<()> {
         let mut packed = Vec::new();
         for c in cmds {
             c.write_packed_command(&mut packed);
@@ -105,24 +108,39 @@ impl Link {
     }
 
     pub(super) fn receive(&mut self, n: usize) -> redis::RedisResult<Vec<redis::Value>> {
+        match self.receive_all(n) {
+            (out, None) => Ok(out),
+            (_, Some(e)) => Err(e),
+        }
+    }
+
+    /// `n` replies, a server error's as Nil, and the first error: a server error once every
+    /// reply has been read (the stream stays usable), an I/O error at once (it does not).
+    pub(super) fn receive_all(
+        &mut self,
+        n: usize,
+    ) -> (Vec<redis::Value>, Option<redis::RedisError>) {
         let mut out = Vec::with_capacity(n);
-        let mut server_error = None;
-        for i in 0..n {
-            if i == 0 {
-                self.wait_readable()?;
-            }
-            match self.con.recv_response()?.extract_error() {
-                Ok(v) => out.push(v),
-                Err(e) => {
-                    server_error.get_or_insert(e);
-                    out.push(redis::Value::Nil);
-                }
+        let mut error = None;
+        if n == 0 {
+            return (out, None);
+        }
+        if let Err(e) = self.wait_readable() {
+            return (out, Some(e));
+        }
+        for _ in 0..n {
+            match self.con.recv_response() {
+                Ok(reply) => match reply.extract_error() {
+                    Ok(v) => out.push(v),
+                    Err(e) => {
+                        error.get_or_insert(e);
+                        out.push(redis::Value::Nil);
+                    }
+                },
+                Err(e) => return (out, Some(e)),
             }
         }
-        match server_error {
-            Some(e) => Err(e),
-            None => Ok(out),
-        }
+        (out, error)
     }
 
     /// One command, one typed reply.
@@ -222,7 +240,29 @@ pub(crate) fn client_for(url: &str) -> Result<redis::Client, L2Error> {
 }
 
 pub(super) fn connect(url: &str) -> Result<(Link, String), L2Error> {
+    connect_at(url, None)
+}
+
+/// [`connect`] with `url`'s user, password and TLS settings but another host and port (a
+/// cluster's master, as its map names it).
+pub(super) fn connect_at(url: &str, at: Option<(&str, u16)>) -> Result<(Link, String), L2Error> {
     let mut client = client_for(url)?;
+    if let Some((new_host, new_port)) = at {
+        let mut info = client.get_connection_info().clone();
+        match &mut info.addr {
+            redis::ConnectionAddr::Tcp(host, port)
+            | redis::ConnectionAddr::TcpTls { host, port, .. } => {
+                *host = new_host.to_string();
+                *port = new_port;
+            }
+            _ => {
+                return Err(L2Error::BadUrl(
+                    "a cluster's nodes are reached over TCP".into(),
+                ))
+            }
+        }
+        client = redis::Client::open(info).map_err(|e| L2Error::BadUrl(e.to_string()))?;
+    }
     if let redis::ConnectionAddr::Tcp(host, port) = &client.get_connection_info().addr {
         let addr = resolve(host, *port, gucs::connect_timeout())?;
         let mut info = client.get_connection_info().clone();

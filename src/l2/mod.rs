@@ -4,14 +4,18 @@
 //! raises an ERROR; every failure comes back as an `L2Error` for the caller to count.
 
 pub mod channel;
+mod cluster;
 pub mod layout;
 mod link;
+pub mod slots;
 
+use cluster::{is_redirect, Conn, Router};
 pub(crate) use link::client_for;
-use link::{connect, interrupt_pending, Link};
+use link::{connect, interrupt_pending};
 
 pub use layout::{classify, is_lease, l2_key, tier_key_of, Lookup};
 use layout::{classify_variant, lease_key, FILL_SCRIPT, NEGATIVE, VARIANT_FILL_SCRIPT};
+use layout::{l2_key_tagged, l2_pattern_tagged, tier_key_of_tagged};
 
 use crate::gucs;
 
@@ -33,6 +37,8 @@ pub enum L2Error {
     BadUrl(String),
     #[error("twotier.redis_password_file: {0}")]
     PasswordFile(String),
+    #[error("the Redis Cluster's map is not the one the L2 epoch trusts (a failover, a restart or a resharding since): L2 is left alone until the delivery worker moves to a new epoch")]
+    Untrusted,
     #[error("{0}")]
     Redis(#[from] redis::RedisError),
 }
@@ -40,7 +46,10 @@ pub enum L2Error {
 impl L2Error {
     /// Whether this is a fault worth counting (as opposed to L2 being off or resting).
     pub fn is_fault(&self) -> bool {
-        !matches!(self, L2Error::Off | L2Error::Skipped | L2Error::Interrupted)
+        !matches!(
+            self,
+            L2Error::Off | L2Error::Skipped | L2Error::Interrupted | L2Error::Untrusted
+        )
     }
 }
 
@@ -125,6 +134,8 @@ pub struct Ctx<'a> {
     /// none, and making one costs a clock read, a getpid and a format).
     tombstone: std::cell::OnceCell<String>,
     pub incarnation: &'a str,
+    /// A cluster's names carry a hash tag.
+    tagged: bool,
 }
 
 impl Ctx<'_> {
@@ -133,13 +144,34 @@ impl Ctx<'_> {
     }
 
     fn key(&self, tier_key: &str) -> String {
-        l2_key(self.incarnation, tier_key)
+        if self.tagged {
+            l2_key_tagged(self.incarnation, tier_key)
+        } else {
+            l2_key(self.incarnation, tier_key)
+        }
+    }
+
+    fn pattern(&self, tier_pattern: &str) -> String {
+        if self.tagged {
+            l2_pattern_tagged(self.incarnation, tier_pattern)
+        } else {
+            l2_key(self.incarnation, tier_pattern)
+        }
+    }
+
+    fn tier_key_of(&self, l2: &str) -> Option<String> {
+        if self.tagged {
+            tier_key_of_tagged(self.incarnation, l2)
+        } else {
+            tier_key_of(self.incarnation, l2)
+        }
     }
 }
 
 struct State {
     url: CString,
-    con: Option<Link>,
+    cluster: bool,
+    con: Option<Conn>,
     incarnation: String,
     resting_until: Option<Instant>,
     down_since: Option<SystemTime>,
@@ -155,6 +187,7 @@ struct State {
 thread_local! {
     static STATE: RefCell<State> = RefCell::new(State {
         url: CString::default(),
+        cluster: false,
         con: None,
         incarnation: String::new(),
         resting_until: None,
@@ -225,7 +258,7 @@ fn publish(tier_keys: &[&str], commit_lsn: u64) -> redis::Cmd {
 }
 
 fn deliver(
-    link: &mut Link,
+    link: &mut Conn,
     ctx: &Ctx,
     keys: &[(String, i64)],
     commit_lsn: u64,
@@ -240,9 +273,25 @@ fn deliver(
 /// close it and rest L2 for the retry interval; a server-side error (OOM, WRONGTYPE...) only
 /// fails this operation.
 fn with_connection<T>(
-    f: impl FnMut(&mut Link, &Ctx) -> redis::RedisResult<T>,
+    f: impl FnMut(&mut Conn, &Ctx) -> redis::RedisResult<T>,
 ) -> Result<T, L2Error> {
-    let result = with_connection_inner(f);
+    with_connection_as(Trust::Required, f)
+}
+
+/// Whether an operation needs L2's content to be trusted. Reads, fills and leases do; the
+/// delivery worker's tombstones and its look at the map do not (tombstones sent under an
+/// epoch that is about to move are moot, never harmful).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Trust {
+    Required,
+    NotNeeded,
+}
+
+fn with_connection_as<T>(
+    trust: Trust,
+    f: impl FnMut(&mut Conn, &Ctx) -> redis::RedisResult<T>,
+) -> Result<T, L2Error> {
+    let result = with_connection_inner(trust, f);
     if result.is_err() && interrupt_pending() {
         // A cancel or statement_timeout arrived while this backend waited on Redis: serve it
         // now, as any other wait in PostgreSQL would (where interrupts are held, as in the
@@ -253,7 +302,8 @@ fn with_connection<T>(
 }
 
 fn with_connection_inner<T>(
-    mut f: impl FnMut(&mut Link, &Ctx) -> redis::RedisResult<T>,
+    trust: Trust,
+    mut f: impl FnMut(&mut Conn, &Ctx) -> redis::RedisResult<T>,
 ) -> Result<T, L2Error> {
     STATE.with(|cell| {
         let mut state = cell.borrow_mut();
@@ -262,8 +312,10 @@ fn with_connection_inner<T>(
             state.con = None;
             return Err(L2Error::Off);
         }
-        if state.url.as_c_str() != url {
+        let cluster = gucs::redis_cluster();
+        if state.url.as_c_str() != url || state.cluster != cluster {
             state.url = url.to_owned();
+            state.cluster = cluster;
             state.con = None;
             state.resting_until = None;
         }
@@ -276,7 +328,15 @@ fn with_connection_inner<T>(
         loop {
             let reused = state.con.is_some();
             if !reused {
-                match connect(&url_text()) {
+                let connected = if cluster {
+                    // The cluster's masters' run_ids are in its map's fingerprint, which the
+                    // epoch carries: the names need no incarnation of their own.
+                    Router::connect(&gucs::redis_seeds())
+                        .map(|router| (Conn::Cluster(router), "c".to_string()))
+                } else {
+                    connect(&url_text()).map(|(link, run_id)| (Conn::Single(link), run_id))
+                };
+                match connected {
                     Ok((con, incarnation)) => {
                         state.con = Some(con);
                         state.incarnation = incarnation;
@@ -293,6 +353,20 @@ fn with_connection_inner<T>(
                 };
                 state.namespace_epoch = epoch;
             }
+            if trust == Trust::Required {
+                if let Some(fp) = state.con.as_ref().and_then(Conn::fingerprint) {
+                    if fp != epoch as u32 {
+                        // This backend's map may be the old one (the epoch moved after a
+                        // failover this backend has not seen): one fresh map decides.
+                        if reused && retries == 0 {
+                            state.con = None;
+                            retries += 1;
+                            continue;
+                        }
+                        return Err(L2Error::Untrusted);
+                    }
+                }
+            }
             let State {
                 con,
                 undelivered,
@@ -305,6 +379,7 @@ fn with_connection_inner<T>(
             let ctx = Ctx {
                 tombstone: std::cell::OnceCell::new(),
                 incarnation: namespace,
+                tagged: cluster,
             };
             let mut result = Ok(());
             if !undelivered.is_empty() {
@@ -328,6 +403,13 @@ fn with_connection_inner<T>(
                 Err(e) if interrupted(&e) && interrupt_pending() => {
                     state.con = None;
                     return Err(L2Error::Interrupted);
+                }
+                // The cluster's map moved under this backend: this call is a miss, never
+                // followed to another node (a read comes only from a master of the map the
+                // epoch trusts), and the next call builds the map again.
+                Err(e) if is_redirect(&e) => {
+                    state.con = None;
+                    return Err(L2Error::Redis(e));
                 }
                 // A connection kept since an earlier call may have been closed by a Redis
                 // restart; one fresh connection decides whether Redis is really gone.
@@ -591,7 +673,7 @@ pub fn invalidate(keys: &[(String, i64)], commit_lsn: u64) -> Result<(), L2Error
 /// The delivery worker's exchange: tombstones and the channel message for `tier_keys`, one
 /// pipelined round trip per thousand keys. Until it succeeds the keys stay in the ledger.
 pub fn deliver_batch(tier_keys: &[&str], lsn: u64) -> Result<(), L2Error> {
-    with_connection(|con, ctx| {
+    with_connection_as(Trust::NotNeeded, |con, ctx| {
         for chunk in tier_keys.chunks(1000) {
             let l2: Vec<String> = chunk.iter().map(|k| ctx.key(k)).collect();
             let mut cmds = sets(
@@ -611,52 +693,71 @@ pub fn deliver_batch(tier_keys: &[&str], lsn: u64) -> Result<(), L2Error> {
 pub fn invalidate_matching(pattern: &str, keep: impl Fn(&str) -> bool) -> Result<i64, L2Error> {
     let ttl = gucs::tombstone_ttl_s();
     with_connection(|con, ctx| {
-        let l2_pattern = ctx.key(pattern);
-        let mut cursor: u64 = 0;
+        let l2_pattern = ctx.pattern(pattern);
         let mut live = 0i64;
-        loop {
-            let (next, batch): (u64, Vec<String>) = con.call(
-                redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&l2_pattern)
-                    .arg("COUNT")
-                    .arg(1000),
-            )?;
-            let matched: Vec<(String, String)> = batch
-                .into_iter()
-                .filter_map(|k| tier_key_of(ctx.incarnation, &k).map(|t| (k, t)))
-                .filter(|(_, t)| keep(t))
-                .collect();
-            if !matched.is_empty() {
-                let mut cmds: Vec<redis::Cmd> = matched
-                    .iter()
-                    .map(|(k, _)| {
-                        let mut c = redis::cmd("GET");
-                        c.arg(k);
-                        c
-                    })
-                    .collect();
-                cmds.extend(sets(
-                    matched.iter().map(|(k, _)| (k.as_str(), ttl)),
-                    ctx.tombstone(),
-                ));
-                let names: Vec<&str> = matched.iter().map(|(_, t)| t.as_str()).collect();
-                cmds.push(publish(&names, 0));
-                let replies = con.exchange(&cmds)?;
-                live += replies
+        // Each master SCANs its own keys; the tombstones go through the router, to wherever
+        // each name lives.
+        for m in 0..con.masters().len() {
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, batch): (u64, Vec<String>) = con.masters()[m].call(
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&l2_pattern)
+                        .arg("COUNT")
+                        .arg(1000),
+                )?;
+                let matched: Vec<(String, String)> = batch
                     .into_iter()
-                    .take(matched.len())
-                    .map(|v| redis::from_owned_redis_value::<Option<Vec<u8>>>(v).unwrap_or(None))
-                    .filter(|v| matches!(classify(v.clone()), Lookup::Value(_) | Lookup::Negative))
-                    .count() as i64;
+                    .filter_map(|k| ctx.tier_key_of(&k).map(|t| (k, t)))
+                    .filter(|(_, t)| keep(t))
+                    .collect();
+                if !matched.is_empty() {
+                    let mut cmds: Vec<redis::Cmd> = matched
+                        .iter()
+                        .map(|(k, _)| {
+                            let mut c = redis::cmd("GET");
+                            c.arg(k);
+                            c
+                        })
+                        .collect();
+                    cmds.extend(sets(
+                        matched.iter().map(|(k, _)| (k.as_str(), ttl)),
+                        ctx.tombstone(),
+                    ));
+                    let names: Vec<&str> = matched.iter().map(|(_, t)| t.as_str()).collect();
+                    cmds.push(publish(&names, 0));
+                    let replies = con.exchange(&cmds)?;
+                    live += replies
+                        .into_iter()
+                        .take(matched.len())
+                        .map(|v| {
+                            redis::from_owned_redis_value::<Option<Vec<u8>>>(v).unwrap_or(None)
+                        })
+                        .filter(|v| {
+                            matches!(classify(v.clone()), Lookup::Value(_) | Lookup::Negative)
+                        })
+                        .count() as i64;
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
             }
-            if next == 0 {
-                return Ok(live);
-            }
-            cursor = next;
         }
+        Ok(live)
     })
+}
+
+/// The delivery worker's look at the cluster: a fresh map (never one kept from an earlier
+/// call, which could predate a failover) and its fingerprint. None for a single server.
+pub fn cluster_fingerprint() -> Result<Option<u32>, L2Error> {
+    if !gucs::redis_cluster() {
+        return Ok(None);
+    }
+    STATE.with(|cell| cell.borrow_mut().con = None);
+    with_connection_as(Trust::NotNeeded, |con, _| Ok(con.fingerprint()))
 }
 
 /// Health of this backend's L2 connection, for `twotier.status()`.
@@ -672,13 +773,17 @@ pub struct Health {
     /// Redis's `maxmemory_policy`: every policy keeps the contract (docs/design.md, "Eviction
     /// policies"); shown so that an operator sees what the hit ratio is up against.
     pub maxmemory_policy: Option<String>,
+    /// On a cluster: the fingerprint of this backend's map, and whether the L2 epoch trusts it.
+    pub cluster: Option<(u32, bool)>,
 }
 
 /// Probes Redis with `INFO memory` (respecting the retry interval) and reports.
 pub fn health() -> Health {
     // Not counted: the counter shows what the session's own calls cost.
     let counted = round_trips();
-    let ping = with_connection(|con, _| con.call::<String>(redis::cmd("INFO").arg("memory")));
+    let ping = with_connection_as(Trust::NotNeeded, |con, _| {
+        con.call::<String>(redis::cmd("INFO").arg("memory"))
+    });
     let maxmemory_policy = ping.as_ref().ok().and_then(|info| {
         info.lines()
             .find_map(|l| l.strip_prefix("maxmemory_policy:"))
@@ -702,6 +807,11 @@ pub fn health() -> Health {
             undelivered: state.undelivered.len(),
             incarnation: state.incarnation.clone(),
             maxmemory_policy,
+            cluster: state
+                .con
+                .as_ref()
+                .and_then(Conn::fingerprint)
+                .map(|fp| (fp, fp == epoch() as u32)),
             url: gucs::redacted_url(&gucs::redis_url().to_string_lossy()),
         }
     })

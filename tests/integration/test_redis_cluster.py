@@ -10,6 +10,7 @@ the old value, and L2 in use again once the delivery worker moved to the new map
 the check is for); a failover under writers and readers on a primary and a standby with 0 stale
 reads; the whole cluster down and back."""
 import random
+import subprocess
 import threading
 import time
 
@@ -298,6 +299,43 @@ def test_the_whole_cluster_down_and_back(rc):
         # stale_keys filled every key: each read now is an L2 hit.
         hits = cache.stats()["l2_hits"]
         read_through_l2(pg, cache, 2)
+        assert cache.stats()["l2_hits"] == hits + 1
+    finally:
+        pg.destroy()
+
+
+def test_resharding_while_readers_and_writers_run(rc):
+    """`redis-cli --cluster reshard` moves 500 slots (and the keys in them) from one master to
+    another under load: no stale read, and L2 trusted again under the new map."""
+    pg = start_pg(rc, "rc_reshard")
+    try:
+        wait_trusted(pg)
+        cache = Cache(pg, rc, rows=40)
+        ids = {}
+        for m in rc.masters():
+            ids[m.port] = m.client().execute_command("CLUSTER", "MYID").decode()
+        source, target = sorted(ids)[:2]
+        moves = epoch_moves(pg)
+        with Workload(cache, writers=2, readers=3, l1_readers=1, write_pause_s=0.02) as wl:
+            time.sleep(1.5)
+            started = time.time()
+            r = subprocess.run(["redis-cli", "--cluster", "reshard", f"127.0.0.1:{source}",
+                                "--cluster-from", ids[source], "--cluster-to", ids[target],
+                                "--cluster-slots", "500", "--cluster-yes"],
+                               capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+            took = time.time() - started
+            rc.wait_healthy()
+            wait_trusted(pg)
+            time.sleep(2)
+        print(f"reshard of 500 slots took {took:.1f}s; reads={wl.reads} writes={wl.writes} "
+              f"stale={len(wl.stale)} epoch moves={epoch_moves(pg) - moves}")
+        assert not wl.stale, wl.stale[:3]
+        assert not wl.errors, wl.errors[:3]
+        assert epoch_moves(pg) > moves
+        assert cache.stale_keys(l1=False) == []
+        hits = cache.stats()["l2_hits"]
+        read_through_l2(pg, cache, 1)
         assert cache.stats()["l2_hits"] == hits + 1
     finally:
         pg.destroy()

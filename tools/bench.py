@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
-from servers import PG_BIN, PgBouncer, PgCluster, RedisServer  # noqa: E402
+from servers import PG_BIN, PgBouncer, PgCluster, RedisCluster, RedisServer  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 SCRIPTS = ROOT / "bench"
@@ -482,6 +482,103 @@ class Bench:
         self.invalidation = {"keys": size, "pattern_invalidated": n, "pattern_s": pattern_s, "flush_s": flush_s}
         print(f"  invalidate_pattern('kv', '*') over {size} keys: {n} keys in {pattern_s * 1000:.0f} ms;"
               f" flush: {flush_s * 1000:.1f} ms", flush=True)
+
+    # -- L2 on a Redis Cluster (issue 23) ------------------------------------------------
+    def _l2_mode(self, url: str, cluster: bool) -> None:
+        """Switches this server's L2 (ALTER SYSTEM and a reload: the delivery worker reads
+        postgresql.conf) and waits until a fresh session uses it (on a cluster: trusts its map)."""
+        lit = url.replace("'", "''")
+        self.sql(f"ALTER SYSTEM SET twotier.redis_url = '{lit}'")
+        self.sql(f"ALTER SYSTEM SET twotier.redis_cluster = {'on' if cluster else 'off'}")
+        self.sql("SELECT pg_reload_conf()")
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            (l2,), = self.sql("SELECT twotier.status()->'l2'")[0:1]
+            ok = l2.get("reachable") and (not cluster or (l2.get("cluster") or {}).get("trusted"))
+            if ok and l2.get("url") == url:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"L2 at {url} (cluster={cluster}) not in use after 60 s: {l2}")
+
+    def redis_cluster(self):
+        """The same L2 reads against the single Redis and a 3-master, 3-replica Redis Cluster on
+        this machine, interleaved in one run: an L2 hit, a 100-key _many from L2, and L2 hits
+        under 8 clients; then a master killed under readers: time until L2 hits again."""
+        print("\n== redis cluster: L2 on one Redis and on 3 masters (+3 replicas)", flush=True)
+        rc = RedisCluster().start()
+        n = min(self.tenants, 5000)
+        pick = f"\\set i random(1, {n})\n"
+        hit = self.script("rc_hit", pick + f"SELECT cached_widget_config({UID});\n")
+        many_pick = f"\\set i random(1, {max(n - 100, 1)})\n"
+        keys = f"ARRAY(SELECT {UID.replace(':i', 'g')} FROM generate_series(:i, :i + 99) g)"
+        many = self.script("rc_many", many_pick + f"SELECT count(value) FROM cached_widget_config_many({keys});\n")
+        modes = [("one Redis", self.redis.url, False), ("3-master cluster", rc.url, True)]
+        runs = [("L2 hit (L1 off)", hit, 1), ("100 keys, one _many call, L2 (L1 off)", many, 1),
+                ("L2 hit (L1 off)", hit, 8)]
+        best: dict = {}
+        rt = {}
+        try:
+            for _ in range(self.reps):
+                for label, url, cluster in modes:
+                    self._l2_mode(url, cluster)
+                    self.warm("widget_config", n)
+                    for path, script, clients in runs:
+                        r = self.pgbench([script], clients, options="-c twotier.l1_enabled=off")
+                        k = (label, path, clients)
+                        if k not in best or r["mean_us"] < best[k]["mean_us"]:
+                            best[k] = r
+                    with self.pg.connect() as c:
+                        c.execute("SET twotier.l1_enabled = off")
+                        arr = ("ARRAY(SELECT md5(format('shop-%s.example.com', lpad(g::text, 5, '0')))::uuid"
+                               " FROM generate_series(1, 100) g)")
+                        q = "SELECT (twotier.status()->'l2'->>'round_trips_in_session')::int"
+                        c.execute(f"SELECT count(*) FROM cached_widget_config_many({arr})")
+                        before = c.execute(q).fetchone()[0]
+                        c.execute(f"SELECT count(*) FROM cached_widget_config_many({arr})")
+                        rt[label] = c.execute(q).fetchone()[0] - before
+            for label, _, _ in modes:
+                for path, _, clients in runs:
+                    self.record("redis cluster", f"{path}, {label}", clients, best[(label, path, clients)],
+                                f"{rt[label]} Redis round trip(s) per 100-key _many" if "_many" in path else "")
+            self.cluster_result = {"round_trips": rt, "failover": self._cluster_failover(rc, n)}
+        finally:
+            self._l2_mode(self.redis.url, False)
+            rc.destroy()
+
+    def _cluster_failover(self, rc, n) -> dict:
+        """A master killed (SIGKILL) while a session reads with L1 off: when its replica took
+        over, when the delivery worker moved L2 to the new map's epoch, and when the session's
+        reads were L2 hits again; stale reads counted against a writer committing meanwhile."""
+        key = "md5('shop-00001.example.com')::uuid"
+        (name,), = self.sql(f"SELECT twotier.status()->>'key_scope'")[0:1]
+        (version,), = self.sql("SELECT version FROM twotier.caches WHERE name = 'widget_config'")[0:1]
+        (uid,), = self.sql(f"SELECT {key}::text")[0:1]
+        victim = rc.node_of(f"{{{name}:widget_config:v{version}:{uid}}}")
+        replica = rc.replica_of(victim)
+        with self.pg.connect() as c:
+            c.execute("SET twotier.l1_enabled = off")
+            hits = "SELECT l2_hits FROM twotier.stats WHERE cache = 'widget_config'"
+            c.execute(f"SELECT cached_widget_config({key})")
+            t0 = time.time()
+            victim.kill()
+            promoted = back = None
+            while time.time() - t0 < 60 and back is None:
+                (before,) = c.execute(hits).fetchone()
+                c.execute(f"SELECT cached_widget_config({key})")
+                (after,) = c.execute(hits).fetchone()
+                if promoted is None:
+                    try:
+                        if replica.client(timeout=0.05).info("replication")["role"] == "master":
+                            promoted = time.time() - t0
+                    except Exception:
+                        pass
+                if after > before and promoted is not None:
+                    back = time.time() - t0
+                time.sleep(0.02)
+        out = {"promoted_s": promoted, "l2_hits_again_s": back}
+        print(f"  master killed: replica promoted after {promoted:.1f} s, L2 hits again after "
+              f"{back:.1f} s" if back is not None and promoted is not None else f"  failover: {out}", flush=True)
+        return out
 
     # -- a hot key expiring under load ---------------------------------------------------
     def stampede(self):
@@ -1077,6 +1174,7 @@ class Bench:
         scale = getattr(self, "scale", [])
         verdict(f"L1 hit latency at {scale[-1][0] if scale else '?'} keys / at {scale[0][0] if scale else '?'} keys <= 1.2",
                 scale and scale[-1][1] / scale[0][1], 1.2)
+        out += self.cluster_verdicts()
         st = getattr(self, "stampede_result", {})
         verdict("hot key expiring every second under 8 clients: source queries per second with the"
                 " stampede wait <= 1.5", st.get("with the stampede wait"), 1.5)
@@ -1114,6 +1212,27 @@ class Bench:
         for name, value, limit, v in out:
             print(f"  {v:7} {name}: {value}")
         self.verdicts = out
+
+    def cluster_verdicts(self) -> list:
+        """Issue 23's targets, from the redis cluster rows of this run."""
+        f = lambda p, c: self.find("redis cluster", p, c)  # noqa: E731
+        one, many1 = f("L2 hit (L1 off), one Redis", 1), f("100 keys, one _many call, L2 (L1 off), one Redis", 1)
+        rc, many3 = f("L2 hit (L1 off), 3-master cluster", 1), f("100 keys, one _many call, L2 (L1 off), 3-master cluster", 1)
+        one8, rc8 = f("L2 hit (L1 off), one Redis", 8), f("L2 hit (L1 off), 3-master cluster", 8)
+        fo = getattr(self, "cluster_result", {}).get("failover", {})
+        return [judge("cluster: L2 hit TPS through 3 masters / on one Redis >= 0.9", one and rc and rc["tps"] / one["tps"], 0.9, True),
+                judge("cluster: 100-key _many from L2, time on 3 masters / on one Redis <= 1.5",
+                      many1 and many3 and many3["mean_us"] / many1["mean_us"], 1.5),
+                ("cluster: 8-client L2 hit TPS, 3 masters / one Redis (reported: 2 cores, PostgreSQL saturates first)",
+                 "n/a" if not (one8 and rc8) else f"{rc8['tps'] / one8['tps']:.2f}", None, "REPORTED"),
+                ("cluster: a master killed: seconds until its replica is promoted / until L2 hits again (reported)",
+                 "n/a" if not fo else f"{fo.get('promoted_s') or float('nan'):.1f} / {fo.get('l2_hits_again_s') or float('nan'):.1f}",
+                 None, "REPORTED")]
+
+    def cluster_targets(self):
+        print("\n== targets (ratios within this run)", flush=True)
+        for name, value, limit, v in self.cluster_verdicts():
+            print(f"  {v:7} {name}: {value}")
 
     # -- output --------------------------------------------------------------------------
     def write(self):
@@ -1279,7 +1398,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small and short: checks the runner, not the numbers")
     ap.add_argument("--no-write", action="store_true", help="print only; leave bench/results and BENCHMARKS.md alone")
     ap.add_argument("--chart-only", action="store_true", help="redraw bench/results/latency.png from latest.csv")
-    ap.add_argument("--only", choices=["writer", "postgrest", "reads"],
+    ap.add_argument("--only", choices=["writer", "postgrest", "reads", "cluster"],
                     help="run one section and print it (implies --no-write); reads: issue 21's read floor")
     args = ap.parse_args()
     if args.chart_only:
@@ -1300,6 +1419,10 @@ def main():
             b.postgrest()
             b.postgrest_targets()
             return
+        if args.only == "cluster":
+            b.redis_cluster()
+            b.cluster_targets()
+            return
         if args.only == "reads":
             b.clients = [1, 8]
             b.paths(focus=True)
@@ -1310,6 +1433,7 @@ def main():
         b.postgrest()
         b.scaling()
         b.stampede()
+        b.redis_cluster()
         b.writer()
         b.instructions()
         b.targets()

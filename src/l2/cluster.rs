@@ -110,11 +110,13 @@ impl Router {
         }
         let mut out = vec![redis::Value::Nil; cmds.len()];
         let mut first_error = None;
+        // One read timeout for the whole exchange, however many masters it waits on.
+        let deadline = std::time::Instant::now() + crate::gucs::read_timeout();
         for (m, share) in shares.iter().enumerate() {
             if share.is_empty() {
                 continue;
             }
-            let (replies, error) = self.links[m].receive_all(share.len());
+            let (replies, error) = self.links[m].receive_all_until(share.len(), deadline);
             for (&i, v) in share.iter().zip(replies) {
                 out[i] = v;
             }

@@ -51,11 +51,11 @@ pub(super) fn interrupt_pending() -> bool {
 }
 
 impl Link {
-    /// Waits until the first reply can be read, the read timeout passes, or an interrupt is
-    /// pending (where interrupts can be served).
-    pub(super) fn wait_readable(&self) -> redis::RedisResult<()> {
+    /// Waits until the first reply can be read, `deadline` passes, or an interrupt is pending
+    /// (where interrupts can be served). The deadline may be shared by several links: a
+    /// cluster's pipeline waits on every master it wrote to within one read timeout in all.
+    pub(super) fn wait_readable_until(&self, deadline: Instant) -> redis::RedisResult<()> {
         let Some(fd) = self.fd else { return Ok(()) };
-        let deadline = Instant::now() + gucs::read_timeout();
         loop {
             if interrupt_pending() {
                 return Err(std::io::Error::from(std::io::ErrorKind::Interrupted).into());
@@ -120,12 +120,21 @@ impl Link {
         &mut self,
         n: usize,
     ) -> (Vec<redis::Value>, Option<redis::RedisError>) {
+        self.receive_all_until(n, Instant::now() + gucs::read_timeout())
+    }
+
+    /// [`receive_all`](Self::receive_all), the first reply awaited until `deadline`.
+    pub(super) fn receive_all_until(
+        &mut self,
+        n: usize,
+        deadline: Instant,
+    ) -> (Vec<redis::Value>, Option<redis::RedisError>) {
         let mut out = Vec::with_capacity(n);
         let mut error = None;
         if n == 0 {
             return (out, None);
         }
-        if let Err(e) = self.wait_readable() {
+        if let Err(e) = self.wait_readable_until(deadline) {
             return (out, Some(e));
         }
         for _ in 0..n {

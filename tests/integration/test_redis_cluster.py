@@ -339,3 +339,30 @@ def test_resharding_while_readers_and_writers_run(rc):
         assert cache.stats()["l2_hits"] == hits + 1
     finally:
         pg.destroy()
+
+
+def test_a_paused_master_costs_a_call_its_timeouts_never_an_error(rc):
+    """A master that stops answering (SIGSTOP for 1.5 s, under the node timeout: no failover)
+    while writers commit and readers read: every call answers within a second, none fails, none
+    is stale, and L2 is used again once it answers."""
+    pg = start_pg(rc, "rc_pause")
+    try:
+        wait_trusted(pg)
+        cache = Cache(pg, rc, rows=30)
+        with Workload(cache, writers=1, readers=3, l1_readers=1, write_pause_s=0.02, limit_s=1.0) as wl:
+            time.sleep(1)
+            victim = rc.masters()[0]
+            victim.pause()
+            time.sleep(1.5)
+            victim.resume()
+            time.sleep(2)
+        print(f"reads={wl.reads} writes={wl.writes} max_read={wl.max_read_s:.3f}s stale={len(wl.stale)}")
+        assert not wl.errors, wl.errors[:3]
+        assert not wl.stale, wl.stale[:3]
+        rc.wait_healthy()
+        wait_trusted(pg)
+        assert wait_for(lambda: pg.sql("SELECT (twotier.status()->'delivery'->>'undelivered')::int")[0][0] == 0,
+                        timeout=20)
+        assert cache.stale_keys(l1=False) == []
+    finally:
+        pg.destroy()

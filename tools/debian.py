@@ -222,17 +222,13 @@ def use(major: str) -> None:
     previous = sorted(p.name.removeprefix("twotier--").removesuffix(".sql")
                       for p in (ROOT / "sql" / "released").glob("twotier--*.sql"))[-1]
     current = package.version()
-    key = "6f1c0a9b-e27d-4b1e-9c35-0a1b2c3d4e5f"
     redis = RedisServer().start()
     cluster = PgCluster(name="deb", settings={"twotier.redis_url": redis.url}).start()
     try:
         with cluster.connect() as c:
             c.execute("CREATE DATABASE upgraded")
             c.execute("CREATE EXTENSION twotier")
-            c.execute("CREATE TABLE t (id uuid PRIMARY KEY, v text)")
-            c.execute("INSERT INTO t VALUES (%s, 'from the deb')", (key,))
-            c.execute("""SELECT twotier.define('t', $q$SELECT jsonb_build_object('v', v) FROM t WHERE id = $1$q$,
-                                              '1 min', ARRAY['t(id)'])""")
+            key = package.probe_cache(c, "from the deb")
             for _ in range(2):
                 assert c.execute("SELECT cached_t(%s)->>'v'", (key,)).fetchone()[0] == "from the deb"
             c.execute("UPDATE t SET v = 'changed' WHERE id = %s", (key,))

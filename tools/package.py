@@ -173,11 +173,7 @@ def test(major: str, tarball: Path) -> int:
         try:
             with cluster.connect() as c:
                 c.execute("CREATE EXTENSION twotier")
-                c.execute("CREATE TABLE t (id uuid PRIMARY KEY, v text)")
-                c.execute("INSERT INTO t VALUES ('6f1c0a9b-e27d-4b1e-9c35-0a1b2c3d4e5f', 'from the package')")
-                c.execute("""SELECT twotier.define('t', $q$SELECT jsonb_build_object('v', v) FROM t WHERE id = $1$q$,
-                                                  '1 min', ARRAY['t(id)'])""")
-                key = "6f1c0a9b-e27d-4b1e-9c35-0a1b2c3d4e5f"
+                key = probe_cache(c, "from the package")
                 for _ in range(2):
                     v = c.execute("SELECT cached_t(%s)->>'v'", (key,)).fetchone()[0]
                     assert v == "from the package", v
@@ -194,6 +190,17 @@ def test(major: str, tarball: Path) -> int:
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def probe_cache(c, value: str) -> str:
+    """Table t (uuid key, one row holding `value`) and cache t over it, in the connection's
+    database (twotier created there); returns the row's key. Both package tests use it."""
+    key = "6f1c0a9b-e27d-4b1e-9c35-0a1b2c3d4e5f"
+    c.execute("CREATE TABLE t (id uuid PRIMARY KEY, v text)")
+    c.execute("INSERT INTO t VALUES (%s, %s)", (key, value))
+    c.execute("""SELECT twotier.define('t', $q$SELECT jsonb_build_object('v', v) FROM t WHERE id = $1$q$,
+                                      '1 min', ARRAY['t(id)'])""")
+    return key
 
 
 def main() -> int:

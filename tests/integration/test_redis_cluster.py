@@ -15,7 +15,7 @@ import threading
 import time
 
 import pytest
-from conftest import Cache, Workload, database_scope, twotier_settings, wait_for
+from conftest import Cache, Workload, database_scope, delivery_of, twotier_settings, wait_for
 from servers import PgCluster, RedisCluster
 
 
@@ -52,6 +52,18 @@ def read_through_l2(pg, cache, key):
         return cache.call(c, key)
 
 
+def wait_delivered(pg, timeout=5.0) -> None:
+    """Until the ledger holds no undelivered invalidation."""
+    assert wait_for(lambda: delivery_of(pg)["undelivered"] == 0, timeout=timeout), delivery_of(pg)
+
+
+def assert_l2_hit(pg, cache, key) -> None:
+    """The next read of `key` with L1 off is an L2 hit (the key is in L2 and L2 is trusted)."""
+    hits = cache.stats()["l2_hits"]
+    read_through_l2(pg, cache, key)
+    assert cache.stats()["l2_hits"] == hits + 1
+
+
 def epoch_moves(pg) -> int:
     return pg.sql("SELECT (twotier.status()->'delivery'->>'epoch_moves')::int")[0][0]
 
@@ -86,7 +98,7 @@ def test_reads_fills_and_invalidations_across_slots(rc):
         assert "{" in name and name.endswith("}"), name
 
         pg.sql(f"UPDATE {cache.name} SET ver = ver + 1")
-        assert wait_for(lambda: pg.sql("SELECT (twotier.status()->'delivery'->>'undelivered')::int")[0][0] == 0)
+        wait_delivered(pg)
         assert cache.stale_keys(l1=False) == [] and cache.stale_keys(l1=True) == []
         # Filled again under the new values: hits, not misses, from here on.
         before = cache.stats()["l2_hits"]
@@ -140,7 +152,7 @@ def lost_tombstone(rc, pg, cache, key) -> list:
     master.client().execute_command("CLIENT", "KILL", "TYPE", "replica")
     try:
         pg.sql(f"UPDATE {cache.name} SET ver = 1 WHERE k = {key}")
-        assert wait_for(lambda: pg.sql("SELECT (twotier.status()->'delivery'->>'undelivered')::int")[0][0] == 0)
+        wait_delivered(pg)
         master.kill()
         lost_tombstone.killed_at = time.time()
     finally:
@@ -293,13 +305,10 @@ def test_the_whole_cluster_down_and_back(rc):
             n.start()
         rc.wait_healthy(60)
         wait_trusted(pg, timeout=60)
-        assert wait_for(lambda: pg.sql("SELECT (twotier.status()->'delivery'->>'undelivered')::int")[0][0] == 0,
-                        timeout=20)
+        wait_delivered(pg, timeout=20)
         assert cache.stale_keys(l1=False) == []
         # stale_keys filled every key: each read now is an L2 hit.
-        hits = cache.stats()["l2_hits"]
-        read_through_l2(pg, cache, 2)
-        assert cache.stats()["l2_hits"] == hits + 1
+        assert_l2_hit(pg, cache, 2)
     finally:
         pg.destroy()
 
@@ -334,9 +343,7 @@ def test_resharding_while_readers_and_writers_run(rc):
         assert not wl.errors, wl.errors[:3]
         assert epoch_moves(pg) > moves
         assert cache.stale_keys(l1=False) == []
-        hits = cache.stats()["l2_hits"]
-        read_through_l2(pg, cache, 1)
-        assert cache.stats()["l2_hits"] == hits + 1
+        assert_l2_hit(pg, cache, 1)
     finally:
         pg.destroy()
 
@@ -361,8 +368,7 @@ def test_a_paused_master_costs_a_call_its_timeouts_never_an_error(rc):
         assert not wl.stale, wl.stale[:3]
         rc.wait_healthy()
         wait_trusted(pg)
-        assert wait_for(lambda: pg.sql("SELECT (twotier.status()->'delivery'->>'undelivered')::int")[0][0] == 0,
-                        timeout=20)
+        wait_delivered(pg, timeout=20)
         assert cache.stale_keys(l1=False) == []
     finally:
         pg.destroy()

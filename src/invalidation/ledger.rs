@@ -567,8 +567,8 @@ pub fn replay_record(db: u32, xid: u32, lsn: u64, keys: &[&str]) {
     end_change(m);
 }
 
-/// The primary's "delivered up to `x` in `epoch`" record, replayed at `lsn`.
-pub fn replay_delivered(epoch: u64, x: u64, lsn: u64) {
+/// The primary's "delivered up to `x` in `epoch`" record, replayed.
+pub fn replay_delivered(epoch: u64, x: u64) {
     let Some(s) = shared() else { return };
     let moved = s.epoch.load(SeqCst) != epoch;
     {
@@ -579,7 +579,6 @@ pub fn replay_delivered(epoch: u64, x: u64, lsn: u64) {
         // retired everything on the primary too; what lies between `x` and this record goes
         // with the next record. A cluster map's move keeps the writers in flight: their keys
         // are delivered under the new epoch.)
-        let _ = lsn;
         retire_before(m, x);
         m.epoch.store(epoch, SeqCst);
         m.last_x.store(x, SeqCst);

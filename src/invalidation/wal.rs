@@ -157,7 +157,7 @@ unsafe extern "C-unwind" fn redo(record: *mut pg_sys::XLogReaderState) {
     let lsn = unsafe { (*record).ReadRecPtr };
     if info_of(record) == XLOG_TWOTIER_DELIVERED {
         if let Some((epoch, x)) = decode_delivered(data) {
-            ledger::replay_delivered(epoch, x, lsn);
+            ledger::replay_delivered(epoch, x);
         }
         return;
     }

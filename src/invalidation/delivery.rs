@@ -80,6 +80,8 @@ pub unsafe extern "C-unwind" fn twotier_delivery_main(_arg: pg_sys::Datum) {
     let mut record_owed = false;
     let mut last_exchange: Option<Instant> = None;
     let mut last_map_check = Instant::now() - MAP_CHECK_EVERY;
+    // After a refused batch: no new attempt before this, however many commits wake the worker.
+    let mut retry_at: Option<Instant> = None;
     while !listener::stopping() {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
@@ -96,8 +98,15 @@ pub unsafe extern "C-unwind" fn twotier_delivery_main(_arg: pg_sys::Datum) {
             // Not a latch wait: every commit sets the latch, which would end it at once.
             unsafe { pg_sys::pg_usleep(left.as_micros() as std::ffi::c_long) };
         }
-        let batch = ledger::take_batch(BATCH);
-        let mut pause = if ledger::undelivered() > 0 {
+        let resting = retry_at.is_some_and(|at| Instant::now() < at);
+        let batch = if resting {
+            ledger::Batch::default()
+        } else {
+            ledger::take_batch(BATCH)
+        };
+        let mut pause = if let Some(at) = retry_at.filter(|_| resting) {
+            at.saturating_duration_since(Instant::now())
+        } else if ledger::undelivered() > 0 {
             // Keys of transactions still running (or Redis refusing): look again soon.
             Duration::from_millis(10)
         } else {
@@ -118,6 +127,7 @@ pub unsafe extern "C-unwind" fn twotier_delivery_main(_arg: pg_sys::Datum) {
             last_exchange = Some(Instant::now());
             match sent {
                 Ok(()) => {
+                    retry_at = None;
                     ledger::settle(&batch, true);
                     record_owed = true;
                     backoff = Duration::from_millis(50);
@@ -128,6 +138,7 @@ pub unsafe extern "C-unwind" fn twotier_delivery_main(_arg: pg_sys::Datum) {
                     // A master gone or a slot moved: see whether the map changed at once.
                     last_map_check = Instant::now() - MAP_CHECK_EVERY;
                     pause = backoff;
+                    retry_at = Some(Instant::now() + backoff);
                     backoff =
                         (backoff * 2).min(gucs::retry_interval().max(Duration::from_millis(100)));
                 }
@@ -158,7 +169,12 @@ pub unsafe extern "C-unwind" fn twotier_delivery_main(_arg: pg_sys::Datum) {
             }
             last_save = Instant::now();
         }
-        if !pause.is_zero() && !listener::wait(pause.min(SAVE_EVERY)) {
+        let rest = if resting || retry_at.is_some_and(|at| Instant::now() < at) {
+            listener::sleep(pause.min(MAP_CHECK_EVERY))
+        } else {
+            pause.is_zero() || listener::wait(pause.min(SAVE_EVERY))
+        };
+        if !rest {
             break;
         }
     }

@@ -600,6 +600,7 @@ pub fn replay_delivered(epoch: u64, x: u64) {
 // ---------------------------------------------------------------------------------------
 // The delivery worker's side
 
+#[derive(Default)]
 pub struct Batch {
     /// (offset, key, appended at ms) of committed invalidations to deliver.
     pub deliver: Vec<(u64, String, i64)>,

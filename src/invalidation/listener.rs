@@ -52,6 +52,35 @@ pub fn wait(timeout: Duration) -> bool {
     !stopping()
 }
 
+/// Sleeps `timeout` whatever the latch says, in steps short enough to see a SIGTERM; false
+/// when the worker must stop. The delivery worker's pause after Redis refused a batch: every
+/// COMMIT sets its latch, and a latch wait would turn that pause into a retry per commit (and
+/// a wake-up signal from each writer).
+pub fn sleep(timeout: Duration) -> bool {
+    const STEP: Duration = Duration::from_millis(100);
+    let end = Instant::now() + timeout;
+    while !stopping() {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return true;
+        }
+        let events = (pg_sys::WL_TIMEOUT | pg_sys::WL_POSTMASTER_DEATH) as i32;
+        // Without WL_LATCH_SET the latch is not waited on: setting it wakes nobody.
+        let rc = unsafe {
+            pg_sys::WaitLatch(
+                std::ptr::null_mut(),
+                events,
+                left.min(STEP).as_millis().max(1) as std::ffi::c_long,
+                pg_sys::PG_WAIT_EXTENSION,
+            )
+        };
+        if rc & pg_sys::WL_POSTMASTER_DEATH as i32 != 0 {
+            STOPPING.store(true, Ordering::Relaxed);
+        }
+    }
+    false
+}
+
 fn wait_for_replay(lsn: u64) {
     if !unsafe { pg_sys::RecoveryInProgress() } {
         return;

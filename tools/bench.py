@@ -789,7 +789,7 @@ class Bench:
         print("\n== what it costs a writer", flush=True)
         self.writer_result = {}
         for measure in (self.writer_tables, self.writer_single_row, self.writer_tpcb, self.writer_bulk,
-                        self.writer_redis_memory):
+                        self.writer_redis_memory, self.writer_instructions):
             try:
                 measure()
             except Exception as e:  # noqa: BLE001 - reported, never fatal to the rest of the run
@@ -991,6 +991,49 @@ class Bench:
                 note["x_unwatched_time"] = round(ratio, 3)
             self.record("writer", f"UPDATE all {n} rows, {label} table", 1,
                         {"tps": 1e6 / med[t], "mean_us": med[t], "p99_us": None}, json.dumps(note))
+
+    def writer_instructions(self):
+        """Instructions per write transaction, watched and unwatched (callgrind, postgres
+        --single, one statement per transaction): what the TPS and time ratios measure, without
+        this machine's noise and without the delivery worker's and Redis's share (a single-user
+        server runs no background worker). The whole process is counted for N and for 2N
+        statements: the difference over N is one transaction, start-up and exit cancel out.
+        Single-row UPDATEs, and the UPDATE of every row (a bulk change past
+        twotier.flush_above_keys)."""
+        if not shutil.which("valgrind"):
+            self.notes.append("valgrind not found: no writer instruction counts")
+            return
+        rows = self.WRITER_ROWS
+        n = 300 if self.quick else 2000
+        kinds = {"single": (n, lambda t, i: f"UPDATE {t} SET v = v + 1 WHERE k = {1 + (i * 7919) % rows};\n"),
+                 "bulk": (2, lambda t, i: f"UPDATE {t} SET v = v + 1;\n")}
+        self.pg.stop()
+        per_tx: dict = {}
+        try:
+            for kind, (count, statement) in kinds.items():
+                for t in ("wu", "wt"):
+                    total = {}
+                    for c in (count, 2 * count):
+                        out = self.work / "cg_writer.out"
+                        script = self.work / "cg_writer.sql"
+                        script.write_text("".join(statement(t, i) for i in range(c)))
+                        os.chmod(script, 0o644)
+                        cmd = ["runuser", "-u", "postgres", "--", "valgrind", "--tool=callgrind",
+                               f"--callgrind-out-file={out}", str(PG_BIN / "postgres"), "--single", "-D",
+                               str(self.pg.data), "-c", "synchronous_commit=off", "postgres"]
+                        with open(script) as stdin:
+                            subprocess.run(cmd, stdin=stdin, capture_output=True, text=True, check=True, cwd=self.work)
+                        total[c] = int(re.search(r"^summary:\s+(\d+)", out.read_text(errors="replace"), re.M).group(1))
+                        out.unlink()
+                    per_tx[(kind, t)] = (total[2 * count] - total[count]) / count
+        finally:
+            self.pg.start()
+        result = self.writer_result["instructions"] = {"statements": n, "rows": rows}
+        for kind, label in (("single", "single-row UPDATE"), ("bulk", f"UPDATE of all {rows} rows")):
+            wu, wt = per_tx[(kind, "wu")], per_tx[(kind, "wt")]
+            result[kind] = {"unwatched": wu, "watched": wt, "ratio": wt / wu}
+            print(f"  instructions per {label} transaction (callgrind, single-user): unwatched {wu:.0f},"
+                  f" watched {wt:.0f} ({wt - wu:+.0f}, x {wt / wu:.3f})", flush=True)
 
     def writer_redis_memory(self):
         """What invalidating keys nobody cached leaves behind: Redis used_memory and DBSIZE,
@@ -1375,6 +1418,15 @@ class Bench:
                 lines += ["", f"Ledger: {ob.get('before')} undelivered keys before the Redis-down runs, {ob.get('during')}"
                           f" after them, {ob.get('after')} " + ("once Redis was back" if drained else "when the bench gave up")
                           + f" ({ob.get('drain_s') or 0:.1f} s after restarting it)."]
+        ins = wr.get("instructions")
+        if ins:
+            one, bulk = ins["single"], ins["bulk"]
+            lines += ["", f"Instructions per write transaction (callgrind, `postgres --single`, the difference between"
+                      f" N and 2N statements): single-row `UPDATE` unwatched {one['unwatched']:.0f}, watched"
+                      f" {one['watched']:.0f} ({one['watched'] - one['unwatched']:+.0f}, × {one['ratio']:.3f});"
+                      f" `UPDATE` of all {ins['rows']} rows unwatched {bulk['unwatched']:.0f}, watched"
+                      f" {bulk['watched']:.0f} (× {bulk['ratio']:.3f}). This excludes the delivery worker and Redis,"
+                      " which a single-user server does not run, and the client round trip, which pgbench adds to both."]
         bulk = wr.get("bulk")
         if bulk:
             lines += ["", f"`UPDATE` of all {bulk['rows']} rows in one statement, one session, median of {bulk['reps']}:"

@@ -24,17 +24,29 @@ thread_local! {
     /// at PRE_COMMIT, under the cache's lock: a flush or TRUNCATE that commits while this
     /// transaction is open moves the cache to a new version, and the keys must be invalidated
     /// where readers will look for them after this commit.
-    static PENDING: RefCell<HashMap<String, BTreeSet<String>>> = RefCell::new(HashMap::new());
+    static PENDING: RefCell<HashMap<String, Pending>> = RefCell::new(HashMap::new());
     /// What PRE_COMMIT took out of L1: released at COMMIT or ABORT.
-    static ANNOUNCED: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
+    static ANNOUNCED: RefCell<Vec<(String, u64)>> = const { RefCell::new(Vec::new()) };
     /// Per cache, for counting and logging at COMMIT.
     static RESOLVED: RefCell<Vec<Resolved>> = const { RefCell::new(Vec::new()) };
+}
+
+#[derive(Default)]
+struct Pending {
+    keys: BTreeSet<String>,
+    /// More keys than `twotier.flush_above_keys` were collected: the cache moves to a new
+    /// version at commit, whatever the setting says by then, so the keys are no longer kept
+    /// and the triggers stop rendering them (a bulk change costs the trigger little per row).
+    saturated: bool,
+    /// Keys collected: distinct until saturated, every row's after.
+    count: u64,
 }
 
 struct Resolved {
     name: String,
     stats: &'static CacheStats,
     raw_keys: Vec<String>,
+    count: u64,
     /// Too many keys: the cache moved to a new version instead (`twotier.flush_above_keys`).
     flushed: bool,
 }
@@ -103,12 +115,33 @@ pub fn collect<'a>(cache: &str, raw_keys: impl IntoIterator<Item = &'a str>) {
             Some(e) => e,
             None => p.entry(cache.to_string()).or_default(),
         };
+        if entry.saturated {
+            entry.count += raw_keys.into_iter().count() as u64;
+            return;
+        }
         for k in raw_keys {
-            if !entry.contains(k) {
-                entry.insert(k.to_string());
+            if !entry.keys.contains(k) {
+                entry.keys.insert(k.to_string());
+                entry.count += 1;
             }
         }
+        if gucs::flush_above_keys().is_some_and(|max| entry.keys.len() > max) {
+            entry.saturated = true;
+            entry.keys = BTreeSet::new();
+        }
     });
+}
+
+/// Whether this transaction already changed so many keys of `cache` that it will move the
+/// cache to a new version: a trigger need not render the row's keys, counted here as one.
+pub fn absorbed_by_flush(cache: &str) -> bool {
+    PENDING.with(|p| match p.borrow_mut().get_mut(cache) {
+        Some(e) if e.saturated => {
+            e.count += 1;
+            true
+        }
+        _ => false,
+    })
 }
 
 #[pgrx::pg_guard]
@@ -161,11 +194,13 @@ unsafe extern "C-unwind" fn on_xact_event(
 /// L2 read, no L2 fill on this server) until Redis has their tombstones; the WAL record
 /// does the same on standbys. Nothing here waits on Redis.
 fn announce() {
-    let mut pending: Vec<(String, Vec<String>)> = PENDING.with(|p| {
-        p.borrow()
-            .iter()
-            .filter(|(_, keys)| !keys.is_empty())
-            .map(|(name, keys)| (name.clone(), keys.iter().cloned().collect()))
+    // Taken, not copied: nothing after PRE_COMMIT asks what this transaction wrote, and
+    // COMMIT and ABORT clear it anyway.
+    let mut pending: Vec<(String, Vec<String>, bool, u64)> = PENDING.with(|p| {
+        std::mem::take(&mut *p.borrow_mut())
+            .into_iter()
+            .filter(|(_, e)| !e.keys.is_empty() || e.saturated)
+            .map(|(name, e)| (name, e.keys.into_iter().collect(), e.saturated, e.count))
             .collect()
     });
     if pending.is_empty() {
@@ -179,7 +214,7 @@ fn announce() {
     // exclusively: none of them can commit between this read and this commit. A bulk change
     // takes it exclusively itself, and moves the cache to a new version: O(1) in Redis.
     let mut flushed = Vec::with_capacity(pending.len());
-    for (name, raw_keys) in &pending {
+    for (name, raw_keys, saturated, _) in &pending {
         // The variants of a key (vary_by) need no listing: they hang on the key's own
         // generation in L1 and its own Redis key in L2. Keys that do not fit in the ledger
         // (Redis away for long) are a flush: a new version needs nothing delivered.
@@ -187,7 +222,8 @@ fn announce() {
         // value: a key without a group (from an entry not declared per, or
         // twotier.invalidate) would have to reach every group, which cannot be listed.
         let bulk = catalog::lookup_fresh(name).is_some_and(|def| {
-            max_keys.is_some_and(|max| raw_keys.len() > max)
+            *saturated
+                || max_keys.is_some_and(|max| raw_keys.len() > max)
                 || (def.per.is_some() && raw_keys.iter().any(|k| !k.contains(SCOPE_MARK)))
                 || (use_ledger
                     && !ledger::reserve(ledger::bytes_for(
@@ -205,7 +241,7 @@ fn announce() {
     catalog::accept_invalidations();
     let mut batch: Vec<String> = Vec::new();
     let mut resolved = Vec::new();
-    for ((name, raw_keys), flushed) in pending.into_iter().zip(flushed) {
+    for ((name, raw_keys, _, count), flushed) in pending.into_iter().zip(flushed) {
         // A cache dropped meanwhile has nothing left to invalidate; its triggers are gone.
         let Some(def) = catalog::lookup_fresh(&name) else {
             continue;
@@ -219,6 +255,7 @@ fn announce() {
             name,
             stats: def.stats,
             raw_keys,
+            count,
             flushed,
         });
     }
@@ -226,11 +263,21 @@ fn announce() {
     if batch.is_empty() {
         return;
     }
-    for key in &batch {
-        l1::begin_invalidation(key);
-    }
-    ANNOUNCED.with(|a| *a.borrow_mut() = batch.clone());
-    let refs: Vec<&str> = batch.iter().map(String::as_str).collect();
+    let announced: Vec<(String, u64)> = batch
+        .into_iter()
+        .map(|k| {
+            let hash = l1::begin_invalidation(&k);
+            (k, hash)
+        })
+        .collect();
+    // Before anything below can raise an ERROR: ABORT must release exactly these.
+    ANNOUNCED.with(|a| *a.borrow_mut() = announced);
+    ANNOUNCED.with(|a| record(&a.borrow(), use_ledger));
+}
+
+/// The announced keys into the ledger and the WAL.
+fn record(announced: &[(String, u64)], use_ledger: bool) {
+    let refs: Vec<&str> = announced.iter().map(|(k, _)| k.as_str()).collect();
     if use_ledger && !ledger::record(&refs) {
         // The reservation makes this rare: every cache of this commit moves instead.
         RESOLVED.with(|r| {
@@ -248,12 +295,12 @@ fn announce() {
 fn count_and_log(resolved: &[Resolved]) {
     let log = gucs::log_events();
     for r in resolved {
-        r.stats.add(Counter::Invalidations, r.raw_keys.len() as u64);
+        r.stats.add(Counter::Invalidations, r.count);
         if log && r.flushed {
             pgrx::log!(
                 "twotier FLUSH: {} ({} keys changed in one transaction)",
                 r.name,
-                r.raw_keys.len()
+                r.count
             );
         } else if log {
             for k in &r.raw_keys {
@@ -266,8 +313,8 @@ fn count_and_log(resolved: &[Resolved]) {
 /// The end of a commit's hold on L1: exactly what PRE_COMMIT took (the in-flight counters
 /// are shared, so releasing a key this transaction did not announce would release
 /// another writer's). L2 is the ledger's business from here.
-fn release(announced: &[String]) {
-    for key in announced {
-        l1::end_invalidation(key);
+fn release(announced: &[(String, u64)]) {
+    for (key, hash) in announced {
+        l1::end_invalidation(key, *hash);
     }
 }

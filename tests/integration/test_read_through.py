@@ -329,3 +329,22 @@ def test_ttls_are_jittered_so_entries_filled_together_expire_apart(cluster, make
             call(c, other, str(k))
     ttls = [r.ttl(other.redis_key(str(k))) for k in range(1, 21)]
     assert max(ttls) - min(ttls) <= 1, "without jitter the TTLs are the cache's"
+
+
+def test_a_bulk_change_stays_a_flush_when_the_limit_moves_before_commit(cluster, cache):
+    """Past twotier.flush_above_keys a transaction stops collecting keys (its triggers no longer
+    render them): the cache moves to a new version at commit even if the limit was raised, or
+    turned off, in between. Otherwise the keys dropped at that point would stay cached."""
+    with cluster.connect() as c:
+        for k in cache.keys:
+            cache.call(c, k)
+    version = cache.version()
+    with cluster.connect() as w:
+        w.execute("BEGIN")
+        w.execute("SET LOCAL twotier.flush_above_keys = 2")
+        w.execute(f"UPDATE {cache.name} SET ver = ver + 1 WHERE k <= 4")
+        w.execute("SET LOCAL twotier.flush_above_keys = 0")
+        w.execute(f"UPDATE {cache.name} SET ver = ver + 1 WHERE k = 5")
+        w.execute("COMMIT")
+    assert cache.version() > version, "the bulk change did not move the cache to a new version"
+    assert cache.stale_keys(l1=True) == [] and cache.stale_keys(l1=False) == []

@@ -96,11 +96,11 @@ fn wait_for_replay(lsn: u64) {
 }
 
 fn apply(payload: &str) {
-    let (lsn, origin, keys) = channel::decode(payload);
     // This server's own commits invalidated its L1 themselves, before the message was sent.
-    if origin == channel::origin() {
+    if channel::head(payload).1 == channel::origin() {
         return;
     }
+    let (lsn, _, keys) = channel::decode(payload);
     wait_for_replay(lsn);
     for key in keys {
         l1::invalidate(key);

@@ -26,7 +26,7 @@ thread_local! {
     /// where readers will look for them after this commit.
     static PENDING: RefCell<HashMap<String, Pending>> = RefCell::new(HashMap::new());
     /// What PRE_COMMIT took out of L1: released at COMMIT or ABORT.
-    static ANNOUNCED: RefCell<Vec<(String, u64)>> = const { RefCell::new(Vec::new()) };
+    static ANNOUNCED: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
     /// Per cache, for counting and logging at COMMIT.
     static RESOLVED: RefCell<Vec<Resolved>> = const { RefCell::new(Vec::new()) };
 }
@@ -263,21 +263,10 @@ fn announce() {
     if batch.is_empty() {
         return;
     }
-    let announced: Vec<(String, u64)> = batch
-        .into_iter()
-        .map(|k| {
-            let hash = l1::begin_invalidation(&k);
-            (k, hash)
-        })
-        .collect();
+    let announced: Vec<u64> = batch.iter().map(|k| l1::begin_invalidation(k)).collect();
     // Before anything below can raise an ERROR: ABORT must release exactly these.
     ANNOUNCED.with(|a| *a.borrow_mut() = announced);
-    ANNOUNCED.with(|a| record(&a.borrow(), use_ledger));
-}
-
-/// The announced keys into the ledger and the WAL.
-fn record(announced: &[(String, u64)], use_ledger: bool) {
-    let refs: Vec<&str> = announced.iter().map(|(k, _)| k.as_str()).collect();
+    let refs: Vec<&str> = batch.iter().map(String::as_str).collect();
     if use_ledger && !ledger::record(&refs) {
         // The reservation makes this rare: every cache of this commit moves instead.
         RESOLVED.with(|r| {
@@ -313,8 +302,8 @@ fn count_and_log(resolved: &[Resolved]) {
 /// The end of a commit's hold on L1: exactly what PRE_COMMIT took (the in-flight counters
 /// are shared, so releasing a key this transaction did not announce would release
 /// another writer's). L2 is the ledger's business from here.
-fn release(announced: &[(String, u64)]) {
-    for (key, hash) in announced {
-        l1::end_invalidation(key, *hash);
+fn release(announced: &[u64]) {
+    for hash in announced {
+        l1::end_invalidation(*hash);
     }
 }

@@ -28,6 +28,9 @@ enum KeyPlan {
         attnum: i32,
         typoutput: Oid,
         pinned: bool,
+        /// An integer column: rendered here, as int2out/int4out/int8out would (no setting
+        /// changes their text), without a guarded call into PostgreSQL and a palloc per row.
+        integer: Option<IntWidth>,
     },
     Expression {
         plan: pg_sys::SPIPlanPtr,
@@ -35,6 +38,32 @@ enum KeyPlan {
         search_path: CString,
         key_types: Vec<KeyType>,
     },
+}
+
+#[derive(Clone, Copy)]
+enum IntWidth {
+    I2,
+    I4,
+    I8,
+}
+
+impl IntWidth {
+    fn of(typ: Oid) -> Option<IntWidth> {
+        match typ {
+            pg_sys::INT2OID => Some(IntWidth::I2),
+            pg_sys::INT4OID => Some(IntWidth::I4),
+            pg_sys::INT8OID => Some(IntWidth::I8),
+            _ => None,
+        }
+    }
+
+    fn render(self, value: Datum) -> String {
+        match self {
+            IntWidth::I2 => (value.value() as i16).to_string(),
+            IntWidth::I4 => (value.value() as i32).to_string(),
+            IntWidth::I8 => (value.value() as i64).to_string(),
+        }
+    }
 }
 
 impl Drop for KeyPlan {
@@ -205,6 +234,7 @@ unsafe fn key_plan(
                     attnum,
                     typoutput,
                     pinned: !output_is_stable(typ),
+                    integer: IntWidth::of(typ),
                 }
             }
             None => {
@@ -283,6 +313,7 @@ unsafe fn key_of(plan: &KeyPlan, slot: *mut pg_sys::TupleTableSlot, out: &mut Ve
                 attnum,
                 typoutput,
                 pinned,
+                integer,
             } => {
                 pg_sys::slot_getsomeattrs_int(slot, *attnum);
                 let i = (*attnum - 1) as usize;
@@ -290,6 +321,10 @@ unsafe fn key_of(plan: &KeyPlan, slot: *mut pg_sys::TupleTableSlot, out: &mut Ve
                     return;
                 }
                 let value = *(*slot).tts_values.add(i);
+                if let Some(width) = integer {
+                    out.push(width.render(value));
+                    return;
+                }
                 let render = || {
                     let text = pg_sys::OidOutputFunctionCall(*typoutput, value);
                     crate::server_text::from_server_cstr(text)
@@ -437,6 +472,33 @@ mod tests {
             None,
             "unquoted capitals fold: the query path handles them"
         );
+    }
+
+    #[pg_test]
+    fn integer_keys_render_as_their_output_functions_do() {
+        let cases: [(Oid, Datum); 9] = [
+            (pg_sys::INT2OID, Datum::from(i16::MIN)),
+            (pg_sys::INT2OID, Datum::from(-1i16)),
+            (pg_sys::INT2OID, Datum::from(i16::MAX)),
+            (pg_sys::INT4OID, Datum::from(i32::MIN)),
+            (pg_sys::INT4OID, Datum::from(0i32)),
+            (pg_sys::INT4OID, Datum::from(i32::MAX)),
+            (pg_sys::INT8OID, Datum::from(i64::MIN)),
+            (pg_sys::INT8OID, Datum::from(-42i64)),
+            (pg_sys::INT8OID, Datum::from(i64::MAX)),
+        ];
+        for (typ, value) in cases {
+            let mut typoutput = Oid::INVALID;
+            let mut varlena = false;
+            let expected = unsafe {
+                pg_sys::getTypeOutputInfo(typ, &mut typoutput, &mut varlena);
+                crate::server_text::from_server_cstr(pg_sys::OidOutputFunctionCall(
+                    typoutput, value,
+                ))
+            };
+            let width = IntWidth::of(typ).expect("an integer type");
+            assert_eq!(width.render(value), expected);
+        }
     }
 
     #[pg_test]

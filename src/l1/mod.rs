@@ -685,10 +685,18 @@ pub fn begin_invalidation(key: &str) -> u64 {
 }
 
 /// Second half, after the commit is visible (or the transaction aborted); `hash` is what
-/// [`begin_invalidation`] returned for `key`.
-pub fn end_invalidation(key: &str, hash: u64) {
+/// [`begin_invalidation`] returned for the key.
+pub fn end_invalidation(hash: u64) {
     let Some(shared) = shared() else { return };
-    invalidate_hashed(key, hash);
+    // Nothing to look up: while the slot's in-flight count is above zero, `fill` refuses the
+    // key under the partition lock, so no entry appeared since the first half. A fill that
+    // read the generation meanwhile (from a snapshot without this commit) must still be
+    // refused once the count drops: the generation moves, under the lock that `fill` checks
+    // both under.
+    if let Some(p) = partition(hash) {
+        let _g = p.lock(true);
+        shared.gens[gen_slot(hash)].fetch_add(1, Ordering::AcqRel);
+    }
     let slot = &shared.inflight[gen_slot(hash)];
     let _ = slot.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
 }

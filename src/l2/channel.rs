@@ -32,15 +32,18 @@ pub fn message(commit_lsn: u64, keys: &[&str]) -> String {
 /// A message read back: the commit's LSN, the origin server, and the L1 keys. Anything
 /// malformed reads as LSN 0 from no origin, whose keys are still dropped (dropping is safe).
 pub fn decode(payload: &str) -> (u64, &str, Vec<&str>) {
-    let mut lines = payload.split('\n');
-    let mut head = lines
-        .next()
-        .and_then(|l| l.strip_prefix("lsn "))
-        .unwrap_or("")
-        .split(' ');
+    let (lsn, origin) = head(payload);
+    let keys = payload.split('\n').skip(1).filter(|k| !k.is_empty());
+    (lsn, origin, keys.collect())
+}
+
+/// The commit's LSN and the origin of a message, without reading its keys: a server's own
+/// messages (most of what its listener receives) need nothing more.
+pub fn head(payload: &str) -> (u64, &str) {
+    let first = payload.split('\n').next().unwrap_or("");
+    let mut head = first.strip_prefix("lsn ").unwrap_or("").split(' ');
     let lsn = head.next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
-    let origin = head.next().unwrap_or("");
-    (lsn, origin, lines.filter(|k| !k.is_empty()).collect())
+    (lsn, head.next().unwrap_or(""))
 }
 
 #[cfg(test)]
@@ -53,5 +56,6 @@ mod tests {
         assert_eq!(decode(payload), (12345, "abc.1.2", vec!["k1", "k:2"]));
         assert_eq!(decode("garbage\nk"), (0, "", vec!["k"]));
         assert_eq!(decode(""), (0, "", vec![]));
+        assert_eq!(super::head(payload), (12345, "abc.1.2"));
     }
 }

@@ -673,6 +673,14 @@ pub fn invalidate(keys: &[(String, i64)], commit_lsn: u64) -> Result<(), L2Error
 /// The delivery worker's exchange: tombstones and the channel message for `tier_keys`, one
 /// pipelined round trip per thousand keys. Until it succeeds the keys stay in the ledger.
 pub fn deliver_batch(tier_keys: &[&str], lsn: u64) -> Result<(), L2Error> {
+    // A key that several commits of the batch changed needs one tombstone (a hot row, or the
+    // branch and teller rows of every tpcb-like transaction).
+    let mut seen = std::collections::HashSet::with_capacity(tier_keys.len());
+    let tier_keys: Vec<&str> = tier_keys
+        .iter()
+        .copied()
+        .filter(|k| seen.insert(*k))
+        .collect();
     with_connection_as(Trust::NotNeeded, |con, ctx| {
         for chunk in tier_keys.chunks(1000) {
             let l2: Vec<String> = chunk.iter().map(|k| ctx.key(k)).collect();

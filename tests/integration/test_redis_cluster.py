@@ -328,7 +328,7 @@ def test_resharding_while_readers_and_writers_run(rc):
         with Workload(cache, writers=2, readers=3, l1_readers=1, write_pause_s=0.02) as wl:
             time.sleep(1.5)
             started = time.time()
-            r = subprocess.run(["redis-cli", "--cluster", "reshard", f"127.0.0.1:{source}",
+            r = subprocess.run([rc.cli, "--cluster", "reshard", f"127.0.0.1:{source}",
                                 "--cluster-from", ids[source], "--cluster-to", ids[target],
                                 "--cluster-slots", "500", "--cluster-yes"],
                                capture_output=True, text=True, timeout=120)

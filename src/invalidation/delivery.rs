@@ -169,7 +169,7 @@ pub unsafe extern "C-unwind" fn twotier_delivery_main(_arg: pg_sys::Datum) {
             }
             last_save = Instant::now();
         }
-        let rest = if resting || retry_at.is_some_and(|at| Instant::now() < at) {
+        let rest = if retry_at.is_some_and(|at| Instant::now() < at) {
             listener::sleep(pause.min(MAP_CHECK_EVERY))
         } else {
             pause.is_zero() || listener::wait(pause.min(SAVE_EVERY))

@@ -27,6 +27,8 @@ PG_BIN = Path(subprocess.run([os.environ["TWOTIER_PG_CONFIG"], "--bindir"], capt
                              check=True).stdout.strip()) if os.environ.get("TWOTIER_PG_CONFIG") \
     else Path("/usr/lib/postgresql/15/bin")
 RUN_AS = "postgres"
+# Debian's faketime package: a wall clock offset for one server (RedisServer.clock_offset_s).
+FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
 _started: list = []
 
 
@@ -117,10 +119,13 @@ class RedisServer:
 
     def __init__(self, port: int | None = None, extra: list[str] | None = None, dir: Path | str | None = None,
                  user: str | None = None, password: str | None = None, tls: "TlsFiles | None" = None,
-                 server: str = "redis-server"):
+                 server: str = "redis-server", clock_offset_s: int = 0):
         self.port = port or free_port()
         # Another server speaking the protocol (Valkey's, from `valkey_binaries()`).
         self.server = server
+        # A wall clock this many seconds off the machine's (Debian's libfaketime): a server whose
+        # clock disagrees with its peers'.
+        self.clock_offset_s = clock_offset_s
         self.extra = extra or []
         # An ACL user with a password; the default (password-less) user is then switched off.
         self.user, self.password = user, password
@@ -178,10 +183,16 @@ class RedisServer:
              # Redis 7 refuses DEBUG unless enabled; `local` keeps it to loopback clients.
              "--enable-debug-command", "local",
              "--loglevel", "warning", *self.extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=self._env(),
         )
         self.wait_ready()
         return self
+
+    def _env(self) -> dict | None:
+        if not self.clock_offset_s:
+            return None
+        return dict(os.environ, LD_PRELOAD=FAKETIME_LIB, FAKETIME=f"{self.clock_offset_s:+d}s",
+                    FAKETIME_DONT_FAKE_MONOTONIC="1", FAKETIME_NO_CACHE="1")
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         deadline = time.time() + timeout
@@ -443,15 +454,19 @@ class RedisCluster:
     about 3.5-4.5 s with the default."""
 
     def __init__(self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 2000,
-                 server: str = "redis-server", cli: str = "redis-cli"):
+                 server: str = "redis-server", cli: str = "redis-cli", clock_offsets_s: list[int] | None = None):
+        """`clock_offsets_s`: the wall clock offset of each node, in the order `nodes` has them
+        (the first `masters` nodes become the masters)."""
         self.replicas = replicas
         self.cli = cli
         conf = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                 "--cluster-node-timeout", str(node_timeout_ms),
                 # A cache serves the slots it has while others are down.
                 "--cluster-require-full-coverage", "no"]
-        self.nodes = [RedisServer(port=_cluster_port(), extra=list(conf), server=server)
-                      for _ in range(masters * (1 + replicas))]
+        offsets = clock_offsets_s or []
+        self.nodes = [RedisServer(port=_cluster_port(), extra=list(conf), server=server,
+                                  clock_offset_s=offsets[i] if i < len(offsets) else 0)
+                      for i in range(masters * (1 + replicas))]
 
     @property
     def url(self) -> str:

@@ -36,6 +36,21 @@ fn key_of(cmd: &redis::Cmd) -> Option<&[u8]> {
     }
 }
 
+/// Where each command of a pipeline goes, given its key's master (None: keyless): a keyless
+/// command goes with the keyed one before it, or with the first keyed one if none is.
+fn routes(owners: &[Option<u16>]) -> Vec<u16> {
+    let mut route = owners.iter().find_map(|o| *o).unwrap_or(0);
+    owners
+        .iter()
+        .map(|owner| {
+            if let Some(owner) = owner {
+                route = *owner;
+            }
+            route
+        })
+        .collect()
+}
+
 fn cluster_error(detail: String) -> L2Error {
     L2Error::Redis(redis::RedisError::from((
         redis::ErrorKind::ClusterDown,
@@ -86,15 +101,16 @@ impl Router {
         key_of(cmd).map(|k| self.topology.owner[slots::slot_of(k) as usize])
     }
 
-    /// Sends every master its share of `cmds` (a keyless command goes with the first keyed
-    /// one's master), then reads each share's replies: one round trip. A server error is
-    /// returned after every reply has been read, so that the streams stay usable.
+    /// Sends every master its share of `cmds`, then reads each share's replies: one round
+    /// trip. A keyless command goes with the keyed one before it (the first keyed one's
+    /// master if none is before it): a read's TIME is then its own master's clock, the clock
+    /// its fill will be judged by. A server error is returned after every reply has been
+    /// read, so that the streams stay usable.
     pub fn exchange(&mut self, cmds: &[redis::Cmd]) -> redis::RedisResult<Vec<redis::Value>> {
         ROUND_TRIPS.with(|n| n.set(n.get() + 1));
-        let default = cmds.iter().find_map(|c| self.owner(c)).unwrap_or(0);
+        let owners: Vec<Option<u16>> = cmds.iter().map(|c| self.owner(c)).collect();
         let mut shares: Vec<Vec<usize>> = vec![Vec::new(); self.links.len()];
-        for (i, c) in cmds.iter().enumerate() {
-            let owner = self.owner(c).unwrap_or(default);
+        for (i, owner) in routes(&owners).into_iter().enumerate() {
             if owner == NO_OWNER {
                 return Err(redis::RedisError::from((
                     redis::ErrorKind::ClusterDown,
@@ -148,6 +164,10 @@ pub(super) enum Conn {
 }
 
 impl Conn {
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Conn::Cluster(_))
+    }
+
     pub fn exchange(&mut self, cmds: &[redis::Cmd]) -> redis::RedisResult<Vec<redis::Value>> {
         match self {
             Conn::Single(link) => link.exchange(cmds),
@@ -212,5 +232,15 @@ mod tests {
         let mut publish = redis::cmd("PUBLISH");
         publish.arg("chan").arg("msg");
         assert_eq!(key_of(&publish), None);
+    }
+
+    #[test]
+    fn a_keyless_command_goes_with_the_keyed_one_before_it() {
+        // A two-entry read on a cluster: GET, PTTL, TIME per entry, each on its own master.
+        let owners = [Some(2), Some(2), None, Some(0), Some(0), None];
+        assert_eq!(routes(&owners), vec![2, 2, 2, 0, 0, 0]);
+        // Nothing keyed before it: the first keyed command's master.
+        assert_eq!(routes(&[None, Some(1), None]), vec![1, 1, 1]);
+        assert_eq!(routes(&[None]), vec![0]);
     }
 }

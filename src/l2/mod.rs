@@ -534,24 +534,46 @@ pub fn read(base: &str, entry: &str) -> Result<Read, L2Error> {
     read_many(&[(base, entry)]).map(|mut reads| reads.remove(0))
 }
 
-/// [`read`] for many entries in one round trip, and one TIME.
+/// [`read`] for many entries in one round trip. One TIME for a single server; on a cluster
+/// one after each entry, which the router sends to that entry's master: a fill's age is
+/// judged by the clock of the master it goes to, and masters' clocks may disagree.
 pub fn read_many(entries: &[(&str, &str)]) -> Result<Vec<Read>, L2Error> {
     with_connection(|con, ctx| {
-        let mut cmds = Vec::with_capacity(entries.len() * 3 + 1);
+        let per_entry = con.is_cluster();
+        let mut cmds = Vec::with_capacity(entries.len() * 4 + 1);
         for (base, entry) in entries {
             read_cmds(ctx, base, entry, &mut cmds);
+            if per_entry {
+                cmds.push(redis::cmd("TIME"));
+            }
         }
-        cmds.push(redis::cmd("TIME"));
+        if !per_entry {
+            cmds.push(redis::cmd("TIME"));
+        }
         let mut replies = con.exchange(&cmds)?;
-        let time = replies.pop().unwrap_or(redis::Value::Nil);
-        let (secs, micros): (i64, i64) = redis::from_owned_redis_value(time)?;
-        let at_us = secs * 1_000_000 + micros;
+        let shared_at_us = if per_entry {
+            0
+        } else {
+            time_us(replies.pop().unwrap_or(redis::Value::Nil))?
+        };
         let mut replies = replies.into_iter();
         entries
             .iter()
-            .map(|(base, entry)| parse_read(base != entry, &mut replies, at_us))
+            .map(|(base, entry)| {
+                let mut read = parse_read(base != entry, &mut replies, shared_at_us)?;
+                if per_entry {
+                    read.at_us = time_us(replies.next().unwrap_or(redis::Value::Nil))?;
+                }
+                Ok(read)
+            })
             .collect()
     })
+}
+
+/// A TIME reply in microseconds.
+fn time_us(reply: redis::Value) -> redis::RedisResult<i64> {
+    let (secs, micros): (i64, i64) = redis::from_owned_redis_value(reply)?;
+    Ok(secs * 1_000_000 + micros)
 }
 
 /// Fills the entry `entry` of the key `base` with `value` (None = negative entry) unless it

@@ -1085,19 +1085,8 @@ class Bench:
         try:
             for kind, (count, statement) in kinds.items():
                 for t in ("wu", "wt"):
-                    total = {}
-                    for c in (count, 2 * count):
-                        out = self.work / "cg_writer.out"
-                        script = self.work / "cg_writer.sql"
-                        script.write_text("".join(statement(t, i) for i in range(c)))
-                        os.chmod(script, 0o644)
-                        cmd = ["runuser", "-u", "postgres", "--", "valgrind", "--tool=callgrind",
-                               f"--callgrind-out-file={out}", str(PG_BIN / "postgres"), "--single", "-D",
-                               str(self.pg.data), "-c", "synchronous_commit=off", "postgres"]
-                        with open(script) as stdin:
-                            subprocess.run(cmd, stdin=stdin, capture_output=True, text=True, check=True, cwd=self.work)
-                        total[c] = int(re.search(r"^summary:\s+(\d+)", out.read_text(errors="replace"), re.M).group(1))
-                        out.unlink()
+                    total = {c: self.work_dir_run("".join(statement(t, i) for i in range(c)), whole_process=True)
+                             for c in (count, 2 * count)}
                     per_tx[(kind, t)] = (total[2 * count] - total[count]) / count
         finally:
             self.pg.start()
@@ -1197,15 +1186,20 @@ class Bench:
         finally:
             self.pg.start()
 
-    def work_dir_run(self, statements: str) -> float:
-        """Total instructions of the last statement, from a callgrind run of postgres --single."""
+    def work_dir_run(self, statements: str, whole_process: bool = False) -> float:
+        """Instructions, from a callgrind run of `postgres --single` over `statements`: those of
+        the last statement (its PortalRun), or with `whole_process` those of the whole run, commits
+        included (with synchronous_commit off, as the writer rows run)."""
         outfile = self.work / "cg.out"
         script = self.work / "cg.sql"
         script.write_text(statements)
         os.chmod(script, 0o644)
+        if whole_process:
+            counted, settings = [], ["-c", "synchronous_commit=off"]
+        else:
+            counted, settings = ["--collect-atstart=no", "--toggle-collect=PortalRun", "--dump-after=PortalRun"], []
         cmd = ["runuser", "-u", "postgres", "--", "valgrind", "--tool=callgrind", f"--callgrind-out-file={outfile}",
-               "--collect-atstart=no", "--toggle-collect=PortalRun", "--dump-after=PortalRun",
-               str(PG_BIN / "postgres"), "--single", "-D", str(self.pg.data), "postgres"]
+               *counted, str(PG_BIN / "postgres"), "--single", "-D", str(self.pg.data), *settings, "postgres"]
         with open(script) as stdin:
             subprocess.run(cmd, stdin=stdin, capture_output=True, text=True, check=True, cwd=self.work)
         totals = []

@@ -1,19 +1,21 @@
-"""A Redis that forgets (issue 19). A reader misses and runs a slow query (1.5 s) that reads the
-old row; meanwhile a writer commits and its tombstone is delivered; then Redis loses the
-tombstone (FLUSHALL, a restart without persistence, eviction under allkeys-lru). The reader's
+"""A Redis that forgets (issue 19). A reader misses and runs a slow query that reads the old row
+(it then waits on an advisory lock the test holds, so that its fill comes after everything
+below however slow the machine is); meanwhile a writer commits and its tombstone is delivered;
+then Redis loses the tombstone (FLUSHALL, a restart without persistence, eviction under
+allkeys-lru), and the test lets the reader go on. The reader's
 fill must not store the old row: its proof is the primary's ledger (the key's generation
 moved at the writer's PRE_COMMIT), not what Redis kept. With `twotier.test_fill_trusts_redis`
 (the proof of 0.2.0: a compare-and-set against the tombstone) each case stores the old row
 and serves it afterwards: the test can fail."""
 import itertools
 import threading
-import time
 
 import pytest
 from conftest import wait_for
 
 _names = itertools.count(1)
-SLOW_S = 1.5
+# The advisory lock a reader's query waits on, after it has read its row.
+HOLD = 42_19
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +33,7 @@ def slow_cache(stack) -> str:
     stack.cluster.sql(f"CREATE TABLE {n} (k int PRIMARY KEY, v text)")
     stack.cluster.sql(f"INSERT INTO {n} VALUES (1, 'old'), (2, 'other')")
     stack.cluster.sql(f"""SELECT twotier.define('{n}', $q$SELECT jsonb_build_object('v', v,
-                              'slept', CASE WHEN k = 1 THEN pg_sleep({SLOW_S})::text END)
+                              'held', CASE WHEN k = 1 THEN pg_advisory_xact_lock_shared({HOLD})::text END)
                             FROM {n} WHERE k = $1::int$q$, '5 min', ARRAY['{n}(k)'])""")
     return n
 
@@ -67,13 +69,18 @@ def test_a_slow_fill_after_a_lost_tombstone(own_stack, how, protected):
                 c.execute("SET twotier.test_fill_trusts_redis = on")
             box["v"] = c.execute(f"SELECT cached_{n}('1')->>'v'").fetchone()[0]
 
-    t = threading.Thread(target=slow_reader)
-    t.start()
-    time.sleep(0.4)  # the reader missed L2 and is in its query, with the old row
-    with stack.cluster.connect() as w:
-        w.execute(f"UPDATE {n} SET v = 'new' WHERE k = 1")
-    assert wait_for(lambda: stack.delivery()["undelivered"] == 0, timeout=5), "the tombstone was not delivered"
-    lose_tombstones(stack, how)
+    with stack.cluster.connect() as hold:
+        hold.execute("SELECT pg_advisory_lock(%s)", (HOLD,))
+        t = threading.Thread(target=slow_reader)
+        t.start()
+        # The reader missed L2 and is in its query, with the old row, waiting.
+        assert wait_for(lambda: stack.cluster.sql(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")[0][0] == 1, timeout=10)
+        with stack.cluster.connect() as w:
+            w.execute(f"UPDATE {n} SET v = 'new' WHERE k = 1")
+        assert wait_for(lambda: stack.delivery()["undelivered"] == 0, timeout=5), "the tombstone was not delivered"
+        lose_tombstones(stack, how)
+        hold.execute("SELECT pg_advisory_unlock(%s)", (HOLD,))
     t.join(10)
     assert box.get("v") == "old", box  # it read before the commit: right for its snapshot
     if how == "evict":

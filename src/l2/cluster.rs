@@ -168,6 +168,16 @@ impl Conn {
         matches!(self, Conn::Cluster(_))
     }
 
+    /// The master (its index in the map) serving the Redis key `l2_key`; 0 for one server.
+    pub fn master_of(&self, l2_key: &str) -> u16 {
+        match self {
+            Conn::Single(_) => 0,
+            Conn::Cluster(router) => {
+                router.topology.owner[slots::slot_of(l2_key.as_bytes()) as usize]
+            }
+        }
+    }
+
     pub fn exchange(&mut self, cmds: &[redis::Cmd]) -> redis::RedisResult<Vec<redis::Value>> {
         match self {
             Conn::Single(link) => link.exchange(cmds),

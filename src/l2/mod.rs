@@ -534,40 +534,74 @@ pub fn read(base: &str, entry: &str) -> Result<Read, L2Error> {
     read_many(&[(base, entry)]).map(|mut reads| reads.remove(0))
 }
 
-/// [`read`] for many entries in one round trip. One TIME for a single server; on a cluster
-/// one after each entry, which the router sends to that entry's master: a fill's age is
-/// judged by the clock of the master it goes to, and masters' clocks may disagree.
+/// [`read`] for many entries in one round trip, with one TIME per master, right after the
+/// first entry that master serves: each entry's read time is its own master's clock, the
+/// one its fill's age will be judged by (a cluster's masters' clocks may disagree). For the
+/// entries after it the TIME ran before their GET, which can only make them look older.
 pub fn read_many(entries: &[(&str, &str)]) -> Result<Vec<Read>, L2Error> {
     with_connection(|con, ctx| {
-        let per_entry = con.is_cluster();
-        let mut cmds = Vec::with_capacity(entries.len() * 4 + 1);
-        for (base, entry) in entries {
+        let masters: Vec<u16> = if con.is_cluster() {
+            entries
+                .iter()
+                .map(|(_, entry)| con.master_of(&ctx.key(entry)))
+                .collect()
+        } else {
+            vec![0; entries.len()]
+        };
+        let plan = time_plan(&masters);
+        let mut cmds = Vec::with_capacity(entries.len() * 3 + plan.times);
+        for ((base, entry), &asks) in entries.iter().zip(&plan.asks) {
             read_cmds(ctx, base, entry, &mut cmds);
-            if per_entry {
+            if asks {
                 cmds.push(redis::cmd("TIME"));
             }
         }
-        if !per_entry {
-            cmds.push(redis::cmd("TIME"));
+        let mut replies = con.exchange(&cmds)?.into_iter();
+        let mut reads = Vec::with_capacity(entries.len());
+        let mut times = Vec::with_capacity(plan.times);
+        for ((base, entry), &asks) in entries.iter().zip(&plan.asks) {
+            reads.push(parse_read(base != entry, &mut replies, 0)?);
+            if asks {
+                times.push(time_us(replies.next().unwrap_or(redis::Value::Nil))?);
+            }
         }
-        let mut replies = con.exchange(&cmds)?;
-        let shared_at_us = if per_entry {
-            0
-        } else {
-            time_us(replies.pop().unwrap_or(redis::Value::Nil))?
-        };
-        let mut replies = replies.into_iter();
-        entries
-            .iter()
-            .map(|(base, entry)| {
-                let mut read = parse_read(base != entry, &mut replies, shared_at_us)?;
-                if per_entry {
-                    read.at_us = time_us(replies.next().unwrap_or(redis::Value::Nil))?;
-                }
-                Ok(read)
-            })
-            .collect()
+        for (read, &t) in reads.iter_mut().zip(&plan.time_of) {
+            read.at_us = times[t];
+        }
+        Ok(reads)
     })
+}
+
+/// Where a read's TIMEs go: after the first entry of each master (`asks`), and which of
+/// them (in order) each entry's read time is (`time_of`).
+struct TimePlan {
+    asks: Vec<bool>,
+    time_of: Vec<usize>,
+    times: usize,
+}
+
+fn time_plan(masters: &[u16]) -> TimePlan {
+    let mut first: Vec<(u16, usize)> = Vec::new();
+    let mut asks = Vec::with_capacity(masters.len());
+    let mut time_of = Vec::with_capacity(masters.len());
+    for &m in masters {
+        match first.iter().find(|(master, _)| *master == m) {
+            Some(&(_, t)) => {
+                asks.push(false);
+                time_of.push(t);
+            }
+            None => {
+                first.push((m, first.len()));
+                asks.push(true);
+                time_of.push(first.len() - 1);
+            }
+        }
+    }
+    TimePlan {
+        asks,
+        time_of,
+        times: first.len(),
+    }
 }
 
 /// A TIME reply in microseconds.
@@ -888,5 +922,24 @@ mod tests {
             classify(Some(b"{}".to_vec())),
             Lookup::Value(b"{}".to_vec())
         );
+    }
+}
+
+#[cfg(test)]
+mod time_plan_tests {
+    use super::time_plan;
+
+    #[test]
+    fn one_time_per_master_after_its_first_entry() {
+        // Five entries over masters 2, 0, 2, 1, 0: TIMEs after entries 0, 1 and 3.
+        let plan = time_plan(&[2, 0, 2, 1, 0]);
+        assert_eq!(plan.asks, vec![true, true, false, true, false]);
+        assert_eq!(plan.time_of, vec![0, 1, 0, 2, 1]);
+        assert_eq!(plan.times, 3);
+        // One server: one TIME, after the first entry.
+        let plan = time_plan(&[0, 0, 0]);
+        assert_eq!(plan.asks, vec![true, false, false]);
+        assert_eq!(plan.time_of, vec![0, 0, 0]);
+        assert!(time_plan(&[]).asks.is_empty());
     }
 }

@@ -164,17 +164,11 @@ pub(super) enum Conn {
 }
 
 impl Conn {
-    pub fn is_cluster(&self) -> bool {
-        matches!(self, Conn::Cluster(_))
-    }
-
-    /// The master (its index in the map) serving the Redis key `l2_key`; 0 for one server.
-    pub fn master_of(&self, l2_key: &str) -> u16 {
+    /// The master (its index in the map) a keyed command goes to; 0 for one server.
+    pub fn master_of(&self, cmd: &redis::Cmd) -> u16 {
         match self {
             Conn::Single(_) => 0,
-            Conn::Cluster(router) => {
-                router.topology.owner[slots::slot_of(l2_key.as_bytes()) as usize]
-            }
+            Conn::Cluster(router) => router.owner(cmd).unwrap_or(0),
         }
     }
 

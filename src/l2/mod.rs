@@ -540,18 +540,24 @@ pub fn read(base: &str, entry: &str) -> Result<Read, L2Error> {
 /// entries after it the TIME ran before their GET, which can only make them look older.
 pub fn read_many(entries: &[(&str, &str)]) -> Result<Vec<Read>, L2Error> {
     with_connection(|con, ctx| {
-        let masters: Vec<u16> = if con.is_cluster() {
-            entries
-                .iter()
-                .map(|(_, entry)| con.master_of(&ctx.key(entry)))
-                .collect()
-        } else {
-            vec![0; entries.len()]
-        };
+        // Each entry's commands, then its master (its last command's), then the TIMEs between.
+        let mut per_entry: Vec<redis::Cmd> = Vec::with_capacity(entries.len() * 3);
+        let mut ends = Vec::with_capacity(entries.len());
+        for (base, entry) in entries {
+            read_cmds(ctx, base, entry, &mut per_entry);
+            ends.push(per_entry.len());
+        }
+        let masters: Vec<u16> = ends
+            .iter()
+            .map(|&end| con.master_of(&per_entry[end - 1]))
+            .collect();
         let plan = time_plan(&masters);
-        let mut cmds = Vec::with_capacity(entries.len() * 3 + plan.times);
-        for ((base, entry), &asks) in entries.iter().zip(&plan.asks) {
-            read_cmds(ctx, base, entry, &mut cmds);
+        let mut cmds = Vec::with_capacity(per_entry.len() + plan.times);
+        let mut per_entry = per_entry.into_iter();
+        let mut start = 0;
+        for (&end, &asks) in ends.iter().zip(&plan.asks) {
+            cmds.extend(per_entry.by_ref().take(end - start));
+            start = end;
             if asks {
                 cmds.push(redis::cmd("TIME"));
             }

@@ -31,6 +31,8 @@ enum KeyPlan {
         /// An integer column: rendered here, as int2out/int4out/int8out would (no setting
         /// changes their text), without a guarded call into PostgreSQL and a palloc per row.
         integer: Option<IntWidth>,
+        typlen: i16,
+        typbyval: bool,
     },
     Expression {
         plan: pg_sys::SPIPlanPtr,
@@ -230,11 +232,16 @@ unsafe fn key_plan(
                 let mut typoutput = Oid::INVALID;
                 let mut varlena = false;
                 pg_sys::getTypeOutputInfo(typ, &mut typoutput, &mut varlena);
+                let mut typlen = 0i16;
+                let mut typbyval = false;
+                pg_sys::get_typlenbyval(typ, &mut typlen, &mut typbyval);
                 KeyPlan::Column {
                     attnum,
                     typoutput,
                     pinned: !output_is_stable(typ),
                     integer: IntWidth::of(typ),
+                    typlen,
+                    typbyval,
                 }
             }
             None => {
@@ -314,6 +321,7 @@ unsafe fn key_of(plan: &KeyPlan, slot: *mut pg_sys::TupleTableSlot, out: &mut Ve
                 typoutput,
                 pinned,
                 integer,
+                ..
             } => {
                 pg_sys::slot_getsomeattrs_int(slot, *attnum);
                 let i = (*attnum - 1) as usize;
@@ -384,6 +392,78 @@ unsafe fn key_of(plan: &KeyPlan, slot: *mut pg_sys::TupleTableSlot, out: &mut Ve
     }
 }
 
+/// Whether an UPDATE left the row's keys as they were: only a plan that reads a column can
+/// tell without rendering (the same bytes render the same text); an expression is rendered.
+unsafe fn same_column(
+    plan: &KeyPlan,
+    old: *mut pg_sys::TupleTableSlot,
+    new: *mut pg_sys::TupleTableSlot,
+) -> bool {
+    unsafe {
+        let KeyPlan::Column {
+            attnum,
+            typlen,
+            typbyval,
+            ..
+        } = plan
+        else {
+            return false;
+        };
+        pg_sys::slot_getsomeattrs_int(old, *attnum);
+        pg_sys::slot_getsomeattrs_int(new, *attnum);
+        let i = (*attnum - 1) as usize;
+        match (*(*old).tts_isnull.add(i), *(*new).tts_isnull.add(i)) {
+            (true, true) => true,
+            (false, false) => same_bytes(
+                *(*old).tts_values.add(i),
+                *(*new).tts_values.add(i),
+                *typlen,
+                *typbyval,
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// Whether two values of one type are stored as the same bytes (PostgreSQL's datumIsEqual,
+/// which pgrx does not bind). A toasted value equals only the same toast pointer: false
+/// where it could have been true costs one rendering, never a missed key.
+unsafe fn same_bytes(a: Datum, b: Datum, typlen: i16, typbyval: bool) -> bool {
+    unsafe {
+        if typbyval {
+            return a == b;
+        }
+        let (pa, pb) = (a.cast_mut_ptr::<u8>(), b.cast_mut_ptr::<u8>());
+        let len = match typlen {
+            n if n > 0 => n as usize,
+            -1 => {
+                let la = pgrx::varlena::varsize_any(pa.cast());
+                if la != pgrx::varlena::varsize_any(pb.cast()) {
+                    return false;
+                }
+                la
+            }
+            _ => return false,
+        };
+        std::slice::from_raw_parts(pa, len) == std::slice::from_raw_parts(pb, len)
+    }
+}
+
+/// Whether the old and the new row of an UPDATE have the same keys (and per values).
+unsafe fn keys_unchanged(
+    fired: &Fired,
+    old: *mut pg_sys::TupleTableSlot,
+    new: *mut pg_sys::TupleTableSlot,
+) -> bool {
+    unsafe {
+        same_column(&fired.plan, old, new)
+            && fired
+                .per
+                .as_ref()
+                .is_none_or(|per| same_column(per, old, new))
+    }
+}
+
 /// The keys of the row in `slot`, each with the row's per value when the entry has one.
 unsafe fn keys_of(fired: &Fired, slot: *mut pg_sys::TupleTableSlot, out: &mut Vec<String>) {
     unsafe {
@@ -443,7 +523,10 @@ pub unsafe extern "C-unwind" fn twotier_trigger(fcinfo: pg_sys::FunctionCallInfo
         // row whose key changed invalidates both keys (and a row that changed hands, both
         // callers' groups).
         keys_of(&fired, (*td).tg_trigslot, &mut keys);
-        if event == pg_sys::TRIGGER_EVENT_UPDATE {
+        // Most UPDATEs leave the key column alone: its new value need not be rendered again.
+        if event == pg_sys::TRIGGER_EVENT_UPDATE
+            && !keys_unchanged(&fired, (*td).tg_trigslot, (*td).tg_newslot)
+        {
             keys_of(&fired, (*td).tg_newslot, &mut keys);
         }
         invalidation::collect(&fired.cache, keys.iter().map(String::as_str));

@@ -296,3 +296,33 @@ def test_a_key_spelled_another_way_is_refused_not_left_stale(app):
             assert getattr(e, "sqlstate", None) == "22P02", e
         # Acting on a key accepts any spelling and acts on the canonical one.
         s.execute(f"SELECT twotier.invalidate('{n}_int', '007')")
+
+
+@pytest.mark.parametrize("kind", ["text", "uuid", "timestamptz"])
+def test_an_update_that_moves_a_row_invalidates_its_old_and_its_new_key(app, kind):
+    """The trigger renders an UPDATE's new key only when the key column's bytes changed (most
+    UPDATEs leave it alone). For variable-length (text), fixed-length by-reference
+    (uuid) and by-value (timestamptz) columns: a row moved to another key leaves its old key
+    empty and fills its new one, in L1 and in L2, and an UPDATE of another column still
+    invalidates the unchanged key."""
+    stack = app
+    c = stack.cluster
+    n = f"moves{next(_names)}"
+    old, new = {"text": ("a-long-key-" + "x" * 200, "b"),
+                "uuid": (str(DOMAINS[0]), str(DOMAINS[1])),
+                "timestamptz": ("2024-01-02 03:04:05+00", "2024-01-02 03:04:05.000001+00")}[kind]
+    c.sql(f"CREATE TABLE {n} (id int PRIMARY KEY, k {kind} UNIQUE, v text)")
+    c.sql(f"INSERT INTO {n} VALUES (1, %s, 'first')", old)
+    c.sql(f"""SELECT twotier.define('{n}', $q$SELECT jsonb_build_object('v', v) FROM {n} WHERE k = $1$q$,
+                                   '5 min', ARRAY['{n}(k)'], key_types => ARRAY['{kind}'])""")
+    read = f"SELECT cached_{n}(%s::{kind})->>'v'"
+    for l1 in (True, False):
+        assert call(stack, read, old, l1=l1) == "first"
+        assert call(stack, read, new, l1=l1) is None
+    c.sql(f"UPDATE {n} SET v = 'second'")
+    for l1 in (True, False):
+        assert call(stack, read, old, l1=l1) == "second", l1
+    c.sql(f"UPDATE {n} SET k = %s::{kind}", new)
+    for l1 in (True, False):
+        assert call(stack, read, old, l1=l1) is None, l1
+        assert call(stack, read, new, l1=l1) == "second", l1

@@ -195,6 +195,36 @@ def cpu_snapshot() -> dict:
     return out
 
 
+def steal_ticks() -> int:
+    """CPU time this virtual machine's hypervisor gave to others (/proc/stat's steal, in
+    clock ticks, all CPUs): how noisy the machine was while a run measured it."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return int(fields[8]) if len(fields) > 8 else 0
+
+
+def paired(run, pairs: int) -> dict:
+    """`pairs` runs of each side, a ("base") and b ("watched"), in pairs whose order alternates
+    (a b, b a, ...), so that neither side always runs on a warmer or a quieter machine. Each
+    pair's b/a TPS ratio is taken within the pair, seconds apart: the machine's drift over a
+    run moves both sides of a pair alike. The verdict's ratio is the median of the pairs';
+    the rows recorded are each side's median run. `run(side)` returns a pgbench result."""
+    runs: dict = {"a": [], "b": []}
+    ratios = []
+    for i in range(pairs):
+        got = {}
+        for side in (("a", "b") if i % 2 == 0 else ("b", "a")):
+            got[side] = run(side)
+            runs[side].append(got[side])
+        ratios.append(got["b"]["tps"] / got["a"]["tps"])
+
+    def median_run(rs):
+        return sorted(rs, key=lambda r: r["tps"])[(len(rs) - 1) // 2]
+    return {"a": median_run(runs["a"]), "b": median_run(runs["b"]), "ratio": statistics.median(ratios),
+            "ratios": [round(r, 3) for r in ratios], "tps_a": [round(r["tps"]) for r in runs["a"]],
+            "tps_b": [round(r["tps"]) for r in runs["b"]]}
+
+
 def cpu_per_tx(before: dict, after: dict, transactions: float) -> dict:
     """µs of CPU per transaction by kind of process between two snapshots (user + system;
     at the kernel's clock tick, so meaningful over runs of seconds)."""
@@ -210,6 +240,10 @@ class Bench:
         self.quick = quick
         self.duration = 2 if quick else 5
         self.reps = 1 if quick else 2
+        # The writer's ratios are the cost a DBA weighs; they get more runs than the paths.
+        self.writer_pairs = 1 if quick else 5
+        self.steal_at_start = steal_ticks()
+        self.started_at = time.time()
         self.clients = [1] if quick else [1, 2, 8]
         self.tenants = 2000 if quick else 20000
         self.rows: list[dict] = []
@@ -934,16 +968,13 @@ class Bench:
                    for t in ("wu", "wt")}
 
         def interleaved(options):
-            best: dict = {}
-            for _ in range(self.reps):
-                for t, script in scripts.items():
-                    # Each run starts from a vacuumed table, so that neither carries the
-                    # dead rows of the runs before it (the watched one would carry fewer).
-                    self.sql(f"VACUUM {t}")
-                    r = self.pgbench_with_cpu(script, clients, options)
-                    if t not in best or r["mean_us"] < best[t]["mean_us"]:
-                        best[t] = r
-            return best
+            def run(side):
+                t = "wu" if side == "a" else "wt"
+                # Each run starts from a vacuumed table, so that neither carries the
+                # dead rows of the runs before it (the watched one would carry fewer).
+                self.sql(f"VACUUM {t}")
+                return self.pgbench_with_cpu(scripts[t], clients, options)
+            return paired(run, self.writer_pairs)
 
         single = self.writer_result["single"] = {}
         queue = self.writer_result["ledger"] = {}
@@ -979,10 +1010,12 @@ class Bench:
             print(f"  ledger ({label}): {q['before']} undelivered keys before the Redis-down runs,"
                   f" {q['during']} after them, {q['after']} after Redis came back"
                   f" (waited {q['drain_s']:.1f} s for the worker)", flush=True)
-        ratio = best["wt"]["tps"] / best["wu"]["tps"]
-        out[redis] = {"unwatched": best["wu"], "watched": best["wt"], "ratio": ratio}
-        print(f"  single-row UPDATE, {label}: {best['wu']['tps']:.0f} tps unwatched, {best['wt']['tps']:.0f}"
-              f" watched (x {ratio:.2f})", flush=True)
+        pair = best
+        best = {"wu": pair["a"], "wt": pair["b"]}
+        ratio = pair["ratio"]
+        out[redis] = {"unwatched": best["wu"], "watched": best["wt"], "ratio": ratio, "ratios": pair["ratios"]}
+        print(f"  single-row UPDATE, {label}: unwatched {pair['tps_a']} tps, watched {pair['tps_b']};"
+              f" watched / unwatched in each pair {pair['ratios']}, median x {ratio:.2f}", flush=True)
         for t, tl in (("wu", "unwatched"), ("wt", "watched")):
             cpu = best[t]["cpu_us_per_tx"]
             print(f"  CPU per transaction, {tl}, {label}: "
@@ -999,7 +1032,8 @@ class Bench:
                   flush=True)
         self.record("writer", f"UPDATE 1 row, unwatched table, {label}", clients, best["wu"],
                     json.dumps({"rows": n, "redis": redis, "synchronous_commit": sync}))
-        note = {"rows": n, "redis": redis, "synchronous_commit": sync, "x_unwatched_tps": round(ratio, 3)}
+        note = {"rows": n, "redis": redis, "synchronous_commit": sync, "x_unwatched_tps": round(ratio, 3),
+                "pair_ratios": pair["ratios"]}
         if redis == "down":
             note.update({f"ledger_{k}": (round(v, 1) if isinstance(v, float) else v) for k, v in queue[sync].items()})
         self.record("writer", f"UPDATE 1 row, watched table, {label}", clients, best["wt"], json.dumps(note))
@@ -1026,8 +1060,8 @@ class Bench:
     def writer_tpcb(self):
         """pgbench's own tpcb-like (4 clients) with three caches watching pgbench_accounts(aid),
         pgbench_tellers(tid) and pgbench_branches(bid), against the same tables with no cache
-        (the caches dropped, so no trigger either); synchronous_commit on (fsync on) and off; best of
-        `reps` interleaved runs. Also the delivery worker's Redis exchanges per 1,000 commits
+        (the caches dropped, so no trigger either); synchronous_commit on (fsync on) and off;
+        `writer_pairs` pairs of runs (see `paired`). Also the delivery worker's Redis exchanges per 1,000 commits
         and its lag, from twotier.status()->'delivery'."""
         scale = 1 if self.quick else 4
         sh([str(PG_BIN / "pgbench"), "-i", "-q", "-s", str(scale), "-h", "127.0.0.1", "-p", str(self.pg.port),
@@ -1043,35 +1077,42 @@ class Bench:
 
         out = self.writer_result["tpcb"] = {"scale": scale}
         for sync in ("on", "off"):
-            best: dict = {}
-            delivery = None
+            delivery: dict = {"keys": 0, "exchanges": 0, "lag_p99_ms": None}
             self.durable(sync == "on")
-            for _ in range(self.reps):
-                for watched in (False, True):
-                    cached(watched)
-                    d0 = self.sql("SELECT twotier.status()->'delivery'")[0][0]
-                    r = self.pgbench([], 4, options=f"-c synchronous_commit={sync}", builtin="tpcb-like")
-                    d1 = self.sql("SELECT twotier.status()->'delivery'")[0][0]
-                    if watched:
-                        keys = d1["delivered"] - d0["delivered"]
-                        delivery = {"keys": keys, "exchanges": d1["exchanges"] - d0["exchanges"],
-                                    "lag_p99_ms": lag_p99(d0, d1)}
-                    if watched not in best or r["tps"] > best[watched]["tps"]:
-                        best[watched] = r
-            cached(False)
-            self.durable(False)
-            ratio = best[True]["tps"] / best[False]["tps"]
+
+            def run(side):
+                watched = side == "b"
+                cached(watched)
+                d0 = self.sql("SELECT twotier.status()->'delivery'")[0][0]
+                r = self.pgbench([], 4, options=f"-c synchronous_commit={sync}", builtin="tpcb-like")
+                d1 = self.sql("SELECT twotier.status()->'delivery'")[0][0]
+                if watched:
+                    delivery["keys"] += d1["delivered"] - d0["delivered"]
+                    delivery["exchanges"] += d1["exchanges"] - d0["exchanges"]
+                    lag = lag_p99(d0, d1)
+                    if lag is not None:
+                        delivery["lag_p99_ms"] = max(lag, delivery["lag_p99_ms"] or 0)
+                return r
+            try:
+                pair = paired(run, self.writer_pairs)
+            finally:
+                cached(False)
+                self.durable(False)
+            best = {False: pair["a"], True: pair["b"]}
+            ratio = pair["ratio"]
             out[sync] = {"unwatched": best[False]["tps"], "watched": best[True]["tps"], "ratio": ratio,
-                         "delivery": delivery}
+                         "ratios": pair["ratios"], "delivery": delivery}
             for watched, label in ((False, "no cache"), (True, "three caches")):
                 note = {"scale": scale, "synchronous_commit": sync}
                 if watched:
-                    note.update({"x_unwatched_tps": round(ratio, 3), "delivery": delivery})
+                    note.update({"x_unwatched_tps": round(ratio, 3), "pair_ratios": pair["ratios"],
+                                 "delivery": delivery})
                 self.record("writer", f"pgbench tpcb-like, {label}, synchronous_commit {sync}"
                             + (" (fsync on)" if sync == "on" else ""), 4, best[watched],
                             json.dumps(note))
-            print(f"  tpcb-like, synchronous_commit {sync}: {best[False]['tps']:.0f} tps without caches,"
-                  f" {best[True]['tps']:.0f} with three (x {ratio:.2f}); delivery {delivery}", flush=True)
+            print(f"  tpcb-like, synchronous_commit {sync}: without caches {pair['tps_a']} tps, with three"
+                  f" {pair['tps_b']}; in each pair {pair['ratios']}, median x {ratio:.2f}; delivery {delivery}",
+                  flush=True)
 
     def writer_bulk(self):
         """One UPDATE of every row of the table in one statement: the triggers collect 10,000
@@ -1305,8 +1346,26 @@ class Bench:
         st = getattr(self, "stampede_result", {})
         verdict("hot key expiring every second under 8 clients: source queries per second with the"
                 " stampede wait <= 1.5", st.get("with the stampede wait"), 1.5)
-        # What it costs a writer. A measurement that did not run (or a build without the
-        # ledger or the setting) shows as NOT RUN rather than failing the others.
+        out += self.writer_verdicts()
+        # Where L2 starts to pay: a query must cost more than an L2 hit does over the floor.
+        if l2 and floor:
+            self.notes.append(f"An L2 hit costs {l2['mean_us'] - floor['mean_us']:.0f} µs over the floor: L2 alone pays"
+                              f" only for source queries costing more than that (the raw widget query costs"
+                              f" {raw['mean_us'] - floor['mean_us']:.0f} µs over the floor here).")
+        out += self.postgrest_verdicts()
+        for name, value, limit, v in out:
+            print(f"  {v:7} {name}: {value}")
+        self.verdicts = out
+
+    def writer_verdicts(self) -> list:
+        """Issue 18's targets, from the writer measurements of this run. A measurement that did
+        not run (or a build without the ledger or the setting) shows as NOT RUN rather than
+        failing the others."""
+        out = []
+
+        def verdict(name, value, limit, higher_is_better=False, fmt="{:.2f}"):
+            out.append(judge(name, value, limit, higher_is_better, fmt))
+
         wr = getattr(self, "writer_result", {})
         single = wr.get("single", {})
         for sync, limit in (("off", 0.85), ("on", 0.9)):
@@ -1330,15 +1389,12 @@ class Bench:
                 fmt="{:.2f} MB")
         verdict(f"writer: L1 entries after invalidating {mem.get('rows', '?')} never-read keys - before <= 0",
                 mem.get("l1_growth"), 0, fmt="{:+.0f}")
-        # Where L2 starts to pay: a query must cost more than an L2 hit does over the floor.
-        if l2 and floor:
-            self.notes.append(f"An L2 hit costs {l2['mean_us'] - floor['mean_us']:.0f} µs over the floor: L2 alone pays"
-                              f" only for source queries costing more than that (the raw widget query costs"
-                              f" {raw['mean_us'] - floor['mean_us']:.0f} µs over the floor here).")
-        out += self.postgrest_verdicts()
-        for name, value, limit, v in out:
+        return out
+
+    def writer_targets(self):
+        print("\n== targets (ratios within this run)", flush=True)
+        for name, value, limit, v in self.writer_verdicts():
             print(f"  {v:7} {name}: {value}")
-        self.verdicts = out
 
     def cluster_verdicts(self) -> list:
         """Issue 23's targets, from the redis cluster rows of this run."""
@@ -1401,6 +1457,14 @@ class Bench:
         fig.tight_layout()
         fig.savefig(path, dpi=110)
 
+    def steal_sentence(self) -> str:
+        """How much of the machine the hypervisor took during the run, as a sentence."""
+        stolen = (steal_ticks() - self.steal_at_start) / os.sysconf("SC_CLK_TCK")
+        wall = time.time() - self.started_at
+        share = 100 * stolen / max(wall * (os.cpu_count() or 1), 1e-9)
+        return (f" During this run the hypervisor took {stolen:.0f} s of CPU from this machine ({share:.1f} % of"
+                f" its {os.cpu_count()} cores over {wall:.0f} s: /proc/stat's steal).")
+
     def markdown(self, path, stamp):
         mem = sh(["free", "-g"]).stdout.splitlines()[1].split()[1]
         (pgv,), = self.sql("SELECT version()")[0:1]
@@ -1410,7 +1474,8 @@ class Bench:
             "`./run bench --quick` is the two-minute smoke run that `./run test` uses.", "",
             f"Machine: {os.cpu_count()} cores, {mem} GiB RAM, {platform.platform()}; shared and noisy, so compare"
             " rows of the same run, not runs. PostgreSQL: " + pgv.split(",")[0] + ", Redis "
-            + sh(["redis-server", "--version"]).stdout.split()[2].removeprefix("v=") + " on loopback.", "",
+            + sh(["redis-server", "--version"]).stdout.split()[2].removeprefix("v=") + " on loopback."
+            + self.steal_sentence(), "",
             f"Settings: pgbench -M prepared, best of {self.reps} interleaved runs of {self.duration} s per row,"
             " clients 1/2/8 (2 pgbench threads);"
             f" {self.tenants} tenants of the report's app (`sql/examples`); twotier.l1_size_mb = 1024;"
@@ -1490,16 +1555,18 @@ class Bench:
         if single:
             lines += ["", f"Single-row `UPDATE wt SET v = v + 1 WHERE k = :k` over a {self.WRITER_ROWS}-row table that one"
                       " cache watches, against the same-shaped table that none does; pgbench -M prepared, 4 clients,"
-                      f" best of {self.reps} interleaved runs of {self.duration} s. synchronous_commit on runs with"
+                      f" {self.writer_pairs} pairs of {self.duration} s runs, each pair unwatched and watched back to back"
+                      " (the order alternating); the ratio is the median of the pairs' ratios and the TPS shown are"
+                      " each side's median run. synchronous_commit on runs with"
                       " fsync on (the bench's server otherwise runs with fsync off). Redis down means the bench's Redis"
                       " stopped for those runs: commits leave their keys in the ledger either way, and the delivery"
                       " worker drains it once Redis is back.", "",
-                      "| synchronous_commit | Redis | unwatched TPS | watched TPS | watched ÷ unwatched |",
-                      "|---|---|---:|---:|---:|"]
+                      "| synchronous_commit | Redis | unwatched TPS | watched TPS | watched ÷ unwatched (median)"
+                      " | each pair's ratio |", "|---|---|---:|---:|---:|---|"]
             cells = [(sync, redis, v) for sync, by_redis in single.items() for redis, v in by_redis.items()]
             for sync, redis, v in cells:
                 lines.append(f"| {sync} | {redis} | {v['unwatched']['tps']:.0f} | {v['watched']['tps']:.0f}"
-                             f" | {v['ratio']:.2f} |")
+                             f" | {v['ratio']:.2f} | {', '.join(f'{r:.2f}' for r in v.get('ratios', []))} |")
             lines += ["", "CPU per transaction in those runs (µs, from /proc, user + system):", "",
                       "| synchronous_commit | Redis | table | " + " | ".join(k for k, _ in CPU_KINDS) + " |",
                       "|---|---|---|" + "---:|" * len(CPU_KINDS)]
@@ -1516,6 +1583,19 @@ class Bench:
                           f" Redis-down runs, {ob.get('during')} after them, {ob.get('after')} "
                           + ("once Redis was back" if drained else "when the bench gave up")
                           + f" ({ob.get('drain_s') or 0:.1f} s after restarting it)."]
+        tpcb = wr.get("tpcb", {})
+        cells = [(sync, tpcb[sync]) for sync in ("on", "off") if sync in tpcb]
+        if cells:
+            lines += ["", f"pgbench's own tpcb-like (scale {tpcb.get('scale')}, 4 clients) with three caches watching"
+                      " `pgbench_accounts(aid)`, `pgbench_tellers(tid)` and `pgbench_branches(bid)`, against no cache,"
+                      f" in {self.writer_pairs} pairs as above:", "",
+                      "| synchronous_commit | no cache TPS | three caches TPS | ratio (median) | each pair's ratio"
+                      " | delivery: keys, Redis exchanges, lag p99 |", "|---|---:|---:|---:|---|---|"]
+            for sync, v in cells:
+                d = v.get("delivery") or {}
+                lines.append(f"| {sync}{' (fsync on)' if sync == 'on' else ''} | {v['unwatched']:.0f} | {v['watched']:.0f}"
+                             f" | {v['ratio']:.2f} | {', '.join(f'{r:.2f}' for r in v.get('ratios', []))}"
+                             f" | {d.get('keys')}, {d.get('exchanges')}, {d.get('lag_p99_ms')} ms |")
         ins = wr.get("instructions")
         if ins:
             one, bulk = ins["single"], ins["bulk"]
@@ -1564,6 +1644,7 @@ def main():
         b.start()
         if args.only == "writer":
             b.writer()
+            b.writer_targets()
             return
         if args.only == "postgrest":
             b.postgrest()

@@ -78,19 +78,21 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=8)
     ap.add_argument("--name", default="l1_hit_8_clients")
     ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--workload", choices=["l1_hit", "l2_hit", "writer"], default="l1_hit",
+    ap.add_argument("--workload", choices=["l1_hit", "l2_hit", "writer", "writer_unwatched"], default="l1_hit",
                     help="l2_hit: the L1 hit's statement with twotier.l1_enabled off; writer: single-row"
-                         " UPDATEs of a watched 10,000-row table (synchronous_commit off)")
+                         " UPDATEs of a watched 10,000-row table (synchronous_commit off); writer_unwatched:"
+                         " the same table with no cache watching it, the writer's baseline")
     args = ap.parse_args()
     b = Bench(quick=True)
     b.start()
     try:
         options = ""
-        if args.workload == "writer":
+        if args.workload.startswith("writer"):
             b.sql("CREATE TABLE wt (k int PRIMARY KEY, v bigint NOT NULL)")
             b.sql("INSERT INTO wt SELECT g, 0 FROM generate_series(1, 10000) g")
-            b.sql("SELECT twotier.define('wt', $q$SELECT jsonb_build_object('v', v) FROM wt WHERE k = $1::int$q$,"
-                  " '5 minutes', ARRAY['wt(k)'])")
+            if args.workload == "writer":
+                b.sql("SELECT twotier.define('wt', $q$SELECT jsonb_build_object('v', v) FROM wt WHERE k = $1::int$q$,"
+                      " '5 minutes', ARRAY['wt(k)'])")
             hit = b.script("update_wt", "\\set k random(1, 10000)\nUPDATE wt SET v = v + 1 WHERE k = :k;\n")
             options = "-c synchronous_commit=off"
         else:

@@ -225,11 +225,14 @@ fn announce() {
             *saturated
                 || max_keys.is_some_and(|max| raw_keys.len() > max)
                 || (def.per.is_some() && raw_keys.iter().any(|k| !k.contains(SCOPE_MARK)))
-                || (use_ledger
-                    && !ledger::reserve(ledger::bytes_for(
+                || (use_ledger && {
+                    let bytes = ledger::bytes_for(
                         raw_keys.iter().map(|k| k.as_str()),
                         def.key_prefix.len() + 24,
-                    )))
+                    );
+                    // Full: one epoch move for the database, not a version move per commit.
+                    !(ledger::reserve(bytes) || (ledger::make_room() && ledger::reserve(bytes)))
+                })
         });
         if bulk {
             catalog::move_to_new_version(name);

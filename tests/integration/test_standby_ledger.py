@@ -17,7 +17,8 @@ def delivery(conn) -> dict:
 
 
 def l2_hits(conn) -> int:
-    return conn.execute("SELECT l2_hits FROM twotier.stats WHERE cache = 'sb'").fetchone()[0]
+    row = conn.execute("SELECT l2_hits FROM twotier.stats WHERE cache = 'sb'").fetchone()
+    return row[0] if row else 0   # no row before this server's first call
 
 
 def replayed(primary_conn, replica_conn) -> bool:
@@ -112,3 +113,68 @@ def test_a_standby_promoted_with_keys_undelivered_delivers_them(pair):
         assert wait_for(lambda: delivery(n)["undelivered"] == 0 and delivery(n)["l2_trusted"], timeout=15), \
             delivery(n)
         assert call(n, "1")["v"] == "new" and call(n, "1")["v"] == "new"
+
+
+@pytest.fixture
+def small_ledger_pair():
+    """The pair above with `twotier.ledger_mb = 1` (about 10,000 keys) and a 2,000-row cache
+    whose bulk updates fill it."""
+    redis = RedisServer().start()
+    settings = {"twotier.redis_url": redis.url, "wal_level": "replica", "twotier.ledger_mb": 1,
+                "twotier.read_timeout_ms": 100, "twotier.connect_timeout_ms": 100,
+                "twotier.retry_interval_ms": 200}
+    primary = PgCluster(name="primary", settings=settings).start()
+    replica = None
+    try:
+        primary.sql("CREATE EXTENSION twotier")
+        simple_cache(primary, "sb", rows=3)
+        simple_cache(primary, "big", rows=2000)
+        replica = primary.replica()
+        replica.start()
+        yield redis, primary, replica
+    finally:
+        if replica is not None:
+            replica.destroy()
+        primary.destroy()
+        redis.destroy()
+
+
+def test_a_full_ledger_moves_the_epoch_and_no_tier_serves_a_retired_key(small_ledger_pair):
+    """Redis paused while the ledger fills: the commit that does not fit moves L2 to a new
+    epoch and retires every committed undelivered key, among them key 1's, whose tombstone
+    never reaches Redis. Redis still holds key 1's old value under the old epoch: once it is
+    back, neither the primary nor the standby may read it. (With the retirement but without
+    the epoch's move, both read 'v1'.)"""
+    redis, primary, replica = small_ledger_pair
+    p, r = primary.connect(), replica.connect()
+    assert wait_for(lambda: r.execute("SELECT to_regproc('cached_sb')").fetchone()[0] is not None)
+    p.execute("SET twotier.l1_enabled = off")
+    r.execute("SET twotier.l1_enabled = off")
+    assert call(p, "1")["v"] == "v1"   # in L2 under the current epoch
+    assert wait_for(lambda: delivery(r)["l2_trusted"], timeout=10), delivery(r)
+    hits = l2_hits(r)
+    assert wait_for(lambda: call(r, "1")["v"] == "v1" and l2_hits(r) > hits, timeout=5), "the standby does not read L2"
+    before = delivery(p)
+    (version,), = primary.sql("SELECT version FROM twotier.caches WHERE name = 'big'")
+    redis.pause()
+    try:
+        p.execute("UPDATE sb SET v = 'new' WHERE k = 1")
+        for i in range(20):   # 900 keys each: 18,000 keys, more than 1 MB of ledger
+            lo = 1 + (i % 2) * 900
+            p.execute("UPDATE big SET v = v || '+' WHERE k BETWEEN %s AND %s", (lo, lo + 899))
+        d = delivery(p)
+        assert d["epoch_moves"] > before["epoch_moves"] and d["retired_by_epoch_moves"] > 0, d
+        (after,), = primary.sql("SELECT version FROM twotier.caches WHERE name = 'big'")
+        assert after == version, "a commit moved its cache to a new version"
+        assert replayed(p, r)
+    finally:
+        redis.resume()
+    assert wait_for(lambda: delivery(p)["undelivered"] == 0, timeout=30), delivery(p)
+    assert wait_for(lambda: delivery(r)["undelivered"] == 0 and delivery(r)["l2_trusted"], timeout=15), delivery(r)
+    got = {"primary": call(p, "1")["v"], "standby": call(r, "1")["v"]}
+    assert got == {"primary": "new", "standby": "new"}, f"a retired key's old value was read from L2: {got}"
+    # L2 works again under the new epoch, on both.
+    assert call(p, "2")["v"] == "v2"
+    hits = l2_hits(r)
+    assert wait_for(lambda: call(r, "2")["v"] == "v2" and l2_hits(r) > hits, timeout=5), \
+        "the standby does not use L2 under the new epoch"

@@ -748,14 +748,8 @@ pub fn settle_start() -> bool {
             s.state.store(STATE_COMPLETE, SeqCst);
             return true;
         }
-        let now_us = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_micros() as u64)
-            .unwrap_or(0);
-        let epoch = now_us.max(s.epoch.load(SeqCst) + 1);
         let x = unsafe { pg_sys::GetXLogInsertRecPtr() };
-        let end = crate::invalidation::wal::log_delivered(epoch, x);
-        unsafe { pg_sys::XLogFlush(end) };
+        let epoch = record_new_epoch(s, x);
         {
             let g = Guard::take();
             let m = locked(s, &g);
@@ -777,6 +771,19 @@ pub fn settle_start() -> bool {
     })();
     s.resolving.store(false, SeqCst);
     settled
+}
+
+/// A new epoch (the time in µs, past the current one) in a DELIVERED record saying "delivered
+/// up to `x`", flushed before anyone reads the epoch: a crash cannot take it back.
+fn record_new_epoch(s: &Shared, x: u64) -> u64 {
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0);
+    let epoch = now_us.max(s.epoch.load(SeqCst) + 1);
+    let end = crate::invalidation::wal::log_delivered(epoch, x);
+    unsafe { pg_sys::XLogFlush(end) };
+    epoch
 }
 
 /// A writer found the ledger full (Redis away for long, or more keys at once than the worker
@@ -820,14 +827,7 @@ pub fn make_room() -> bool {
         if ready == 0 {
             return false;
         }
-        let now_us = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_micros() as u64)
-            .unwrap_or(0);
-        let epoch = now_us.max(s.epoch.load(SeqCst) + 1);
-        // Flushed before anyone reads the new epoch: a crash cannot take it back.
-        let end = crate::invalidation::wal::log_delivered(epoch, x);
-        unsafe { pg_sys::XLogFlush(end) };
+        let epoch = record_new_epoch(s, x);
         let retired = {
             let g = Guard::take();
             let m = locked(s, &g);

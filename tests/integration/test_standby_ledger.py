@@ -27,17 +27,19 @@ def replayed(primary_conn, replica_conn) -> bool:
         "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (str(lsn),)).fetchone()[0], timeout=10, step=0.01)
 
 
-@pytest.fixture
-def pair():
+def started_pair(extra_settings: dict, caches: dict):
+    """A Redis, a primary with `caches` (name: rows, through simple_cache) and its streaming
+    standby; everything destroyed after."""
     redis = RedisServer().start()
     settings = {"twotier.redis_url": redis.url, "wal_level": "replica",
                 "twotier.read_timeout_ms": 100, "twotier.connect_timeout_ms": 100,
-                "twotier.retry_interval_ms": 200}
+                "twotier.retry_interval_ms": 200, **extra_settings}
     primary = PgCluster(name="primary", settings=settings).start()
     replica = None
     try:
         primary.sql("CREATE EXTENSION twotier")
-        simple_cache(primary, "sb", rows=3)
+        for name, rows in caches.items():
+            simple_cache(primary, name, rows=rows)
         replica = primary.replica()
         replica.start()
         yield redis, primary, replica
@@ -46,6 +48,11 @@ def pair():
             replica.destroy()
         primary.destroy()
         redis.destroy()
+
+
+@pytest.fixture
+def pair():
+    yield from started_pair({}, {"sb": 3})
 
 
 def test_a_standby_keeps_undelivered_keys_out_of_l2(pair):
@@ -119,24 +126,7 @@ def test_a_standby_promoted_with_keys_undelivered_delivers_them(pair):
 def small_ledger_pair():
     """The pair above with `twotier.ledger_mb = 1` (about 10,000 keys) and a 2,000-row cache
     whose bulk updates fill it."""
-    redis = RedisServer().start()
-    settings = {"twotier.redis_url": redis.url, "wal_level": "replica", "twotier.ledger_mb": 1,
-                "twotier.read_timeout_ms": 100, "twotier.connect_timeout_ms": 100,
-                "twotier.retry_interval_ms": 200}
-    primary = PgCluster(name="primary", settings=settings).start()
-    replica = None
-    try:
-        primary.sql("CREATE EXTENSION twotier")
-        simple_cache(primary, "sb", rows=3)
-        simple_cache(primary, "big", rows=2000)
-        replica = primary.replica()
-        replica.start()
-        yield redis, primary, replica
-    finally:
-        if replica is not None:
-            replica.destroy()
-        primary.destroy()
-        redis.destroy()
+    yield from started_pair({"twotier.ledger_mb": 1}, {"sb": 3, "big": 2000})
 
 
 def test_a_full_ledger_moves_the_epoch_and_no_tier_serves_a_retired_key(small_ledger_pair):

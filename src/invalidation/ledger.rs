@@ -773,14 +773,33 @@ pub fn settle_start() -> bool {
     settled
 }
 
-/// A new epoch (the time in µs, past the current one) in a DELIVERED record saying "delivered
-/// up to `x`", flushed before anyone reads the epoch: a crash cannot take it back.
-fn record_new_epoch(s: &Shared, x: u64) -> u64 {
-    let now_us = std::time::SystemTime::now()
+/// The epoch after `old`, always past it. On one Redis, the time in µs. On a Redis Cluster
+/// the low 32 bits are the fingerprint of the map L2's trust rests on, and a move that is not
+/// about the map (a start, a full ledger) keeps them: only the high bits (the time in seconds)
+/// move, and readers go on trusting the same masters under the new names. A new epoch with
+/// other low bits would leave L2 untrusted until the worker read the map again.
+fn next_epoch(old: u64, now: std::time::Duration, cluster: bool) -> u64 {
+    if cluster {
+        (now.as_secs().max((old >> 32) + 1) << 32) | (old & 0xffff_ffff)
+    } else {
+        (now.as_micros() as u64).max(old + 1)
+    }
+}
+
+fn since_unix_epoch() -> std::time::Duration {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0);
-    let epoch = now_us.max(s.epoch.load(SeqCst) + 1);
+        .unwrap_or_default()
+}
+
+/// A new epoch ([`next_epoch`]) in a DELIVERED record saying "delivered up to `x`", flushed
+/// before anyone reads the epoch: a crash cannot take it back.
+fn record_new_epoch(s: &Shared, x: u64) -> u64 {
+    let epoch = next_epoch(
+        s.epoch.load(SeqCst),
+        since_unix_epoch(),
+        crate::gucs::redis_cluster(),
+    );
     let end = crate::invalidation::wal::log_delivered(epoch, x);
     unsafe { pg_sys::XLogFlush(end) };
     epoch
@@ -864,12 +883,8 @@ pub fn make_room() -> bool {
 /// have their keys here, and they are delivered under the new epoch.
 pub fn move_epoch_to_map(fingerprint: u32) {
     let Some(s) = shared() else { return };
-    let now_s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let old = s.epoch.load(SeqCst);
-    let epoch = (now_s.max((old >> 32) + 1) << 32) | fingerprint as u64;
+    let moved = next_epoch(s.epoch.load(SeqCst), since_unix_epoch(), true);
+    let epoch = (moved & !0xffff_ffff) | fingerprint as u64;
     let x = delivered_up_to();
     let end = crate::invalidation::wal::log_delivered(epoch, x);
     unsafe { pg_sys::XLogFlush(end) };
@@ -1132,6 +1147,28 @@ fn parse_file(data: &[u8]) -> Option<Parsed> {
 mod properties {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_cluster_epoch_moves_its_time_and_keeps_its_map() {
+        let at = |s: u64| std::time::Duration::from_secs(s);
+        let old = (1_000u64 << 32) | 0xdead_beef;
+        // Later: the time moves, the map's fingerprint stays.
+        assert_eq!(
+            next_epoch(old, at(2_000), true),
+            (2_000 << 32) | 0xdead_beef
+        );
+        // A clock behind the epoch (or two moves in one second): still past it.
+        assert_eq!(next_epoch(old, at(5), true), (1_001 << 32) | 0xdead_beef);
+        // One Redis: µs, past the old one whatever the clock says.
+        assert_eq!(next_epoch(7, at(1), false), 1_000_000);
+        assert_eq!(
+            next_epoch(u64::from(u32::MAX) << 20, at(1), false),
+            (u64::from(u32::MAX) << 20) + 1
+        );
+        // From one Redis's µs to a cluster: past it, with the (unknown) map bits kept.
+        let single = 1_796_000_000_000_000u64;
+        assert!(next_epoch(single, at(1_796_000_000), true) > single);
+    }
 
     proptest! {
         #[test]

@@ -8,7 +8,8 @@ trip; a master killed with a tombstone only it had (its replica paused, then pro
 the old value, and L2 in use again once the delivery worker moved to the new map's epoch
 (with the test-only `twotier.test_cluster_any_map` the old value comes back, which shows what
 the check is for); a failover under writers and readers on a primary and a standby with 0 stale
-reads; the whole cluster down and back."""
+reads; the whole cluster down and back; a full ledger's epoch move that keeps the map's
+fingerprint, so L2 stays trusted."""
 import random
 import subprocess
 import threading
@@ -370,5 +371,44 @@ def test_a_paused_master_costs_a_call_its_timeouts_never_an_error(rc):
         wait_trusted(pg)
         wait_delivered(pg, timeout=20)
         assert cache.stale_keys(l1=False) == []
+    finally:
+        pg.destroy()
+
+
+def test_a_full_ledger_moves_the_epoch_and_keeps_the_maps_fingerprint(rc):
+    """The whole cluster paused (every node, so that none fails over) while bulk updates fill a
+    1 MB ledger: the commit that finds it full moves L2 to a new epoch, whose low 32 bits must
+    still be the map's fingerprint. Once the cluster answers, readers trust L2 under the new
+    epoch, and the worker's look at the map finds nothing to move. (When that move took the
+    old epoch plus one, its low bits were the fingerprint plus one: every reader was refused L2 until the worker moved
+    the epoch once more.)"""
+    pg = start_pg(rc, "rc_full", **{"twotier.ledger_mb": 1})
+    try:
+        wait_trusted(pg)
+        small, big = Cache(pg, rc, rows=3), Cache(pg, rc, rows=2000)
+        fingerprint = int(l2_status(pg)["cluster"]["map_fingerprint"], 16)
+        before = delivery_of(pg)
+        assert before["epoch"] & 0xFFFFFFFF == fingerprint, before
+        for node in rc.nodes:
+            node.pause()
+        try:
+            for i in range(20):   # 900 keys each: 18,000 keys, more than 1 MB of ledger
+                lo = 1 + (i % 2) * 900
+                pg.sql(f"UPDATE {big.name} SET v = v || '+' WHERE k BETWEEN {lo} AND {lo + 899}")
+            moved = delivery_of(pg)
+        finally:
+            for node in rc.nodes:
+                node.resume()
+        assert moved["epoch_moves"] == before["epoch_moves"] + 1 and moved["retired_by_epoch_moves"] > 0, moved
+        assert moved["epoch"] > before["epoch"], moved
+        assert moved["epoch"] & 0xFFFFFFFF == fingerprint, \
+            f"the full ledger's epoch {moved['epoch']:x} does not carry the map's fingerprint {fingerprint:08x}"
+        rc.wait_healthy()
+        wait_delivered(pg, timeout=30)
+        time.sleep(1.5)   # three of the worker's looks at the map
+        after = delivery_of(pg)
+        assert after["epoch"] == moved["epoch"] and after["epoch_moves"] == moved["epoch_moves"], after
+        read_through_l2(pg, small, 1)   # a fill under the new epoch
+        assert_l2_hit(pg, small, 1)
     finally:
         pg.destroy()

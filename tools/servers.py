@@ -182,7 +182,7 @@ class RedisServer:
              "--appendonly", "no", "--dir", str(self.dir), "--dbfilename", self.DUMP,
              # Redis 7 refuses DEBUG unless enabled; `local` keeps it to loopback clients.
              "--enable-debug-command", "local",
-             "--loglevel", "warning", *self.extra],
+             "--loglevel", "warning", "--logfile", str(self.dir / "redis.log"), *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=self._env(),
         )
         self.wait_ready()
@@ -201,8 +201,12 @@ class RedisServer:
                 if self.client().ping():
                     return
             except Exception:
+                if self.proc is not None and self.proc.poll() is not None:
+                    break
                 time.sleep(0.05)
-        raise RuntimeError(f"redis on port {self.port} did not start")
+        log = self.dir / "redis.log"
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
+        raise RuntimeError(f"redis on port {self.port} did not start: {' | '.join(tail) or 'no log'}")
 
     def client(self, timeout: float = 2):
         """A redis-py client that sends each command once: its default retries would hide a
@@ -429,22 +433,38 @@ def valkey_binaries() -> tuple[str, str] | None:
     return str(server), str(cli)
 
 
+_CLUSTER_PORTS: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    """The bottom of the kernel's range for outgoing connections' ports."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def _cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is free too."""
+    """A free port whose cluster bus port (port + 10000) is free too, both below the kernel's
+    ephemeral range: a port from that range can go to some client's outgoing connection
+    between this check and Redis's bind (a clean-clone run once had a node that did not
+    start on 47381). Never one handed out before in this process: the nodes of a cluster
+    are all chosen before any of them binds."""
+    import random
+    top = max(10_001, min(_ephemeral_low(), 65_536) - 10_000)
     while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + 10000 > 65535:
-            # Ephemeral ports sit high: take one of the range below and check both.
-            port = 20000 + port % 10000
+        port = random.randrange(10_000, top)
+        if port in _CLUSTER_PORTS:
+            continue
         try:
             for p in (port, port + 10000):
                 with socket.socket() as s:
                     s.bind(("127.0.0.1", p))
-            return port
         except OSError:
             continue
+        _CLUSTER_PORTS.add(port)
+        return port
 
 
 class RedisCluster:

@@ -429,12 +429,6 @@ class Bench:
         if not focus:
             self.many_round_trips()
 
-    def read_targets(self):
-        """Issue 21's verdicts alone (for --only reads)."""
-        print("\n== targets (ratios within this run)", flush=True)
-        for name, value, limit, v in self.read_verdicts():
-            print(f"  {v:7} {name}: {value}")
-
     def read_verdicts(self) -> list:
         """Issue 21's targets, from the rows of this run: a hit against its floor."""
         fair = "key expression + returning a widget config"
@@ -864,13 +858,6 @@ class Bench:
                         "PASS" if res["leaks"] == res["stale"] == 0 else "SHORT"))
         return out
 
-    def postgrest_targets(self):
-        """The postgrest verdicts alone (for --only postgrest)."""
-        print("\n== targets (ratios within this run)", flush=True)
-        self.verdicts = self.postgrest_verdicts()
-        for name, value, limit, v in self.verdicts:
-            print(f"  {v:7} {name}: {value}")
-
     # -- what it costs a writer ----------------------------------------------------------
     WRITER_ROWS = 10_000
 
@@ -998,7 +985,7 @@ class Bench:
             self.redis.stop()
         d0 = self.sql("SELECT twotier.status()->'delivery'")[0][0]
         try:
-            best = interleaved(options)
+            pair = interleaved(options)
             if redis == "down":
                 queue[sync]["during"] = self.undelivered()
         finally:
@@ -1010,7 +997,6 @@ class Bench:
             print(f"  ledger ({label}): {q['before']} undelivered keys before the Redis-down runs,"
                   f" {q['during']} after them, {q['after']} after Redis came back"
                   f" (waited {q['drain_s']:.1f} s for the worker)", flush=True)
-        pair = best
         best = {"wu": pair["a"], "wt": pair["b"]}
         ratio = pair["ratio"]
         out[redis] = {"unwatched": best["wu"], "watched": best["wt"], "ratio": ratio, "ratios": pair["ratios"]}
@@ -1391,11 +1377,6 @@ class Bench:
                 mem.get("l1_growth"), 0, fmt="{:+.0f}")
         return out
 
-    def writer_targets(self):
-        print("\n== targets (ratios within this run)", flush=True)
-        for name, value, limit, v in self.writer_verdicts():
-            print(f"  {v:7} {name}: {value}")
-
     def cluster_verdicts(self) -> list:
         """Issue 23's targets, from the redis cluster rows of this run."""
         f = lambda p, c: self.find("redis cluster", p, c)  # noqa: E731
@@ -1412,9 +1393,10 @@ class Bench:
                  "n/a" if not fo else f"{fo.get('promoted_s') or float('nan'):.1f} / {fo.get('l2_hits_again_s') or float('nan'):.1f}",
                  None, "REPORTED")]
 
-    def cluster_targets(self):
+    def show_targets(self, verdicts: list) -> None:
+        """One section's verdicts alone, for the --only runs."""
         print("\n== targets (ratios within this run)", flush=True)
-        for name, value, limit, v in self.cluster_verdicts():
+        for name, value, limit, v in verdicts:
             print(f"  {v:7} {name}: {value}")
 
     # -- output --------------------------------------------------------------------------
@@ -1644,20 +1626,21 @@ def main():
         b.start()
         if args.only == "writer":
             b.writer()
-            b.writer_targets()
+            b.show_targets(b.writer_verdicts())
             return
         if args.only == "postgrest":
             b.postgrest()
-            b.postgrest_targets()
+            b.verdicts = b.postgrest_verdicts()
+            b.show_targets(b.verdicts)
             return
         if args.only == "cluster":
             b.redis_cluster()
-            b.cluster_targets()
+            b.show_targets(b.cluster_verdicts())
             return
         if args.only == "reads":
             b.clients = [1, 8]
             b.paths(focus=True)
-            b.read_targets()
+            b.show_targets(b.read_verdicts())
             return
         b.paths()
         b.mixed()

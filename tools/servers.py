@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import os
 import pwd
+import random
 import shutil
 import select
 import signal
@@ -451,7 +452,6 @@ def _cluster_port() -> int:
     between this check and Redis's bind (a clean-clone run once had a node that did not
     start on 47381). Never one handed out before in this process: the nodes of a cluster
     are all chosen before any of them binds."""
-    import random
     top = max(10_001, min(_ephemeral_low(), 65_536) - 10_000)
     while True:
         port = random.randrange(10_000, top)

@@ -792,16 +792,21 @@ fn since_unix_epoch() -> std::time::Duration {
         .unwrap_or_default()
 }
 
-/// A new epoch ([`next_epoch`]) in a DELIVERED record saying "delivered up to `x`", flushed
-/// before anyone reads the epoch: a crash cannot take it back.
+/// A DELIVERED record saying "`epoch` begins, delivered up to `x`", flushed before anyone
+/// reads the epoch: a crash cannot take it back.
+fn record_epoch(epoch: u64, x: u64) {
+    let end = crate::invalidation::wal::log_delivered(epoch, x);
+    unsafe { pg_sys::XLogFlush(end) };
+}
+
+/// A move that is not about the map: [`next_epoch`], recorded ([`record_epoch`]).
 fn record_new_epoch(s: &Shared, x: u64) -> u64 {
     let epoch = next_epoch(
         s.epoch.load(SeqCst),
         since_unix_epoch(),
         crate::gucs::redis_cluster(),
     );
-    let end = crate::invalidation::wal::log_delivered(epoch, x);
-    unsafe { pg_sys::XLogFlush(end) };
+    record_epoch(epoch, x);
     epoch
 }
 
@@ -886,8 +891,7 @@ pub fn move_epoch_to_map(fingerprint: u32) {
     let moved = next_epoch(s.epoch.load(SeqCst), since_unix_epoch(), true);
     let epoch = (moved & !0xffff_ffff) | fingerprint as u64;
     let x = delivered_up_to();
-    let end = crate::invalidation::wal::log_delivered(epoch, x);
-    unsafe { pg_sys::XLogFlush(end) };
+    record_epoch(epoch, x);
     {
         let g = Guard::take();
         let m = locked(s, &g);
